@@ -1,0 +1,22 @@
+"""groklm: xAI's Grok-1 in PyTorch. Load the released checkpoint as it is, and run it faithfully."""
+
+from groklm.checkpoint import CheckpointError, load, write_random_checkpoint
+from groklm.config import PRESETS, GrokConfig, get_preset
+from groklm.generate import generate, generate_stream
+from groklm.model import Grok, KVCache
+from groklm.tokenizer import Tokenizer, find_tokenizer
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "Grok",
+    "GrokConfig",
+    "KVCache",
+    "Tokenizer",
+    "find_tokenizer",
+    "generate",
+    "generate_stream",
+    "get_preset",
+    "load",
+    "write_random_checkpoint",
+]

@@ -1,0 +1,660 @@
+"""The released Grok-1 checkpoint format (`ckpt-0/tensorNNNNN_000`): a safe reader, a streaming loader, a writer.
+
+Each file is one pickle of one parameter: a numpy array, or a `QuantizedWeight8bit` holding an int8
+array and its bf16 scales. Pickle runs code, and these files come from strangers, so we never let
+pickle build anything itself: `SafeUnpickler` maps the handful of globals such a file may name to
+inert stand-ins that only record shape, dtype and where the bytes are, and refuses every other
+global. Tensor bytes stay on disk until the loader copies them, a bounded chunk at a time, straight
+into a model built on the meta device: no /dev/shm copy and no second copy of the model.
+
+File order is the flattened parameter tree, dict keys sorted as strings (so layers go 0, 1, 10, 11,
+..., 2, 20, ...). `reference_params` derives the whole table from a config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from groklm.config import GrokConfig
+from groklm.model import Grok
+from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8, quantize_weight
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, corrupt, mis-shaped or unsafe."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter table of the released format.
+
+# Per decoder layer: reference module path -> our module path. Expert tensors have a leading axis E.
+_LAYER_PARAMS: dict[str, str] = {
+    "moe/linear": "moe.w1",
+    "moe/linear_1": "moe.w2",
+    "moe/linear_v": "moe.v",
+    "multi_head_attention/key": "attn.wk",
+    "multi_head_attention/linear": "attn.wo",
+    "multi_head_attention/query": "attn.wq",
+    "multi_head_attention/value": "attn.wv",
+    "rms_norm": "attn_norm",
+    "rms_norm_1": "attn_out_norm",
+    "rms_norm_2": "moe_norm",
+    "rms_norm_3": "moe_out_norm",
+    "router": "moe.router",
+}
+# Scale groups over the input rows in the released int8 files (the attention output and expert down
+# projections are split in 8 blocks, everything else has one scale per output column).
+RELEASED_GROUPS: dict[str, int] = {
+    "moe/linear": 1,
+    "moe/linear_1": 8,
+    "moe/linear_v": 1,
+    "multi_head_attention/key": 1,
+    "multi_head_attention/linear": 8,
+    "multi_head_attention/query": 1,
+    "multi_head_attention/value": 1,
+}
+
+
+@dataclass(frozen=True)
+class RefParam:
+    index: int
+    name: str  # reference name, e.g. transformer/decoder_layer_3/router/w
+    module: str  # our module path, e.g. layers.3.moe.router
+    kind: str  # "embed" | "norm" | "router" | "linear" (maybe int8, stored [.., in, out])
+    shape: tuple[int, ...]  # reference layout
+    groups: int | None  # scale groups when written by us in the released layout
+
+    @property
+    def file(self) -> str:
+        return f"tensor{self.index:05d}_000"
+
+
+def reference_params(config: GrokConfig) -> list[RefParam]:
+    c = config
+    d, f, e = c.emb_size, c.ffn_size, c.num_experts
+    shapes = {
+        "moe/linear": (e, d, f),
+        "moe/linear_1": (e, f, d),
+        "moe/linear_v": (e, d, f),
+        "multi_head_attention/key": (d, c.kv_size),
+        "multi_head_attention/linear": (c.q_size, d),
+        "multi_head_attention/query": (d, c.q_size),
+        "multi_head_attention/value": (d, c.kv_size),
+        "router": (d, e),
+    }
+    entries: list[tuple[str, str, str, str, tuple[int, ...], int | None]] = [
+        ("language_model/in_out_embed", "embeddings", "embed", "embed", (c.vocab_size, d), None),
+        ("language_model/rms_norm", "scale", "norm", "norm", (d,), None),
+    ]
+    for layer in range(c.num_layers):
+        for ref, ours in _LAYER_PARAMS.items():
+            kind = "norm" if ref.startswith("rms_norm") else "router" if ref == "router" else "linear"
+            entries.append(
+                (
+                    f"transformer/decoder_layer_{layer}/{ref}",
+                    "scale" if kind == "norm" else "w",
+                    f"layers.{layer}.{ours}",
+                    kind,
+                    shapes.get(ref, (d,)),
+                    RELEASED_GROUPS.get(ref),
+                )
+            )
+    entries.sort(key=lambda x: (x[0], x[1]))  # the flattened tree's order
+    return [RefParam(i, f"{m}/{p}", ours, kind, shape, g) for i, (m, p, ours, kind, shape, g) in enumerate(entries)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file without running it.
+
+_DTYPES: dict[str, torch.dtype] = {
+    "f4": torch.float32,
+    "f2": torch.float16,
+    "f8": torch.float64,
+    "i1": torch.int8,
+    "u1": torch.uint8,
+    "i2": torch.int16,
+    "i4": torch.int32,
+    "i8": torch.int64,
+    "b1": torch.bool,
+}
+
+
+@dataclass
+class FileSlice:
+    """Bytes of a pickle that stay on disk: `length` bytes at `offset`."""
+
+    offset: int
+    length: int
+
+
+class _BFloat16:
+    """Stands in for `ml_dtypes.bfloat16`; never instantiated."""
+
+
+class _DType:
+    """Stands in for `numpy.dtype(code, align, copy)` and its BUILD state."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
+        if code is _BFloat16:
+            self.torch_dtype = torch.bfloat16
+        elif isinstance(code, str) and code in _DTYPES:
+            self.torch_dtype = _DTYPES[code]
+        else:
+            raise pickle.UnpicklingError(f"unsupported array dtype {code!r}")
+        self.byteorder = "="
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 2:
+            raise pickle.UnpicklingError("malformed dtype state")
+        self.byteorder = state[1]
+        if self.byteorder == ">":
+            raise pickle.UnpicklingError("big-endian arrays are not supported")
+
+
+class _ArrayStub:
+    """Stands in for `numpy.ndarray`; records shape, dtype and the data's location."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    data: bytes | FileSlice
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("malformed ndarray state")
+        _version, shape, dtype, fortran, data = state
+        if not isinstance(dtype, _DType):
+            raise pickle.UnpicklingError("ndarray state without a dtype")
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise pickle.UnpicklingError(f"malformed ndarray shape {shape!r}")
+        if fortran:
+            raise pickle.UnpicklingError("Fortran-ordered arrays are not supported")
+        if not isinstance(data, (bytes, FileSlice)):
+            raise pickle.UnpicklingError("ndarray data is not raw bytes (object arrays are refused)")
+        self.shape, self.dtype, self.data = shape, dtype.torch_dtype, data
+        expected = self.numel * self.dtype.itemsize
+        got = data.length if isinstance(data, FileSlice) else len(data)
+        if got != expected:
+            raise pickle.UnpicklingError(f"array {shape} {self.dtype} needs {expected} bytes, has {got}")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayStub:
+    if cls is not _ArrayStub:
+        raise pickle.UnpicklingError("numpy _reconstruct called on something other than ndarray")
+    return _ArrayStub()
+
+
+def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any = None) -> _ArrayStub:
+    # jax pickles an Array as (_reconstruct_array, (numpy's reconstruct, its args, ndarray state, aval)).
+    if fun is not _reconstruct or not isinstance(args, tuple):
+        raise pickle.UnpicklingError("jax array reconstruction with an unexpected function")
+    arr = fun(*args)
+    arr.__setstate__(arr_state)
+    return arr
+
+
+class QuantizedWeight8bit:
+    """Stands in for the reference's dataclass: int8 `weight` and its `scales`."""
+
+    weight: _ArrayStub
+    scales: _ArrayStub
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = state[0]
+        if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
+            raise pickle.UnpicklingError("QuantizedWeight8bit without exactly weight and scales")
+        if not all(isinstance(v, _ArrayStub) for v in state.values()):
+            raise pickle.UnpicklingError("QuantizedWeight8bit fields must be arrays")
+        self.weight, self.scales = state["weight"], state["scales"]
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _ArrayStub,
+    ("numpy", "dtype"): _DType,
+    ("ml_dtypes", "bfloat16"): _BFloat16,
+    ("__main__", "QuantizedWeight8bit"): QuantizedWeight8bit,
+    ("model", "QuantizedWeight8bit"): QuantizedWeight8bit,
+    ("jax._src.array", "_reconstruct_array"): _jax_reconstruct_array,
+}
+
+
+class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Pure-Python unpickler that resolves only the globals in `_ALLOWED`, to inert stand-ins.
+
+    Byte strings written outside a pickle frame (numpy's array data, by size) are not read: they
+    become a `FileSlice` and the file position skips past them.
+    """
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        super().__init__(file)
+        self._fileobj = file
+        self._size = size
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing persistent ids")
+
+    def _bytes(self, fmt: str) -> None:
+        (length,) = struct.unpack(fmt, self.read(struct.calcsize(fmt)))
+        if self._unframer.current_frame is not None:  # small, inside a frame: it is in memory already
+            self.append(self.read(length))
+            return
+        offset = self._fileobj.tell()
+        if offset + length > self._size:
+            raise CheckpointError(
+                f"truncated: {length} bytes of data at offset {offset}, but the file has {self._size}"
+            )
+        self._fileobj.seek(length, io.SEEK_CUR)
+        self.append(FileSlice(offset, length))
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[pickle.BINBYTES[0]] = lambda self: self._bytes("<I")
+    dispatch[pickle.SHORT_BINBYTES[0]] = lambda self: self._bytes("<B")
+    dispatch[pickle.BINBYTES8[0]] = lambda self: self._bytes("<Q")
+
+
+Record = _ArrayStub | QuantizedWeight8bit
+
+
+def read_record(path: Path) -> Record:
+    """Parse one tensor file's pickle; array bytes stay on disk. Raises CheckpointError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            obj = SafeUnpickler(f, size).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, (_ArrayStub, QuantizedWeight8bit)):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not an array or QuantizedWeight8bit")
+    return obj
+
+
+class _Reader:
+    """Copies an array's bytes out of its file in bounded chunks of leading-axis rows."""
+
+    CHUNK_BYTES = 64 << 20
+
+    def __init__(self, path: Path, array: _ArrayStub) -> None:
+        self.path, self.array = path, array
+        self.row_shape = array.shape[1:]
+        self.row_bytes = (
+            max(1, array.numel // max(1, array.shape[0]) * array.dtype.itemsize)
+            if array.shape
+            else array.dtype.itemsize
+        )
+
+    def rows(self, step_rows: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Yield (first row, tensor of rows) covering axis 0; tensors are only valid until the next one."""
+        a = self.array
+        if not a.shape:
+            yield 0, self._tensor(self._read(0, a.dtype.itemsize), ())
+            return
+        n = a.shape[0]
+        step = step_rows or max(1, self.CHUNK_BYTES // self.row_bytes)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            yield (
+                r0,
+                self._tensor(self._read(r0 * self.row_bytes, (r1 - r0) * self.row_bytes), (r1 - r0, *self.row_shape)),
+            )
+
+    def _read(self, start: int, length: int) -> bytearray | bytes:
+        data = self.array.data
+        if isinstance(data, bytes):
+            return data[start : start + length]
+        buf = bytearray(length)
+        with open(self.path, "rb") as f:
+            f.seek(data.offset + start)
+            if f.readinto(buf) != length:
+                raise CheckpointError(f"{self.path}: file ended inside its data (truncated)")
+        return buf
+
+    def _tensor(self, buf: bytearray | bytes, shape: tuple[int, ...]) -> Tensor:
+        if isinstance(buf, bytes):
+            buf = bytearray(buf)  # frombuffer wants a writable buffer
+        if not buf:
+            return torch.empty(shape, dtype=self.array.dtype)
+        return torch.frombuffer(buf, dtype=self.array.dtype).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a model.
+
+
+def find_ckpt_dir(path: str | Path) -> Path:
+    """Accept the download root (holding ckpt-0/) or ckpt-0/ itself."""
+    p = Path(path)
+    if (p / "ckpt-0").is_dir():
+        return p / "ckpt-0"
+    if p.is_dir():
+        return p
+    raise CheckpointError(f"{p}: no such checkpoint directory")
+
+
+def find_config(ckpt_dir: Path) -> GrokConfig | None:
+    for candidate in (ckpt_dir / "config.json", ckpt_dir.parent / "config.json"):
+        if candidate.is_file():
+            return GrokConfig.from_json(candidate)
+    return None
+
+
+def _check_shape(path: Path, param: RefParam, what: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise CheckpointError(f"{path}: {param.name} {what} has shape {tuple(got)}, expected {tuple(expected)}")
+
+
+def _scale_groups(path: Path, param: RefParam, rec: QuantizedWeight8bit) -> int:
+    w, s = rec.weight, rec.scales
+    _check_shape(path, param, "weight", w.shape, param.shape)
+    if w.dtype != torch.int8:
+        raise CheckpointError(f"{path}: {param.name} quantized weight is {w.dtype}, expected int8")
+    lead, in_features, out_features = param.shape[:-2], param.shape[-2], param.shape[-1]
+    if (
+        len(s.shape) != len(param.shape)
+        or tuple(s.shape[:-2]) != lead
+        or s.shape[-1] != out_features
+        or not s.shape[-2]
+    ):
+        raise CheckpointError(
+            f"{path}: {param.name} scales have shape {s.shape}, expected {(*lead, 'G', out_features)}"
+        )
+    groups = s.shape[-2]
+    if in_features % groups:
+        raise CheckpointError(f"{path}: {param.name} has {groups} scale groups, which do not divide {in_features} rows")
+    return groups
+
+
+def _fill_transposed(path: Path, array: _ArrayStub, dst: Tensor) -> None:
+    """Source [*L, in, out] (rows = flattened leading axes and `in`) -> dst [*L, G, out, in/G]."""
+    *_, groups, _, block = dst.shape
+    in_features = groups * block
+    flat_dst = dst.reshape(-1, groups, dst.shape[-2], block)  # [prod(L), G, out, in/G]
+    src = _Reader(path, _as_rows(array, in_features))
+    step = max(1, min(block, src.CHUNK_BYTES // src.row_bytes))
+    step = next(s for s in range(step, 0, -1) if block % s == 0)  # chunks never straddle a block
+    for r0, rows in src.rows(step):
+        lead, k0 = divmod(r0, in_features)
+        g, kk = divmod(k0, block)
+        flat_dst[lead, g, :, kk : kk + rows.shape[0]] = rows.T
+
+
+def _as_rows(array: _ArrayStub, in_features: int) -> _ArrayStub:
+    """View [*L, in, out] as [prod(L) * in, out] rows."""
+    view = _ArrayStub()
+    view.shape = (array.numel // array.shape[-1], array.shape[-1]) if len(array.shape) > 1 else (1, array.shape[0])
+    view.dtype, view.data = array.dtype, array.data
+    return view
+
+
+def _fill_rows(path: Path, array: _ArrayStub, dst: Tensor) -> None:
+    flat = dst.view(dst.shape[0], -1) if dst.dim() > 1 else dst.view(1, -1)
+    arr = array if len(array.shape) > 1 else _as_rows(array, 1)
+    for r0, rows in _Reader(path, arr).rows():
+        flat[r0 : r0 + rows.shape[0]] = rows.reshape(rows.shape[0], -1)
+
+
+def load(
+    path: str | Path,
+    config: GrokConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Grok:
+    """Load a released-format checkpoint into a Grok model; int8 weights stay int8.
+
+    Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
+    given uninitialised storage, and every tensor is copied from its file straight into place.
+    """
+    ckpt = find_ckpt_dir(path)
+    if config is None:
+        config = find_config(ckpt) or GrokConfig()
+    params = reference_params(config)
+    present = sorted(p.name for p in ckpt.glob("tensor*_000"))
+    if len(present) != len(params):
+        raise CheckpointError(
+            f"{ckpt}: {len(present)} tensor files, but the config ({config.num_layers} layers) needs "
+            f"{len(params)}: wrong config or incomplete download"
+        )
+
+    # Pass 1: parse every pickle (no tensor data is read) and check names, kinds and shapes.
+    records: list[Record] = []
+    groups: dict[str, int] = {}
+    for p in params:
+        file = ckpt / p.file
+        try:
+            rec = read_record(file)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} [parameter {p.name}]") from None
+        if isinstance(rec, QuantizedWeight8bit):
+            if p.kind != "linear":
+                raise CheckpointError(f"{file}: {p.name} is quantized, but this parameter never is")
+            groups[p.module] = _scale_groups(file, p, rec)
+        else:
+            _check_shape(file, p, "array", rec.shape, p.shape)
+            if not rec.dtype.is_floating_point:
+                raise CheckpointError(f"{file}: {p.name} is {rec.dtype}, expected a float array")
+        records.append(rec)
+
+    with torch.device("meta"):
+        model = Grok(config, dtype)
+    quantize_int8(model, groups.get)
+    model.to_empty(device=device)
+
+    # Pass 2: copy each tensor's bytes into place.
+    bar = _progress(len(params), f"loading {ckpt}", progress)
+    with torch.no_grad():
+        for p, rec in zip(params, records, strict=True):
+            file = ckpt / p.file
+            module = model.get_submodule(p.module)
+            try:
+                if isinstance(rec, QuantizedWeight8bit):
+                    assert isinstance(module, (Int8Linear, Int8ExpertLinear))
+                    _fill_transposed(file, rec.weight, module.weight)
+                    _fill_rows(file, rec.scales, module.scales)  # [*L, G, out] as stored
+                elif p.kind == "linear":  # an unquantized [.., in, out] weight
+                    w = module.weight
+                    _fill_transposed(file, rec, w.view(*w.shape[:-2], 1, *w.shape[-2:]))
+                elif p.kind == "router":
+                    _fill_transposed(file, rec, module.weight.view(1, *module.weight.shape))
+                else:  # embed, norm: same layout
+                    _fill_rows(file, rec, module.weight)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} [parameter {p.name}]") from None
+            bar.update(1)
+    bar.close()
+    model.eval().requires_grad_(False)
+    return model
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the same format (random weights for tests, benchmarks and the demo).
+
+
+def _op_str(s: str) -> bytes:
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b if len(b) < 256 else b"X" + struct.pack("<I", len(b)) + b
+
+
+def _op_global(module: str, name: str) -> bytes:
+    return _op_str(module) + _op_str(name) + pickle.STACK_GLOBAL
+
+
+def _op_int(n: int) -> bytes:
+    return pickle.BININT + struct.pack("<i", n)
+
+
+_NP_CODES = {torch.float32: ("f4", "<"), torch.int8: ("i1", "|")}
+
+
+def _array_header(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> bytes:
+    """Opcodes of `numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')` + BUILD state, up to the data."""
+    if dtype == torch.bfloat16:
+        dt = _op_global("numpy", "dtype") + _op_global("ml_dtypes", "bfloat16") + pickle.NEWFALSE + pickle.NEWTRUE
+        dt += pickle.TUPLE3 + pickle.REDUCE + pickle.MARK + _op_int(3) + _op_str("<") + pickle.NONE * 3
+        dt += _op_int(2) + _op_int(2) + _op_int(64) + pickle.TUPLE + pickle.BUILD
+    else:
+        code, order = _NP_CODES[dtype]
+        dt = (
+            _op_global("numpy", "dtype")
+            + _op_str(code)
+            + pickle.NEWFALSE
+            + pickle.NEWTRUE
+            + pickle.TUPLE3
+            + pickle.REDUCE
+        )
+        dt += pickle.MARK + _op_int(3) + _op_str(order) + pickle.NONE * 3 + _op_int(-1) + _op_int(-1) + _op_int(0)
+        dt += pickle.TUPLE + pickle.BUILD
+    out = _op_global("numpy.core.multiarray", "_reconstruct") + _op_global("numpy", "ndarray")
+    out += _op_int(0) + pickle.TUPLE1 + pickle.SHORT_BINBYTES + b"\x01b" + pickle.TUPLE3 + pickle.REDUCE
+    out += pickle.MARK + _op_int(1) + pickle.MARK + b"".join(_op_int(n) for n in shape) + pickle.TUPLE
+    out += dt + pickle.NEWFALSE
+    if nbytes < 2**32:
+        out += pickle.BINBYTES + struct.pack("<I", nbytes)
+    else:
+        out += pickle.BINBYTES8 + struct.pack("<Q", nbytes)
+    return out
+
+
+_ARRAY_END = pickle.TUPLE + pickle.BUILD
+
+
+def _write_array(f: BinaryIO, shape: tuple[int, ...], dtype: torch.dtype, chunks: Iterator[Tensor]) -> None:
+    numel = 1
+    for s in shape:
+        numel *= s
+    f.write(_array_header(shape, dtype, numel * dtype.itemsize))
+    written = 0
+    for chunk in chunks:
+        data = (
+            chunk.contiguous().view(torch.uint8).numpy()
+            if chunk.dtype == torch.bfloat16
+            else chunk.contiguous().numpy()
+        )
+        f.write(memoryview(data).cast("B"))
+        written += chunk.numel()
+    assert written == numel, (written, numel)
+    f.write(_ARRAY_END)
+
+
+def write_tensor_file(
+    path: Path, shape: tuple[int, ...], chunks: Iterator[Tensor], scales: Callable[[], Tensor] | None = None
+) -> None:
+    """Write one parameter file. Without scales, a float32 numpy array; with scales, a
+    __main__.QuantizedWeight8bit of int8 weight and bf16 scales (asked for once the weight is out,
+    so they can be computed while the chunks stream)."""
+    with open(path, "wb") as f:
+        f.write(pickle.PROTO + b"\x04")
+        if scales is None:
+            _write_array(f, shape, torch.float32, chunks)
+        else:
+            f.write(_op_global("__main__", "QuantizedWeight8bit") + pickle.EMPTY_TUPLE + pickle.NEWOBJ)
+            f.write(pickle.EMPTY_DICT + pickle.MARK + _op_str("weight"))
+            _write_array(f, shape, torch.int8, chunks)
+            s = scales()
+            f.write(_op_str("scales"))
+            _write_array(f, tuple(s.shape), torch.bfloat16, iter([s]))
+            f.write(pickle.SETITEMS + pickle.BUILD)
+        f.write(pickle.STOP)
+
+
+def _random_param(p: RefParam, config: GrokConfig, gen: torch.Generator) -> tuple[Iterator[Tensor], list[Tensor]]:
+    """Chunks of a random parameter in reference layout, and (filled as the chunks are consumed) the
+    per-slab bf16 scales if it is an int8 linear."""
+    if p.kind == "embed":
+        # With a tied unembedding, a random model whose residual stream is mostly the input token's
+        # embedding just repeats its last token. Post-norm scales 4x the embedding scale make the
+        # layers' outputs dominate; these sizes give logits of std ~1 with clear top-1 gaps.
+        std = 8.0 / config.embedding_multiplier_scale
+        return (torch.randn(rows, p.shape[1], generator=gen) * std for rows in _splits(p.shape[0], 4096)), []
+    if p.kind == "norm":
+        gain = 32.0 if p.module.endswith("out_norm") else 1.0
+        return iter([(torch.rand(p.shape, generator=gen) + 0.5) * gain]), []
+    if p.kind == "router":
+        return iter([torch.randn(p.shape, generator=gen) * 2.0 / p.shape[0] ** 0.5]), []
+    scales: list[Tensor] = []
+    in_features, out_features = p.shape[-2], p.shape[-1]
+    assert p.groups is not None
+    lead = p.shape[0] if len(p.shape) == 3 else 1
+
+    def slabs() -> Iterator[Tensor]:
+        for _ in range(lead):
+            w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # [out, in]
+            q, s = quantize_weight(w, p.groups, torch.bfloat16)  # [G, out, in/G], [G, out]
+            scales.append(s)
+            yield q.permute(0, 2, 1).reshape(in_features, out_features)  # back to [in, out]
+
+    return slabs(), scales
+
+
+def _splits(n: int, step: int) -> Iterator[int]:
+    for start in range(0, n, step):
+        yield min(step, n - start)
+
+
+def write_random_checkpoint(out: str | Path, config: GrokConfig, seed: int = 0, progress: bool = True) -> Path:
+    """Write a random-weight checkpoint in the released format, with `config.json`; returns ckpt-0/."""
+    ckpt = Path(out) / "ckpt-0"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (Path(out) / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    gen = torch.Generator().manual_seed(seed)
+    params = reference_params(config)
+    bar = _progress(len(params), f"writing {ckpt}", progress)
+    for p in params:
+        chunks, scales = _random_param(p, config, gen)
+        tmp = ckpt / (p.file + ".tmp")
+        stacked = None
+        if p.kind == "linear":
+            stacked = (lambda s=scales: torch.stack(s)) if len(p.shape) == 3 else (lambda s=scales: s[0])
+        write_tensor_file(tmp, p.shape, chunks, stacked)
+        os.replace(tmp, ckpt / p.file)
+        bar.update(1)
+    bar.close()
+    return ckpt
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -1,0 +1,189 @@
+"""Generation as plain functions over an explicit, preallocated KV cache: prefill, decode, sample.
+
+Prompts of different lengths run together, right-padded; each row keeps its own positions (see
+`KVCache`), so every prompt gets exactly the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from groklm.model import Grok, KVCache
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """The reference's nucleus filter: keep the smallest set of tokens whose probability mass
+    reaches p, counting from the top; tokens tied with the last one kept are kept too."""
+    if top_p >= 1.0:
+        return logits
+    ascending = logits.sort(dim=-1).values
+    mass_from_bottom = ascending.softmax(dim=-1).cumsum(dim=-1)
+    cut = (mass_from_bottom >= 1.0 - top_p).int().argmax(dim=-1, keepdim=True)  # first index reaching it
+    threshold = ascending.gather(-1, cut)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def sample(
+    logits: Tensor, temperature: float, top_p: float, top_k: int, generators: Sequence[torch.Generator] | None
+) -> Tensor:
+    """logits [B, V] fp32 -> token ids [B]. Temperature 0 is greedy. Each row draws from its own generator."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    probs = logits.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def prefill(model: Grok, prompts: Sequence[Sequence[int]], cache: KVCache) -> Tensor:
+    """Run the prompts right-padded from position 0; returns fp32 logits [B, V] at each prompt's last token."""
+    device = model.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    tokens = torch.full((len(prompts), width), model.config.pad_token, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    h = model.hidden(tokens, cache, positions)  # [B, T, D]
+    last = h[torch.arange(len(prompts), device=device), lengths - 1]  # [B, D]: only these need logits
+    return model.unembed(last)
+
+
+def decode_one(model: Grok, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    """tokens [B], positions [B] -> fp32 logits [B, V] for the next token."""
+    return model.unembed(model.hidden(tokens[:, None], cache, positions[:, None])[:, 0])
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: Grok,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, at each step, the new token of every row (None for rows already finished).
+
+    A row finishes at EOS (if `stop_at_eos`; the reference never stops early), when
+    `should_stop(row, its new tokens)` says so, or after `max_new_tokens`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    config = model.config
+    vocab = config.vocab_size
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+    if max_new_tokens <= 0:
+        return
+    slots = max(len(p) for p in prompts) + max_new_tokens
+    if slots > config.sequence_len:
+        raise ValueError(f"prompt + max_new_tokens = {slots} exceeds the context length {config.sequence_len}")
+    batch = len(prompts)
+    device = model.device
+    cache = KVCache.allocate(config, batch, slots, model.dtype, device)
+    generators = None if seed is None else [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
+    done = [False] * batch
+    produced: list[list[int]] = [[] for _ in range(batch)]
+    positions = torch.tensor([len(p) for p in prompts], device=device)
+
+    logits = prefill(model, prompts, cache)
+    for step in range(max_new_tokens):
+        tokens = sample(logits, temperature, top_p, top_k, generators)
+        out: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                out.append(None)
+                continue
+            produced[row].append(token)
+            out.append(token)
+            if (stop_at_eos and token == config.eos_token) or (should_stop and should_stop(row, produced[row])):
+                done[row] = True
+        yield out
+        if all(done) or step == max_new_tokens - 1:
+            return
+        logits = decode_one(model, tokens, positions, cache)
+        positions = positions + 1
+
+
+def generate(
+    model: Grok,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """The new token ids of each prompt (prompts are lists of token ids)."""
+    results: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
+        for row, token in enumerate(step):
+            if token is not None:
+                results[row].append(token)
+    return results
+
+
+def stream_text(
+    model: Grok,
+    tokenizer: object,
+    prompt_ids: list[int],
+    stop: Sequence[str] = (),
+    **kwargs: object,
+) -> Iterator[str]:
+    """Yield decoded text as it comes for one prompt, ending before the first stop string.
+
+    Text that could still turn into a stop string is held back until it cannot.
+    """
+    ids: list[int] = []
+    sent = 0
+    hit: list[bool] = [False]
+
+    def text_of(new: list[int]) -> str:
+        return tokenizer.decode(new)  # type: ignore[attr-defined, no-any-return]
+
+    def should_stop(_row: int, new: list[int]) -> bool:
+        hit[0] = any(s in text_of(new) for s in stop)
+        return hit[0]
+
+    for step in generate_stream(model, [prompt_ids], should_stop=should_stop if stop else None, **kwargs):  # type: ignore[arg-type]
+        token = step[0]
+        if token is None:
+            break
+        ids.append(token)
+        text = text_of(ids)
+        if hit[0]:
+            cut = min(text.find(s) for s in stop if s in text)
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        # Hold back an incomplete UTF-8 character and any tail that is a prefix of a stop string.
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        for s in stop:
+            for k in range(min(len(s) - 1, safe - sent), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    text = text_of(ids)
+    if len(text) > sent:
+        yield text[sent:]

@@ -1,0 +1,268 @@
+"""Grok-1 (xAI, 2024): a decoder-only Mixture-of-Experts transformer, faithful to the reference JAX code.
+
+Every numeric choice here follows `shared/spec/grok1.md`; where a peer port differs (SGLang, vLLM,
+llama.cpp), the reference wins. Quantization, parallelism and compilation are transforms applied to
+a built model elsewhere; this file knows nothing of them beyond calling its submodules.
+
+Shape letters: B batch, T tokens in this call, S cache slots, D width, H query heads, K kv heads,
+G query heads per kv head (H = K * G), Dh head size, E experts, F expert hidden size, V vocabulary,
+N tokens in a flat batch, P routed (token, expert) pairs (N * experts chosen per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from groklm.config import GrokConfig
+
+# The reference masks attention logits with this finite value (not -inf), so a query that sees no
+# valid key gets a uniform softmax instead of NaN.
+MASK_VALUE = -1e30
+
+
+@dataclass
+class KVCache:
+    """Preallocated rotated keys and values of every layer, written by position.
+
+    Each row of the batch has its own positions. Example: prompts of lengths 3 and 5 prefilled
+    together are right-padded to 5 with the pad token and written at positions 0..4 of both rows;
+    row 0's slots 3 and 4 hold padding, which `key_ok` marks as unusable. The first decode step then
+    writes row 0 at position 3 and row 1 at position 5, so every prompt starts at position 0 and
+    sees exactly what it would see alone.
+    """
+
+    k: Tensor  # [L, B, S, K, Dh]
+    v: Tensor  # [L, B, S, K, Dh]
+    key_ok: Tensor  # [B, S] bool: slot written with a non-pad token
+
+    @classmethod
+    def allocate(
+        cls, config: GrokConfig, batch: int, slots: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVCache:
+        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.key_size)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            key_ok=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+
+def _scaled(x: Tensor, multiplier: float) -> Tensor:
+    # The reference multiplies a bf16 activation by a weakly-typed Python float, which JAX rounds to
+    # bf16 first (78.38 -> 78.5). Rounding the multiplier to the activation dtype reproduces that.
+    return x * torch.tensor(multiplier, dtype=x.dtype, device=x.device)
+
+
+class RMSNorm(nn.Module):
+    """`scale * x * rsqrt(mean(x^2) + eps)` in fp32; the stored scale multiplies directly (not 1 + scale)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, T, Dh] in fp32 for integer positions [B, T]; frequencies tiled twice (rotate-half)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    phase = positions.float()[..., None] * inv_freq  # [B, T, Dh/2]
+    phase = torch.cat([phase, phase], dim=-1)  # [B, T, Dh]
+    return phase.cos(), phase.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, ..., Dh]; cos/sin [B, T, Dh]. Rotate-half layout, computed in fp32."""
+    extra = x.dim() - cos.dim()
+    cos = cos.view(*cos.shape[:2], *([1] * extra), cos.shape[-1])
+    sin = sin.view(*sin.shape[:2], *([1] * extra), sin.shape[-1])
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        d = config.emb_size
+        self.wq = nn.Linear(d, config.q_size, bias=False, dtype=dtype)
+        self.wk = nn.Linear(d, config.kv_size, bias=False, dtype=dtype)
+        self.wv = nn.Linear(d, config.kv_size, bias=False, dtype=dtype)
+        self.wo = nn.Linear(config.q_size, d, bias=False, dtype=dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        kv: tuple[Tensor, Tensor] | None,
+        where: tuple[Tensor, Tensor],
+    ) -> Tensor:
+        """x [B, T, D]; mask [B, 1, 1, T, S] (S = T without a cache); kv: this layer's cache slices
+        [B, S, K, Dh], written at `where` = (row index [B, 1], positions [B, T])."""
+        c = self.config
+        b, t, _ = x.shape
+        kh, g, dh = c.num_kv_heads, c.num_q_heads // c.num_kv_heads, c.key_size
+        # Query head j reads kv head j // G: splitting H as (K, G) puts it there.
+        q = apply_rope(self.wq(x).view(b, t, kh, g, dh), cos, sin)
+        k = apply_rope(self.wk(x).view(b, t, kh, dh), cos, sin)
+        v = self.wv(x).view(b, t, kh, dh)
+        if kv is not None:
+            cache_k, cache_v = kv
+            cache_k[where] = k
+            cache_v[where] = v
+            k, v = cache_k, cache_v  # [B, S, K, Dh]
+        # Attention logits, soft-cap, mask and softmax in fp32, as the reference does.
+        scores = torch.einsum("btkgd,bskd->bkgts", q, k).float() * c.attn_output_multiplier
+        scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
+        scores = scores.masked_fill(~mask, MASK_VALUE)
+        probs = scores.softmax(dim=-1).to(v.dtype)  # [B, K, G, T, S]
+        out = torch.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.q_size)
+        return self.wo(out)
+
+
+class ExpertLinear(nn.Module):
+    """E stacked [out, in] weights; `forward(x, e)` applies expert e only."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def forward(self, x: Tensor, expert: int) -> Tensor:
+        return F.linear(x, self.weight[expert])
+
+
+class MoE(nn.Module):
+    """Softmax router over all experts, top-k by probability, gates NOT renormalised, tanh-GELU experts.
+
+    Tokens are grouped by the expert they chose and each expert runs once on its group: a token
+    costs the compute of its chosen experts only, never all of them.
+    """
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k = config.num_selected_experts
+        d, f, e = config.emb_size, config.ffn_size, config.num_experts
+        self.router = nn.Linear(d, e, bias=False, dtype=torch.float32)
+        self.w1 = ExpertLinear(e, d, f, dtype)  # gelu branch (reference moe/linear)
+        self.v = ExpertLinear(e, d, f, dtype)  # linear branch (reference moe/linear_v)
+        self.w2 = ExpertLinear(e, f, d, dtype)  # down projection (reference moe/linear_1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        xs = x.reshape(-1, shape[-1])  # [N, D]
+        probs = self.router(xs.float()).softmax(dim=-1)  # [N, E], fp32
+        gates, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        flat = experts.flatten()  # [P], pair p = token p // k
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.router.out_features).tolist()
+        grouped = xs[order // self.top_k]  # [P, D]
+        outs = torch.empty_like(grouped)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                xe = grouped[start : start + n]
+                h = F.gelu(self.w1(xe, e), approximate="tanh") * self.v(xe, e)
+                outs[start : start + n] = self.w2(h, e)
+                start += n
+        pairs = torch.empty(outs.shape, dtype=torch.float32, device=x.device)
+        pairs[order] = outs.float() * gates.flatten()[order, None]
+        return pairs.view(-1, self.top_k, shape[-1]).sum(dim=1).to(x.dtype).view(shape)
+
+
+class Block(nn.Module):
+    """Sandwich norms: each sub-block's input and output are normalised, each norm with its own scale."""
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        eps = config.norm_eps
+        self.attn_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm
+        self.attn = Attention(config, dtype)
+        self.attn_out_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_1
+        self.moe_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_2
+        self.moe = MoE(config, dtype)
+        self.moe_out_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_3
+
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        kv: tuple[Tensor, Tensor] | None,
+        where: tuple[Tensor, Tensor],
+    ) -> Tensor:
+        h = h + self.attn_out_norm(self.attn(self.attn_norm(h), cos, sin, mask, kv, where))
+        return h + self.moe_out_norm(self.moe(self.moe_norm(h)))
+
+
+class Grok(nn.Module):
+    def __init__(self, config: GrokConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.config = config
+        # Stored in the compute dtype: the reference casts its fp32 table to bf16 before use anyway.
+        self.embed = nn.Embedding(config.vocab_size, config.emb_size, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.emb_size, config.norm_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> fp32 logits [B, T, V]."""
+        return self.unembed(self.hidden(tokens, cache, positions))
+
+    def hidden(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> final-normed hidden states [B, T, D].
+
+        Without a cache the tokens are a whole sequence from position 0. With one, `positions`
+        [B, T] says where each token goes (and reads up to); keys and values are written there.
+        """
+        c = self.config
+        b, t = tokens.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding through a cache needs explicit positions")
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        rows = torch.arange(b, device=tokens.device)[:, None]  # [B, 1]
+        not_pad = tokens != c.pad_token  # the reference masks pad tokens out as keys
+        if cache is None:
+            key_ok, key_pos = not_pad, positions
+        else:
+            cache.key_ok[rows, positions] = not_pad
+            key_ok = cache.key_ok
+            key_pos = torch.arange(cache.slots, device=tokens.device).expand(b, -1)
+        mask = key_ok[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # [B, T, S]
+        mask = mask[:, None, None]  # [B, 1, 1, T, S]
+        cos, sin = rope_tables(positions, c.key_size, c.rope_base)
+
+        h = _scaled(self.embed(tokens), c.embedding_multiplier_scale)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, mask, kv, (rows, positions))
+        return self.norm(h)
+
+    def unembed(self, h: Tensor) -> Tensor:
+        """Tied output embedding, no soft-cap: [..., D] -> fp32 logits [..., V]."""
+        return _scaled(h @ self.embed.weight.T, self.config.output_multiplier_scale).float()
