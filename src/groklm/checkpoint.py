@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -272,7 +272,7 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._fileobj.seek(length, io.SEEK_CUR)
         self.append(FileSlice(offset, length))
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
     dispatch[pickle.BINBYTES[0]] = lambda self: self._bytes("<I")
     dispatch[pickle.SHORT_BINBYTES[0]] = lambda self: self._bytes("<B")
     dispatch[pickle.BINBYTES8[0]] = lambda self: self._bytes("<Q")

@@ -1,0 +1,65 @@
+"""Shared fixtures. Everything comes from ../shared or is generated here; nothing touches the network."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import groklm
+from groklm.config import GrokConfig, get_preset
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "golden" / "grok1-tiny12"
+TOKENIZER = SHARED / "tokenizer" / "grok-1" / "tokenizer.model"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network() -> Any:
+    """Any connection to a non-loopback address fails the test that makes it."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (
+            host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")
+        ):
+            raise AssertionError(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    socket.socket.connect = guarded  # type: ignore[method-assign]
+    yield
+    socket.socket.connect = real_connect  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session")
+def golden_case() -> dict[str, Any]:
+    return json.loads((GOLDEN / "case.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_config(golden_case: dict[str, Any]) -> GrokConfig:
+    return GrokConfig.from_dict(golden_case)
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "golden.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def mini_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mini")
+    groklm.write_random_checkpoint(out, get_preset("mini"), seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_fp32(mini_ckpt: Path) -> groklm.Grok:
+    return groklm.load(mini_ckpt, dtype=torch.float32, progress=False)

@@ -1,0 +1,120 @@
+"""Generation over the KV cache: cached equals uncached, batched equals one by one, sampling semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import groklm
+from groklm.generate import sample, top_k_filter, top_p_filter
+from groklm.model import KVCache
+
+
+def test_cached_decoding_equals_uncached_recomputation(mini_fp32: groklm.Grok) -> None:
+    seq = torch.tensor([[422, 3033, 356, 1180, 333, 9072, 360, 2175, 391, 359, 1805, 17]])
+    full = mini_fp32(seq)  # [1, T, V], no cache
+    cache = KVCache.allocate(mini_fp32.config, 1, 16, mini_fp32.dtype, "cpu")
+    start = 0
+    for size in (5, 1, 3, 1, 1, 1):  # prefill, decode, a multi-token chunk, more decodes
+        chunk = seq[:, start : start + size]
+        positions = torch.arange(start, start + size)[None]
+        logits = mini_fp32(chunk, cache, positions)
+        torch.testing.assert_close(logits, full[:, start : start + size], rtol=1e-5, atol=1e-4)
+        start += size
+    assert start == seq.shape[1]
+
+
+def test_batched_generation_equals_one_by_one(mini_fp32: groklm.Grok) -> None:
+    prompts = [[422, 3033, 356, 1180, 333, 9072, 360, 2175, 391], [17], [5000, 6000, 7000, 8]]
+    for kwargs in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 7}):
+        together = groklm.generate(mini_fp32, prompts, max_new_tokens=12, stop_at_eos=False, **kwargs)  # type: ignore[arg-type]
+        alone = [groklm.generate(mini_fp32, [p], max_new_tokens=12, stop_at_eos=False, **kwargs)[0] for p in prompts]  # type: ignore[arg-type]
+        assert together == alone
+        assert all(len(t) == 12 for t in together)
+    assert len(set(together[0])) > 3  # a random model must not just repeat itself
+
+
+def test_random_model_is_not_degenerate(mini_fp32: groklm.Grok) -> None:
+    out = groklm.generate(mini_fp32, [[422, 3033, 356], [1, 17, 245, 999]], max_new_tokens=32, stop_at_eos=False)
+    assert all(len(set(o)) >= 8 for o in out), out
+
+
+def test_seed_reproduces_and_differs(mini_fp32: groklm.Grok) -> None:
+    def run(seed: int) -> list[int]:
+        return groklm.generate(mini_fp32, [[422, 3033]], max_new_tokens=10, temperature=1.0, seed=seed)[0]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_stop_at_eos(mini_fp32: groklm.Grok) -> None:
+    prompt = [422, 3033, 356]
+    free = groklm.generate(mini_fp32, [prompt], max_new_tokens=6, stop_at_eos=False)[0]
+    eos = free[2]
+    config = mini_fp32.config
+    object.__setattr__(config, "eos_token", eos)  # pretend the third token is EOS
+    try:
+        stopped = groklm.generate(mini_fp32, [prompt], max_new_tokens=6, stop_at_eos=True)[0]
+    finally:
+        object.__setattr__(config, "eos_token", 2)
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_top_p_keeps_smallest_set_reaching_p_with_ties() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    # (exact boundaries such as p = 0.5 here depend on float rounding of the cumulative sum)
+    assert kept(0.45) == [True, False, False, False]  # 0.5 alone reaches 0.45
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(0.97) == [True, True, True, True]
+    assert kept(1.0) == [True, True, True, True]
+    tied = torch.tensor([[0.4, 0.2, 0.2, 0.2]]).log()
+    assert torch.isfinite(top_p_filter(tied, 0.5))[0].tolist() == [True, True, True, True]  # ties kept
+
+
+def test_top_k_and_greedy() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isfinite(top_k_filter(logits, 2))[0].tolist() == [False, True, True, False]
+    assert sample(logits, 0.0, 1.0, 0, None).tolist() == [1]
+    draws = {sample(logits, 1.0, 1.0, 2, [torch.Generator().manual_seed(s)]).item() for s in range(40)}
+    assert draws == {1, 2}
+
+
+def test_bad_requests_raise_clear_errors(mini_fp32: groklm.Grok) -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        groklm.generate(mini_fp32, [[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        groklm.generate(mini_fp32, [[5, 131072]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the context length"):
+        groklm.generate(mini_fp32, [[5]], max_new_tokens=mini_fp32.config.sequence_len)
+
+
+def test_moe_runs_only_the_chosen_experts(mini_fp32: groklm.Grok) -> None:
+    calls: list[tuple[int, int, int]] = []
+    handles = []
+    for i, layer in enumerate(mini_fp32.layers):
+
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, int], _out: torch.Tensor, i: int = i) -> None:
+            calls.append((i, args[1], args[0].shape[0]))
+
+        handles.append(layer.moe.w1.register_forward_hook(hook))
+    try:
+        tokens = torch.tensor([[422, 3033, 356, 1180, 333]])
+        mini_fp32(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    k = mini_fp32.config.num_selected_experts
+    for i in range(mini_fp32.config.num_layers):
+        rows = [n for layer, _e, n in calls if layer == i]
+        assert sum(rows) == tokens.numel() * k  # every (token, chosen expert) pair once, nothing else
+        assert len(rows) <= mini_fp32.config.num_experts
+    one = []
+    handle = mini_fp32.layers[0].moe.w1.register_forward_hook(lambda _m, a, _o: one.append(a[1]))
+    try:
+        mini_fp32(torch.tensor([[422]]))
+    finally:
+        handle.remove()
+    assert len(one) == k  # a single token touches exactly its two experts
