@@ -69,7 +69,7 @@ def test_cli_init_random_generate_info(tmp_path: Path) -> None:
 
 
 def test_cli_stop_string(mini_ckpt: Path) -> None:
-    r = _cli(
+    base = [
         "generate",
         "--checkpoint",
         str(mini_ckpt),
@@ -79,23 +79,11 @@ def test_cli_stop_string(mini_ckpt: Path) -> None:
         "--max-new-tokens",
         "12",
         "--quiet",
-    )
-    full = r.stdout.rstrip("\n")[len("Hello") :]
+    ]
+    full = _cli(*base).stdout.rstrip("\n")[len("Hello") :]
     stop = full[3:6]
     assert stop.strip(), full
-    r = _cli(
-        "generate",
-        "--checkpoint",
-        str(mini_ckpt),
-        "--tokenizer",
-        str(TOKENIZER),
-        "Hello",
-        "--max-new-tokens",
-        "12",
-        "--quiet",
-        "--stop",
-        stop,
-    )
+    r = _cli(*base, "--stop", stop)
     assert r.stdout.rstrip("\n") == "Hello" + full[: full.index(stop)]
 
 
