@@ -41,13 +41,15 @@ def _timed(fn: object) -> float:
 
 def bytes_per_token(model: Grok) -> int:
     """Weights one decoded token reads: all non-expert weights, the chosen experts' share of the
-    expert weights, the unembedding, and one embedding row."""
+    expert weights, and the output head (the tied table, or its own int8 copy). The one embedding
+    row looked up per token is left out (a few KB)."""
     c = model.config
+    tied = not any(True for _ in model.head.buffers())
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         n = t.numel() * t.element_size()
         if name == "embed.weight":
-            total += n + n // c.vocab_size  # unembedding reads the table; embedding reads one row
+            total += n if tied else 0
         elif ".moe.w1." in name or ".moe.v." in name or ".moe.w2." in name:
             total += n * c.num_selected_experts // c.num_experts
         else:

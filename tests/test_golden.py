@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import groklm
+from groklm import kernels
 from groklm.checkpoint import reference_params
 from groklm.config import GrokConfig
 from tests.conftest import GOLDEN
@@ -25,16 +27,33 @@ def test_file_table_derived_from_config_matches_reference(
             assert t["scales"][-2] == p.groups
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def golden_model(request: pytest.FixtureRequest, golden_config: GrokConfig) -> groklm.Grok:
-    return groklm.load(GOLDEN, golden_config, dtype=request.param, progress=False)
+MODES = {
+    # name: (dtype, torch kernels only, mean |diff| bound, top-1 agreement bound)
+    # fp32 is the spec's requirement; measured 0.0054 mean, 0.056 max, 16/16.
+    "fp32": (torch.float32, False, 0.03, 0.97),
+    # bf16 with the fast paths (native int8 kernel, int8 output head): measured 0.020 mean, 0.18 max,
+    # 15/16 top-1; the miss is where the reference's own top-1/top-2 gap is 0.0.
+    "bf16": (torch.bfloat16, False, 0.03, 0.9),
+    # bf16 with torch's kernels only (no C compiler): measured 0.052 mean, 1.59 max, 14/16; the
+    # misses are at reference gaps 0.0 and 0.047. That path rounds each group's partial sum to bf16;
+    # our bf16 there is as far from our fp32 as from the reference: rounding, not wiring.
+    "bf16-torch": (torch.bfloat16, True, 0.08, 0.85),
+}
 
 
-# (mean |diff| bound, top-1 agreement bound). fp32 is the spec's requirement; measured 0.0054 mean,
-# 0.056 max, 16/16. bf16 measured 0.052 mean, 1.59 max, 14/16 top-1: the two misses are where the
-# reference's own top-1/top-2 gap is 0.0 and 0.047, within bf16 rounding; our bf16 is as far from
-# our fp32 (0.052) as from the reference, so this is rounding, not a wiring difference.
-TOLERANCE = {torch.float32: (0.03, 0.97), torch.bfloat16: (0.08, 0.85)}
+@pytest.fixture(scope="module", params=list(MODES))
+def golden_model(request: pytest.FixtureRequest, golden_config: GrokConfig) -> Iterator[groklm.Grok]:
+    dtype, torch_only, *_ = MODES[request.param]
+    with pytest.MonkeyPatch.context() as mp:
+        if torch_only:
+            mp.setattr(kernels, "supports", lambda *_: False)
+        model = groklm.load(GOLDEN, golden_config, dtype=dtype, progress=False)
+        model.mode = request.param  # type: ignore[assignment]
+        yield model
+
+
+def _bounds(model: groklm.Grok) -> tuple[float, float]:
+    return MODES[model.mode][2:]  # type: ignore[index, return-value]
 
 
 def test_logits_match_reference(golden_model: groklm.Grok, golden: dict[str, np.ndarray]) -> None:
@@ -42,7 +61,7 @@ def test_logits_match_reference(golden_model: groklm.Grok, golden: dict[str, np.
     ref = torch.tensor(golden["logits"])
     logits = golden_model(tokens)
     assert logits.shape == ref.shape and logits.dtype == torch.float32
-    mean_bound, top1_bound = TOLERANCE[golden_model.dtype]
+    mean_bound, top1_bound = _bounds(golden_model)
     assert (logits - ref).abs().mean().item() <= mean_bound
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean().item() >= top1_bound
 
@@ -63,7 +82,7 @@ def test_greedy_step_logits_match_reference(
     n_prompt = len(golden_case["greedy_prompt"])
     logits = golden_model(seq[:, :-1])[0, n_prompt - 1 :]
     ref = torch.tensor(golden["greedy_logits"])
-    mean_bound, _ = TOLERANCE[golden_model.dtype]
+    mean_bound, _ = _bounds(golden_model)
     assert (logits - ref).abs().mean().item() <= mean_bound
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
@@ -71,16 +90,19 @@ def test_greedy_step_logits_match_reference(
 def test_padding_tokens_are_masked_as_keys(golden_model: groklm.Grok) -> None:
     """Token 0 is padding and masked as a key: no other position may see what its embedding is."""
     tokens = torch.tensor([[5, 0, 77, 300, 0, 12]])
+    pads = tokens == 0
     before = golden_model(tokens)
-    saved = golden_model.embed.weight[0].clone()
+
+    def scramble_pads(_m: torch.nn.Module, _args: object, out: torch.Tensor) -> torch.Tensor:
+        return torch.where(pads[..., None], torch.randn_like(out) * 10, out)
+
+    handle = golden_model.embed.register_forward_hook(scramble_pads)
     try:
-        golden_model.embed.weight[0] = torch.randn_like(saved) * 10
         after = golden_model(tokens)
     finally:
-        golden_model.embed.weight[0] = saved
-    # Vocabulary column 0 is excluded: the output embedding is tied, so token 0's logit uses that row.
+        handle.remove()
     # fp32 differences of ~1e-6 remain: the pad's own expert choice changes the per-expert group
     # sizes of the other tokens, and the matmuls round differently. A leak would be O(1).
     others = [0, 2, 3, 5]
-    torch.testing.assert_close(after[:, others, 1:], before[:, others, 1:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=1e-4)
     assert not torch.allclose(after[:, 1], before[:, 1])  # the pad's own position does change

@@ -180,7 +180,7 @@ def test_jax_arrays_and_model_module_quantized_weights_load_without_jax(
 
     norm = np.linspace(0.5, 1.5, 128, dtype=np.float32)
     (ckpt / "tensor00009_000").write_bytes(pickle.dumps(JaxArray(norm), protocol=4))
-    w = np.ascontiguousarray(ref.layers[0].attn.wq.weight[0].T.numpy())  # query/w back in the released [in, out] layout
+    w = np.ascontiguousarray(ref.layers[0].attn.wq.weight.T.numpy())  # query/w back in the released [in, out] layout
     q = QuantizedWeight8bit()
     q.__dict__.update(weight=JaxArray(w), scales=np.full((1, 128), 0.01, np.float32))  # fp32 scales are cast
     (ckpt / "tensor00007_000").write_bytes(pickle.dumps(q, protocol=4))
@@ -197,8 +197,8 @@ def test_jax_arrays_and_model_module_quantized_weights_load_without_jax(
 def test_int8_weights_stay_int8_and_model_is_about_its_file_size(golden_config: GrokConfig) -> None:
     m = groklm.load(GOLDEN, golden_config, dtype=torch.bfloat16, progress=False)
     wq = m.layers[0].moe.w2
-    assert wq.weight.dtype == torch.int8 and tuple(wq.weight.shape) == (8, 8, 128, 22)  # [E, G, out, in/G]
-    assert tuple(wq.scales.shape) == (8, 8, 128)
+    assert wq.weight.dtype == torch.int8 and tuple(wq.weight.shape) == (8, 128, 176)  # [E, out, in]
+    assert tuple(wq.scales.shape) == (8, 128, 8)  # [E, out, G]: 8 blocks of 22 input rows
     floats = [
         n
         for n, t in m.named_parameters()

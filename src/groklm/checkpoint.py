@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from groklm.config import GrokConfig
 from groklm.model import Grok
-from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8, quantize_weight
+from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight
 
 
 class CheckpointError(RuntimeError):
@@ -396,21 +398,19 @@ def _scale_groups(path: Path, param: RefParam, rec: QuantizedWeight8bit) -> int:
 
 
 def _fill_transposed(path: Path, array: _ArrayStub, dst: Tensor) -> None:
-    """Source [*L, in, out] (rows = flattened leading axes and `in`) -> dst [*L, G, out, in/G]."""
-    *_, groups, _, block = dst.shape
-    in_features = groups * block
-    flat_dst = dst.reshape(-1, groups, dst.shape[-2], block)  # [prod(L), G, out, in/G]
-    src = _Reader(path, _as_rows(array, in_features))
-    step = max(1, min(block, src.CHUNK_BYTES // src.row_bytes))
-    step = next(s for s in range(step, 0, -1) if block % s == 0)  # chunks never straddle a block
+    """Source [*L, in, out] -> dst [*L, out, in]; chunks of source rows land transposed in place."""
+    in_features = dst.shape[-1]
+    flat_dst = dst.view(-1, dst.shape[-2], in_features)  # [prod(L), out, in]
+    src = _Reader(path, _as_rows(array))
+    step = max(1, min(in_features, src.CHUNK_BYTES // src.row_bytes))
+    step = next(s for s in range(step, 0, -1) if in_features % s == 0)  # chunks never straddle a slab
     for r0, rows in src.rows(step):
         lead, k0 = divmod(r0, in_features)
-        g, kk = divmod(k0, block)
-        flat_dst[lead, g, :, kk : kk + rows.shape[0]] = rows.T
+        flat_dst[lead, :, k0 : k0 + rows.shape[0]] = rows.T
 
 
-def _as_rows(array: _ArrayStub, in_features: int) -> _ArrayStub:
-    """View [*L, in, out] as [prod(L) * in, out] rows."""
+def _as_rows(array: _ArrayStub) -> _ArrayStub:
+    """View [*L, rows, cols] (or [cols]) as a 2-D [prod(L) * rows, cols]."""
     view = _ArrayStub()
     view.shape = (array.numel // array.shape[-1], array.shape[-1]) if len(array.shape) > 1 else (1, array.shape[0])
     view.dtype, view.data = array.dtype, array.data
@@ -419,9 +419,32 @@ def _as_rows(array: _ArrayStub, in_features: int) -> _ArrayStub:
 
 def _fill_rows(path: Path, array: _ArrayStub, dst: Tensor) -> None:
     flat = dst.view(dst.shape[0], -1) if dst.dim() > 1 else dst.view(1, -1)
-    arr = array if len(array.shape) > 1 else _as_rows(array, 1)
+    arr = array if len(array.shape) > 1 else _as_rows(array)
     for r0, rows in _Reader(path, arr).rows():
         flat[r0 : r0 + rows.shape[0]] = rows.reshape(rows.shape[0], -1)
+
+
+class MappedEmbedding(nn.Module):
+    """Embedding rows read on demand from the checkpoint file's own fp32 table, memory-mapped.
+
+    A lookup needs one row per token, so the table need not be resident: pages are read (and count
+    in RSS) only for the rows used. Rows are cast to the compute dtype, as the reference does.
+    """
+
+    def __init__(self, path: Path, array: _ArrayStub, dtype: torch.dtype) -> None:
+        super().__init__()
+        if not isinstance(array.data, FileSlice):
+            raise CheckpointError(f"{path}: embedding table is not stored outside the pickle frames")
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # read-only buffer: we never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            table = torch.frombuffer(self._map, dtype=array.dtype, count=array.numel, offset=array.data.offset)
+        self.table = table.view(array.shape)  # a plain attribute: not a parameter, never copied
+        self.out_dtype = dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table[tokens.cpu()].to(self.out_dtype)
 
 
 def load(
@@ -430,12 +453,19 @@ def load(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize_head: bool | None = None,
 ) -> Grok:
     """Load a released-format checkpoint into a Grok model; int8 weights stay int8.
 
     Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
     given uninitialised storage, and every tensor is copied from its file straight into place.
+    `quantize_head` (default: when dtype is bf16, the fast dtype, on CPU) gives the output
+    projection an int8 copy of the embedding table (see `quant.quantize_output_head`), made from the
+    file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
+    no float copy of the table is held at all.
     """
+    if quantize_head is None:
+        quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     ckpt = find_ckpt_dir(path)
     if config is None:
         config = find_config(ckpt) or GrokConfig()
@@ -469,6 +499,10 @@ def load(
     with torch.device("meta"):
         model = Grok(config, dtype)
     quantize_int8(model, groups.get)
+    if quantize_head:
+        with torch.device("meta"):
+            model.head = int8_head(config, dtype)
+        del model.embed.weight  # replaced by MappedEmbedding below: never allocated
     model.to_empty(device=device)
 
     # Pass 2: copy each tensor's bytes into place.
@@ -480,13 +514,15 @@ def load(
             try:
                 if isinstance(rec, QuantizedWeight8bit):
                     assert isinstance(module, (Int8Linear, Int8ExpertLinear))
-                    _fill_transposed(file, rec.weight, module.weight)
-                    _fill_rows(file, rec.scales, module.scales)  # [*L, G, out] as stored
-                elif p.kind == "linear":  # an unquantized [.., in, out] weight
-                    w = module.weight
-                    _fill_transposed(file, rec, w.view(*w.shape[:-2], 1, *w.shape[-2:]))
-                elif p.kind == "router":
-                    _fill_transposed(file, rec, module.weight.view(1, *module.weight.shape))
+                    _fill_transposed(file, rec.weight, module.weight)  # [*L, in, out] -> [*L, out, in]
+                    _fill_transposed(file, rec.scales, module.scales)  # [*L, G, out] -> [*L, out, G]
+                elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
+                    _fill_transposed(file, rec, module.weight)
+                elif p.kind == "embed" and quantize_head:
+                    assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
+                    for r0, rows in _Reader(file, rec).rows():
+                        fill_int8_head(model.head, r0, rows.float())
+                    model.embed = MappedEmbedding(file, rec, dtype)
                 else:  # embed, norm: same layout
                     _fill_rows(file, rec, module.weight)
             except CheckpointError as e:
@@ -623,9 +659,9 @@ def _random_param(p: RefParam, config: GrokConfig, gen: torch.Generator) -> tupl
     def slabs() -> Iterator[Tensor]:
         for _ in range(lead):
             w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # [out, in]
-            q, s = quantize_weight(w, p.groups, torch.bfloat16)  # [G, out, in/G], [G, out]
-            scales.append(s)
-            yield q.permute(0, 2, 1).reshape(in_features, out_features)  # back to [in, out]
+            q, s = quantize_weight(w, p.groups, torch.bfloat16)  # [out, in], [out, G]
+            scales.append(s.T)  # released layout [G, out]
+            yield q.T  # released layout [in, out]
 
     return slabs(), scales
 

@@ -212,22 +212,36 @@ class Block(nn.Module):
         return h + self.moe_out_norm(self.moe(self.moe_norm(h)))
 
 
+class TiedHead(nn.Module):
+    """The output projection: the input embedding's table, transposed. Holds no weights of its own
+    (the embedding is kept out of the module tree, so state dicts name it once)."""
+
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self._embed = [embed]
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h @ self._embed[0].weight.T
+
+
 class Grok(nn.Module):
     def __init__(self, config: GrokConfig, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.config = config
+        self.compute_dtype = dtype
         # Stored in the compute dtype: the reference casts its fp32 table to bf16 before use anyway.
         self.embed = nn.Embedding(config.vocab_size, config.emb_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.norm_eps)
+        self.head = TiedHead(self.embed)  # a transform may swap in a cheaper copy (quant.quantize_output_head)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.compute_dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> fp32 logits [B, T, V]."""
@@ -265,4 +279,4 @@ class Grok(nn.Module):
 
     def unembed(self, h: Tensor) -> Tensor:
         """Tied output embedding, no soft-cap: [..., D] -> fp32 logits [..., V]."""
-        return _scaled(h @ self.embed.weight.T, self.config.output_multiplier_scale).float()
+        return _scaled(self.head(h), self.config.output_multiplier_scale).float()

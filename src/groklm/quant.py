@@ -1,13 +1,16 @@
 """Weight-only int8 as a transform on a built model: int8 weights plus their scales, never dequantized whole.
 
 Layout. The released checkpoint stores a weight [in, out] with scales [G, out]: input rows split into
-G equal blocks, one scale per (block, output column). We hold it as weight [G, out, in/G] (int8) and
-scales [G, out], so block g is the contiguous [out, in/G] matrix the fused kernels want, and
+G equal blocks, one scale per (block, output column). We hold it as nn.Linear does, weight
+[out, in] (int8), with scales [out, G], and
 
-    y = sum_g (x[:, block g] @ weight[g].T) * scales[g]
+    y[n] = sum_g scales[n, g] * (x[block g] . weight[n, block g])
 
 is exactly the reference's `x @ (w * scales)`: within a block the scale is a per-column constant.
 G = 1 is ordinary per-output-channel int8.
+
+Kernels, best first: the native AVX2 kernel (`groklm.kernels`, bf16 activations on CPU); torch's
+`_weight_int8pack_mm` (CPU, bf16, G = 1); otherwise dequantize this one weight for the call.
 """
 
 from __future__ import annotations
@@ -18,62 +21,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from groklm.model import ExpertLinear
+from groklm import kernels
+from groklm.config import GrokConfig
+from groklm.model import ExpertLinear, Grok
 
 
-def _fused_ok(x: Tensor, block: int) -> bool:
-    # torch's CPU int8 weight-only kernel; in bf16 it runs at memory speed. Its fp32 path is slow,
-    # it wants few rows, and it crashes (segfault, torch 2.13) unless the reduction length is a
-    # multiple of 8, so other cases dequantize one block at a time.
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] <= 32 and block % 8 == 0
+def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
+    # torch's CPU int8 weight-only kernel: fast only in bf16 with few rows, per-channel scales only,
+    # and it crashes (segfault, torch 2.13) unless the reduction length is a multiple of 8.
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.shape[0] <= 32
+        and groups == 1
+        and weight.shape[-1] % 8 == 0
+    )
 
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., in] @ dequant(weight [G, out, in/G], scales [G, out]).T -> [..., out] in x's dtype."""
-    groups, out_features, block = weight.shape
+    """x [..., in] @ dequant(weight [out, in], scales [out, G]).T -> [..., out] in x's dtype."""
+    out_features, in_features = weight.shape
+    groups = scales.shape[-1]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, groups * block)
-    fused = _fused_ok(x2, block)
-    acc: Tensor | None = None
-    for g in range(groups):
-        xg = x2[:, g * block : (g + 1) * block]
-        if fused:
-            y = torch._weight_int8pack_mm(xg.contiguous(), weight[g], scales[g]).float()
-        else:
-            y = F.linear(xg, weight[g].to(x.dtype)).float() * scales[g].float()
-        acc = y if acc is None else acc + y  # partial sums in fp32, as one fp32-accumulated matmul
-    assert acc is not None
-    return acc.to(x.dtype).view(*lead, out_features)
+    x2 = x.reshape(-1, in_features)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports(weight, scales):
+        y = kernels.int8_matmul(x2, weight, scales).to(x.dtype)
+    elif _torch_int8_ok(x2, weight, groups):
+        y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales[:, 0].to(x.dtype))
+    else:
+        y = F.linear(x2, dequantize_weight(weight, scales, x.dtype))
+    return y.view(*lead, out_features)
 
 
 def quantize_weight(w: Tensor, groups: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Symmetric absmax int8 of w [..., out, in] with `groups` blocks over the input axis.
 
-    Returns weight [..., G, out, in/G] int8 and scales [..., G, out]. Scales are rounded to
+    Returns weight [..., out, in] int8 and scales [..., out, G]. Scales are rounded to
     `scale_dtype` before dividing, so dequantization reproduces the stored values exactly.
     """
     *lead, out_features, in_features = w.shape
     if in_features % groups:
         raise ValueError(f"input size {in_features} is not divisible into {groups} scale groups")
-    blocks = w.float().reshape(*lead, out_features, groups, in_features // groups).transpose(-3, -2)
-    scales = (blocks.abs().amax(dim=-1) / 127.0).clamp_min(1e-12).to(scale_dtype)  # [..., G, out]
+    blocks = w.float().reshape(*lead, out_features, groups, in_features // groups)
+    scales = (blocks.abs().amax(dim=-1) / 127.0).clamp_min(1e-12).to(scale_dtype)  # [..., out, G]
     q = (blocks / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+    return q.reshape(w.shape), scales
 
 
 def dequantize_weight(weight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inverse layout of quantize_weight: [..., G, out, in/G] -> [..., out, in]."""
-    *lead, groups, out_features, block = weight.shape
-    w = weight.to(dtype) * scales.to(dtype)[..., None]
-    return w.transpose(-3, -2).reshape(*lead, out_features, groups * block)
+    """weight [..., out, in] int8 with scales [..., out, G] -> [..., out, in] in `dtype`."""
+    *lead, out_features, in_features = weight.shape
+    groups = scales.shape[-1]
+    w = weight.view(*lead, out_features, groups, in_features // groups).to(dtype) * scales.to(dtype)[..., None]
+    return w.view(weight.shape)
 
 
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(groups, out_features, in_features // groups, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=scale_dtype))
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_linear(x, self.weight, self.scales)
@@ -84,9 +92,8 @@ class Int8ExpertLinear(nn.Module):
         self, num_experts: int, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype
     ) -> None:
         super().__init__()
-        shape = (num_experts, groups, out_features, in_features // groups)
-        self.register_buffer("weight", torch.empty(shape, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(num_experts, groups, out_features, dtype=scale_dtype))
+        self.register_buffer("weight", torch.empty(num_experts, out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(num_experts, out_features, groups, dtype=scale_dtype))
 
     def forward(self, x: Tensor, expert: int) -> Tensor:
         return int8_linear(x, self.weight[expert], self.scales[expert])
@@ -122,4 +129,36 @@ def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | N
             new.scales.copy_(s)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def int8_head(config: GrokConfig, dtype: torch.dtype, group_size: int = 64) -> Int8Linear:
+    """An empty int8 output projection [vocab, width] with one scale per `group_size` columns."""
+    width = config.emb_size
+    groups = width // group_size if width % group_size == 0 else 1
+    return Int8Linear(width, config.vocab_size, groups, dtype)
+
+
+def fill_int8_head(head: Int8Linear, start: int, rows: Tensor) -> None:
+    """Quantize embedding-table rows [n, width] into head rows start..start+n."""
+    q, sc = quantize_weight(rows, head.scales.shape[-1], head.scales.dtype)
+    head.weight[start : start + rows.shape[0]] = q
+    head.scales[start : start + rows.shape[0]] = sc
+
+
+def quantize_output_head(model: Grok, group_size: int = 64) -> Grok:
+    """Give the output projection its own int8 copy of the (tied) embedding table, with one scale
+    per `group_size` columns; the input lookup keeps the exact table.
+
+    The output head reads the whole table every token (vocab x width), so this halves its bytes
+    against bf16. Quantizing the lookup too would move the golden logits ~5x further from the
+    reference (router choices flip); the head alone moves them from 0.0196 to 0.0203 mean |diff|
+    in bf16. (The loader avoids the extra memory: see `checkpoint.MappedEmbedding`.)
+    """
+    table = model.embed.weight
+    head = int8_head(model.config, table.dtype, group_size).to(table.device)
+    with torch.no_grad():
+        for start in range(0, table.shape[0], 8192):  # bounded temporaries
+            fill_int8_head(head, start, table[start : start + 8192])
+    model.head = head
     return model
