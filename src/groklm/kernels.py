@@ -51,7 +51,7 @@ def _library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i], i
     cdll.groklm_quantize_rows.argtypes = [p, i, i, i, p, p]
-    cdll.groklm_int8_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p]
+    cdll.groklm_int8_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p, i]
     return cdll
 
 
@@ -72,8 +72,11 @@ def supports(weight: Tensor, scales: Tensor) -> bool:
     )
 
 
-def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x [M, K] (any float dtype) @ dequant(weight [N, K], scales [N, G]).T -> fp32 [M, N]."""
+def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """x [M, K] @ dequant(weight [N, K], scales [N, G]).T -> [M, N] in `out_dtype` (bf16 or fp32).
+
+    x is read as bf16 (other dtypes are cast first); accumulation is fp32, rounded once at the end.
+    """
     lib = _library()
     assert lib is not None and supports(weight, scales)
     n, k = weight.shape
@@ -81,13 +84,25 @@ def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     m = x.shape[0]
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"int8_matmul writes bf16 or fp32, not {out_dtype}")
     chunk = lib.groklm_chunk(k // groups)
-    xf = x.float().contiguous()
+    xb = x.to(torch.bfloat16).contiguous()  # kept alive across the calls below
     xq = torch.empty(m, k, dtype=torch.int16)
     xs = torch.empty(m, k // chunk, dtype=torch.float32)
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.groklm_quantize_rows(xf.data_ptr(), m, k, chunk, xq.data_ptr(), xs.data_ptr())
+    y = torch.empty(m, n, dtype=out_dtype)
+    lib.groklm_quantize_rows(xb.data_ptr(), m, k, chunk, xq.data_ptr(), xs.data_ptr())
     lib.groklm_int8_matmul(
-        xq.data_ptr(), xs.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), groups, n, chunk, y.data_ptr()
+        xq.data_ptr(),
+        xs.data_ptr(),
+        m,
+        k,
+        weight.data_ptr(),
+        scales.data_ptr(),
+        groups,
+        n,
+        chunk,
+        y.data_ptr(),
+        int(out_dtype == torch.bfloat16),
     )
     return y

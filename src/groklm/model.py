@@ -127,12 +127,15 @@ class Attention(nn.Module):
             cache_k[where] = k
             cache_v[where] = v
             k, v = cache_k, cache_v  # [B, S, K, Dh]
-        # Attention logits, soft-cap, mask and softmax in fp32, as the reference does.
-        scores = torch.einsum("btkgd,bskd->bkgts", q, k).float() * c.attn_output_multiplier
+        # Attention logits, soft-cap, mask and softmax in fp32, as the reference does. The matmuls
+        # run in fp32 on the bf16 values (products of bf16 numbers are exact in fp32, and CPU bf16
+        # matmuls are slow); their results are rounded to the compute dtype, as the reference's
+        # bf16 einsums round them before casting up.
+        scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float()).to(q.dtype).float() * c.attn_output_multiplier
         scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
         scores = scores.masked_fill(~mask, MASK_VALUE)
-        probs = scores.softmax(dim=-1).to(v.dtype)  # [B, K, G, T, S]
-        out = torch.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.q_size)
+        probs = scores.softmax(dim=-1).to(v.dtype).float()  # [B, K, G, T, S], rounded as the reference
+        out = torch.einsum("bkgts,bskd->btkgd", probs, v.float()).to(v.dtype).reshape(b, t, c.q_size)
         return self.wo(out)
 
 

@@ -45,7 +45,7 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports(weight, scales):
-        y = kernels.int8_matmul(x2, weight, scales).to(x.dtype)
+        y = kernels.int8_matmul(x2, weight, scales)
     elif _torch_int8_ok(x2, weight, groups):
         y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales[:, 0].to(x.dtype))
     else:

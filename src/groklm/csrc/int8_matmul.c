@@ -3,7 +3,8 @@
  *   y[m, n] = sum_g s[n, g] * sum_{k in block g} x[m, k] * w[n, k]
  *
  * w is int8 [N, K] (nn.Linear's [out, in] layout of the released [in, out] weight), s is bf16
- * [N, G]: G scale blocks of Kg = K/G input columns. x is fp32 [M, K], y is fp32 [M, N].
+ * [N, G]: G scale blocks of Kg = K/G input columns. x is bf16 [M, K]; y is [M, N], written in
+ * bf16 (rounded to nearest even, as a torch cast does) or fp32.
  *
  * Activations are quantized to int16 per row and per chunk of columns (step = max|x| / 32767 of
  * that chunk, a 2^-15 relative step: far finer than bf16's 2^-8), so each 16 weights cost one
@@ -44,19 +45,27 @@ int groklm_chunk(int kg) {
     return 0;
 }
 
-/* x [M, K] fp32 -> xq [M, K] int16 and xs [M, K / chunk] (dequantization step of each chunk). */
-void groklm_quantize_rows(const float *x, int M, int K, int chunk, int16_t *xq, float *xs) {
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* x [M, K] bf16 -> xq [M, K] int16 and xs [M, K / chunk] (dequantization step of each chunk). */
+void groklm_quantize_rows(const uint16_t *x, int M, int K, int chunk, int16_t *xq, float *xs) {
     int nc = K / chunk;
     for (int m = 0; m < M; m++) {
         for (int c = 0; c < nc; c++) {
-            const float *xc = x + (size_t)m * K + (size_t)c * chunk;
+            const uint16_t *xc = x + (size_t)m * K + (size_t)c * chunk;
             float amax = 0.f;
-            for (int k = 0; k < chunk; k++) amax = fmaxf(amax, fabsf(xc[k]));
+            for (int k = 0; k < chunk; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(xc[k])));
             float step = amax / 32767.f;
             float inv = amax > 0.f ? 32767.f / amax : 0.f;
             xs[(size_t)m * nc + c] = step;
             int16_t *q = xq + (size_t)m * K + (size_t)c * chunk;
-            for (int k = 0; k < chunk; k++) q[k] = (int16_t)lrintf(xc[k] * inv);
+            for (int k = 0; k < chunk; k++) q[k] = (int16_t)lrintf(bf16_to_f32(xc[k]) * inv);
         }
     }
 }
@@ -65,9 +74,10 @@ void groklm_quantize_rows(const float *x, int M, int K, int chunk, int16_t *xq, 
  * site so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void column(
     const int16_t *xq, const float *xs, int K, int m0, const int8_t *w, const uint16_t *s, int G, int N,
-    int n, int chunk, float *y, const int MT) {
+    int n, int chunk, void *y, int y_bf16, const int MT) {
     const int kg = K / G, nc_g = kg / chunk, nc = K / chunk;
-    float out[4] = {0.f, 0.f, 0.f, 0.f};
+    __m256 out[4];
+    for (int i = 0; i < MT; i++) out[i] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         const int8_t *wrow = w + (size_t)n * K + (size_t)g * kg;
         __m256 accf[4];
@@ -98,23 +108,30 @@ static inline __attribute__((always_inline)) void column(
                 accf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), step, accf[i]);
             }
         }
-        const float sc = bf16_to_f32(s[(size_t)n * G + g]);
-        for (int i = 0; i < MT; i++) out[i] += sc * hsum(accf[i]);
+        /* Fold the group in as a vector: one horizontal sum per output, not per group (small groups). */
+        const __m256 sc = _mm256_set1_ps(bf16_to_f32(s[(size_t)n * G + g]));
+        for (int i = 0; i < MT; i++) out[i] = _mm256_fmadd_ps(accf[i], sc, out[i]);
     }
-    for (int i = 0; i < MT; i++) y[(size_t)(m0 + i) * N + n] = out[i];
+    for (int i = 0; i < MT; i++) {
+        const float v = hsum(out[i]);
+        if (y_bf16)
+            ((uint16_t *)y)[(size_t)(m0 + i) * N + n] = f32_to_bf16(v);
+        else
+            ((float *)y)[(size_t)(m0 + i) * N + n] = v;
+    }
 }
 
 /* Needs Kg % 64 == 0 (groklm_chunk(Kg) != 0); xq/xs from groklm_quantize_rows with that chunk. */
 void groklm_int8_matmul(const int16_t *xq, const float *xs, int M, int K, const int8_t *w, const uint16_t *s,
-                        int G, int N, int chunk, float *y) {
+                        int G, int N, int chunk, void *y, int y_bf16) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         int m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) column(xq, xs, K, m0, w, s, G, N, n, chunk, y, 4);
+        for (; m0 + 4 <= M; m0 += 4) column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 4);
         switch (M - m0) {
-            case 3: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, 3); break;
-            case 2: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, 2); break;
-            case 1: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, 1); break;
+            case 3: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 3); break;
+            case 2: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 2); break;
+            case 1: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 1); break;
             default: break;
         }
     }
