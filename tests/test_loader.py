@@ -209,3 +209,17 @@ def test_int8_weights_stay_int8_and_model_is_about_its_file_size(golden_config: 
     disk = sum(f.stat().st_size for f in (GOLDEN / "ckpt-0").iterdir())
     # the fp32 embedding is held in bf16, so the loaded model is smaller than the files
     assert model_bytes < disk
+
+
+def test_embedding_inside_a_pickle_frame_still_loads_in_bf16(tmp_path: Path, golden_config: GrokConfig) -> None:
+    """A small table pickled by numpy sits inside a frame (no file offset to map): it is held in memory."""
+    config = golden_config.replace(vocab_size=64)
+    groklm.write_random_checkpoint(tmp_path, config, seed=1, progress=False)
+    table = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32) * 0.1
+    (tmp_path / "ckpt-0" / "tensor00000_000").write_bytes(pickle.dumps(table, protocol=4))
+    assert isinstance(read_record(tmp_path / "ckpt-0" / "tensor00000_000").data, bytes)
+    bf16 = groklm.load(tmp_path, dtype=torch.bfloat16, progress=False)
+    fp32 = groklm.load(tmp_path, dtype=torch.float32, progress=False)
+    assert torch.equal(bf16.embed.weight, torch.from_numpy(table).bfloat16())
+    tokens = torch.tensor([[5, 9, 33]])
+    torch.testing.assert_close(bf16(tokens), fp32(tokens), rtol=0.05, atol=0.1)

@@ -499,9 +499,14 @@ def load(
     with torch.device("meta"):
         model = Grok(config, dtype)
     quantize_int8(model, groups.get)
+    embed_rec = records[0]
+    assert params[0].kind == "embed" and isinstance(embed_rec, _ArrayStub)
+    # With an int8 head the table is only looked up: read it from the file if it has its own place there.
+    map_embedding = quantize_head and isinstance(embed_rec.data, FileSlice)
     if quantize_head:
         with torch.device("meta"):
             model.head = int8_head(config, dtype)
+    if map_embedding:
         del model.embed.weight  # replaced by MappedEmbedding below: never allocated
     model.to_empty(device=device)
 
@@ -522,7 +527,10 @@ def load(
                     assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
                     for r0, rows in _Reader(file, rec).rows():
                         fill_int8_head(model.head, r0, rows.float())
-                    model.embed = MappedEmbedding(file, rec, dtype)
+                        if not map_embedding:
+                            model.embed.weight[r0 : r0 + rows.shape[0]] = rows
+                    if map_embedding:
+                        model.embed = MappedEmbedding(file, rec, dtype)
                 else:  # embed, norm: same layout
                     _fill_rows(file, rec, module.weight)
             except CheckpointError as e:
