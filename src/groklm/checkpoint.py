@@ -455,7 +455,9 @@ def load(
     progress: bool = True,
     quantize_head: bool | None = None,
 ) -> Grok:
-    """Load a released-format checkpoint into a Grok model; int8 weights stay int8.
+    """Load a checkpoint into a Grok model: the released format, or groklm's own (`native.py`).
+
+    Released format: int8 weights stay int8.
 
     Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
     given uninitialised storage, and every tensor is copied from its file straight into place.
@@ -464,6 +466,13 @@ def load(
     file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
     no float copy of the table is held at all.
     """
+    from groklm.native import is_native, load_native  # the other on-disk format; imports this module
+
+    if is_native(path):
+        model = load_native(path, dtype, device)
+        if config is not None and config != model.config:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+        return model
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     ckpt = find_ckpt_dir(path)

@@ -84,6 +84,25 @@ def cmd_init_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from groklm.native import save_native
+    from groklm.quant import quantize_int4
+
+    config = _config_from_args(args)
+    model = load(args.input, config, dtype=torch.bfloat16, progress=not args.quiet)
+    if args.bits == 4:
+        quantize_int4(model, args.group_size)
+    save_native(model, args.output)
+    src = Path(args.input)
+    for tok in (src / "tokenizer.model", src.parent / "tokenizer.model"):
+        if tok.is_file():
+            shutil.copy(tok, Path(args.output) / "tokenizer.model")
+            break
+    size = sum(f.stat().st_size for f in Path(args.output).glob("*.safetensors"))
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB, int{args.bits})")
+    return 0
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -160,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", help="copy this tokenizer.model into the output directory")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_init_random)
+
+    q = sub.add_parser("quantize", help="write a checkpoint in groklm's safetensors layout, int8 or int4")
+    q.add_argument("input", help="a released-format or groklm checkpoint")
+    q.add_argument("output", help="output directory")
+    q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="8 keeps the released int8 weights as they are")
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="int4: input columns per scale (multiple of 16; 32 for the fast kernel)",
+    )
+    q.add_argument("--config", help="config JSON, if the input has none")
+    q.add_argument("--preset", choices=sorted(PRESETS))
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", help="config, parameter counts, memory needed, licence")
     i.add_argument("--checkpoint", help="read config.json from this checkpoint")

@@ -123,14 +123,15 @@ PRESETS: dict[str, GrokConfig] = {
         widening_factor=7.5,
         sequence_len=1024,
     ),
-    # The demo and test model: Grok-1's real vocabulary, everything else small.
+    # The demo and test model: Grok-1's real vocabulary, everything else small (ffn 512, so every
+    # int8/int4 kernel path applies).
     "mini": GrokConfig(
         emb_size=256,
         num_q_heads=8,
         num_kv_heads=2,
         key_size=32,
         num_layers=4,
-        widening_factor=4.0,
+        widening_factor=3.0,
         sequence_len=2048,
     ),
 }

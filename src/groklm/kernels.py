@@ -52,6 +52,7 @@ def _library() -> ctypes.CDLL | None:
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i], i
     cdll.groklm_quantize_rows.argtypes = [p, i, i, i, p, p]
     cdll.groklm_int8_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p, i]
+    cdll.groklm_int4_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p, i]
     return cdll
 
 
@@ -72,27 +73,65 @@ def supports(weight: Tensor, scales: Tensor) -> bool:
     )
 
 
+def supports_int4(packed: Tensor, scales: Tensor) -> bool:
+    """Whether int4_matmul takes this packed weight [N, K/2] (uint8) with bf16 scales [N, G]."""
+    k = packed.shape[-1] * 2
+    return (
+        packed.device.type == "cpu"
+        and packed.dtype == torch.uint8
+        and scales.dtype == torch.bfloat16
+        and packed.is_contiguous()
+        and scales.is_contiguous()
+        and k % scales.shape[-1] == 0
+        and (k // scales.shape[-1]) % 32 == 0
+        and available()
+    )
+
+
+def _int4_chunk(k: int, group: int) -> int:
+    """Activation chunk for int4: the largest multiple of the scale group, at most 2048, dividing K."""
+    best = group
+    for c in range(group, min(k, 2048) + 1, group):
+        if k % c == 0:
+            best = c
+    return best
+
+
 def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """x [M, K] @ dequant(weight [N, K], scales [N, G]).T -> [M, N] in `out_dtype` (bf16 or fp32).
+    """x [M, K] @ dequant(weight [N, K] int8, scales [N, G]).T -> [M, N] in `out_dtype` (bf16 or fp32).
 
     x is read as bf16 (other dtypes are cast first); accumulation is fp32, rounded once at the end.
     """
     lib = _library()
     assert lib is not None and supports(weight, scales)
-    n, k = weight.shape
-    groups = scales.shape[-1]
-    m = x.shape[0]
+    k = weight.shape[1]
+    return _call(lib.groklm_int8_matmul, x, weight, scales, k, lib.groklm_chunk(k // scales.shape[-1]), out_dtype)
+
+
+def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """x [M, K] @ dequant_int4(packed [N, K/2], scales [N, G]).T -> [M, N], as int8_matmul."""
+    lib = _library()
+    assert lib is not None and supports_int4(packed, scales)
+    k = packed.shape[1] * 2
+    return _call(lib.groklm_int4_matmul, x, packed, scales, k, _int4_chunk(k, k // scales.shape[-1]), out_dtype)
+
+
+def _call(
+    fn: ctypes._NamedFuncPointer, x: Tensor, weight: Tensor, scales: Tensor, k: int, chunk: int, out_dtype: torch.dtype
+) -> Tensor:
+    lib = _library()
+    assert lib is not None
+    n, groups, m = weight.shape[0], scales.shape[-1], x.shape[0]
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")
     if out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"int8_matmul writes bf16 or fp32, not {out_dtype}")
-    chunk = lib.groklm_chunk(k // groups)
+        raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
     xb = x.to(torch.bfloat16).contiguous()  # kept alive across the calls below
     xq = torch.empty(m, k, dtype=torch.int16)
     xs = torch.empty(m, k // chunk, dtype=torch.float32)
     y = torch.empty(m, n, dtype=out_dtype)
     lib.groklm_quantize_rows(xb.data_ptr(), m, k, chunk, xq.data_ptr(), xs.data_ptr())
-    lib.groklm_int8_matmul(
+    fn(
         xq.data_ptr(),
         xs.data_ptr(),
         m,

@@ -162,3 +162,119 @@ def quantize_output_head(model: Grok, group_size: int = 64) -> Grok:
             fill_int8_head(head, start, table[start : start + 8192])
     model.head = head
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# int4: symmetric, one bf16 scale per `group_size` input columns, two weights a byte.
+#
+# Packing (as GGUF's Q4_0): each block of B consecutive input columns is B/2 bytes; byte j holds
+# column j in its low nibble and column j + B/2 in its high nibble, both offset by 8 (stored 0..15 =
+# value -8..7). B is 32 when the group size allows (the AVX2 kernel unpacks a block with one mask
+# and one shift), else 16 (small models, dequantized per call).
+
+
+def _int4_block(group_size: int) -> int:
+    if group_size % 32 == 0:
+        return 32
+    if group_size % 16 == 0:
+        return 16
+    raise ValueError(f"int4 group size {group_size} must be a multiple of 16")
+
+
+def quantize_weight_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """w [..., out, in] -> packed uint8 [..., out, in/2] and scales [..., out, in/group_size]."""
+    *lead, out_features, in_features = w.shape
+    block = _int4_block(group_size)
+    if in_features % group_size:
+        fits = [g for g in (256, 128, 64, 32, 16) if in_features % g == 0]
+        raise ValueError(f"int4 group size {group_size} does not divide the input size {in_features}; try {fits}")
+    groups = in_features // group_size
+    blocks = w.float().reshape(*lead, out_features, groups, group_size)
+    scales = (blocks.abs().amax(dim=-1) / 7.0).clamp_min(1e-12).to(scale_dtype)  # [..., out, G]
+    q = (blocks / scales.float()[..., None]).round().clamp(-8, 7).to(torch.int16) + 8  # 0..15
+    q = q.reshape(*lead, out_features, in_features // block, 2, block // 2)  # [.., blocks, (low, high), B/2]
+    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8)
+    return packed.reshape(*lead, out_features, in_features // 2), scales
+
+
+def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of quantize_weight_int4: -> [..., out, in] in `dtype`."""
+    *lead, out_features, half = packed.shape
+    groups = scales.shape[-1]
+    block = _int4_block(half * 2 // groups)
+    p = packed.reshape(*lead, out_features, half * 2 // block, block // 2).to(torch.int16)
+    q = torch.stack([p & 15, p >> 4], dim=-2).reshape(*lead, out_features, half * 2) - 8  # [.., out, in]
+    w = q.view(*lead, out_features, groups, -1).to(dtype) * scales.to(dtype)[..., None]
+    return w.view(*lead, out_features, half * 2)
+
+
+def int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
+    """x [..., in] @ dequant_int4(packed [out, in/2], scales [out, G]).T -> [..., out] in x's dtype."""
+    out_features = packed.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.shape[1] * 2)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports_int4(packed, scales):
+        y = kernels.int4_matmul(x2, packed, scales)
+    else:
+        y = F.linear(x2, dequantize_weight_int4(packed, scales, x.dtype))
+    return y.view(*lead, out_features)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int, scale_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=scale_dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int4_linear(x, self.weight, self.scales)
+
+
+class Int4ExpertLinear(nn.Module):
+    def __init__(
+        self, num_experts: int, in_features: int, out_features: int, group_size: int, scale_dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_experts, out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer(
+            "scales", torch.empty(num_experts, out_features, in_features // group_size, dtype=scale_dtype)
+        )
+
+    def forward(self, x: Tensor, expert: int) -> Tensor:
+        return int4_linear(x, self.weight[expert], self.scales[expert])
+
+
+def _dense(module: nn.Module, expert: int | None) -> Tensor:
+    """The float weight [out, in] of a (float or int8) linear, or of one expert of a stacked one."""
+    w = module.weight if expert is None else module.weight[expert]
+    if isinstance(module, (Int8Linear, Int8ExpertLinear)):
+        return dequantize_weight(w, module.scales if expert is None else module.scales[expert])
+    return w.detach().float()
+
+
+def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap every linear / expert linear except the router for int4, in place, one module (and one
+    expert) at a time. Works from float or int8 modules. On the meta device it only lays out empty
+    storage, for a loader to fill."""
+    kinds = (nn.Linear, ExpertLinear, Int8Linear, Int8ExpertLinear)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("router")]
+    for name, module in targets:
+        w = module.weight
+        out_features = w.shape[-2]
+        in_features = getattr(module, "in_features", w.shape[-1])
+        stacked = isinstance(module, (ExpertLinear, Int8ExpertLinear))
+        new: nn.Module = (
+            Int4ExpertLinear(w.shape[0], in_features, out_features, group_size, scale_dtype)
+            if stacked
+            else Int4Linear(in_features, out_features, group_size, scale_dtype)
+        ).to(w.device)
+        if w.device.type != "meta":
+            with torch.no_grad():
+                for e in range(w.shape[0]) if stacked else [None]:
+                    q, sc = quantize_weight_int4(_dense(module, e), group_size, scale_dtype)
+                    (new.weight if e is None else new.weight[e]).copy_(q)
+                    (new.scales if e is None else new.scales[e]).copy_(sc)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model

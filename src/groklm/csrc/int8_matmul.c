@@ -136,3 +136,61 @@ void groklm_int8_matmul(const int16_t *xq, const float *xs, int M, int K, const 
         }
     }
 }
+
+/* ---- int4 --------------------------------------------------------------------------------------
+ * w is uint8 [N, K/2]: each 32 input columns are 16 bytes, byte j = column j (low nibble) and
+ * column j + 16 (high nibble), stored as value + 8. s is bf16 [N, G] with G = K / group, one scale
+ * per `group` (a multiple of 32) columns; the x chunk holds whole groups (chunk % group == 0). */
+
+static inline __attribute__((always_inline)) void column4(
+    const int16_t *xq, const float *xs, int K, int m0, const uint8_t *w, const uint16_t *s, int G, int N,
+    int n, int chunk, void *y, int y_bf16, const int MT) {
+    const int group = K / G, nc = K / chunk;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256i eight = _mm256_set1_epi16(8);
+    const uint8_t *row = w + (size_t)n * (K / 2);
+    __m256 out[4];
+    for (int i = 0; i < MT; i++) out[i] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        const size_t col = (size_t)g * group;
+        __m256i acc[4];
+        for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_si256();
+        for (int k = 0; k < group; k += 32) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(row + (col + k) / 2));
+            __m256i wl = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, low4)), eight);
+            __m256i wh = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4)), eight);
+            for (int i = 0; i < MT; i++) {
+                const int16_t *xr = xq + (size_t)(m0 + i) * K + col + k;
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)xr)));
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(xr + 16))));
+            }
+        }
+        const float sc = bf16_to_f32(s[(size_t)n * G + g]);
+        for (int i = 0; i < MT; i++) {
+            const __m256 f = _mm256_set1_ps(sc * xs[(size_t)(m0 + i) * nc + col / chunk]);
+            out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), f, out[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        const float v = hsum(out[i]);
+        if (y_bf16)
+            ((uint16_t *)y)[(size_t)(m0 + i) * N + n] = f32_to_bf16(v);
+        else
+            ((float *)y)[(size_t)(m0 + i) * N + n] = v;
+    }
+}
+
+void groklm_int4_matmul(const int16_t *xq, const float *xs, int M, int K, const uint8_t *w, const uint16_t *s,
+                        int G, int N, int chunk, void *y, int y_bf16) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        int m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 4);
+        switch (M - m0) {
+            case 3: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 3); break;
+            case 2: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 2); break;
+            case 1: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 1); break;
+            default: break;
+        }
+    }
+}

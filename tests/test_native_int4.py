@@ -1,0 +1,123 @@
+"""groklm's safetensors layout (int8 and int4) and the int4 transform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import groklm
+from groklm import kernels
+from groklm.checkpoint import CheckpointError
+from groklm.config import GrokConfig
+from groklm.native import save_native
+from groklm.quant import (
+    Int4ExpertLinear,
+    dequantize_weight,
+    dequantize_weight_int4,
+    quantize_int4,
+    quantize_weight_int4,
+)
+from tests.conftest import GOLDEN
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+def test_int4_round_trip_error_is_bounded(group_size: int) -> None:
+    w = torch.randn(40, 256)
+    q, s = quantize_weight_int4(w, group_size, torch.bfloat16)
+    assert q.dtype == torch.uint8 and q.shape == (40, 128) and s.shape == (40, 256 // group_size)
+    err = (dequantize_weight_int4(q, s) - w).abs()
+    amax = w.view(40, -1, group_size).abs().amax(-1).repeat_interleave(group_size, dim=1)
+    assert torch.all(err <= amax / 7 * 0.5 * (1 + 2**-7) + amax * 2**-8)  # half a step (+ bf16 scale rounding)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_matches_dequantized_matmul(rows: int, group_size: int) -> None:
+    g = torch.Generator().manual_seed(rows + group_size)
+    q, s = quantize_weight_int4(torch.randn(48, 2048, generator=g), group_size, torch.bfloat16)
+    assert kernels.supports_int4(q, s)
+    x = torch.randn(rows, 2048, generator=g).bfloat16()
+    expected = x.double() @ dequantize_weight_int4(q, s, torch.float64).T
+    got = kernels.int4_matmul(x, q, s, torch.float32)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4 * expected.abs().max().item())
+
+
+def test_quantize_int4_from_int8_modules(golden_config: GrokConfig) -> None:
+    model = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False)
+    w2 = model.layers[0].moe.w2
+    dense = dequantize_weight(w2.weight[3], w2.scales[3])
+    quantize_int4(model, group_size=16)
+    new = model.layers[0].moe.w2
+    assert isinstance(new, Int4ExpertLinear)
+    q, s = quantize_weight_int4(dense, 16, torch.bfloat16)
+    assert torch.equal(new.weight[3], q) and torch.equal(new.scales[3], s)
+    assert isinstance(model.layers[0].moe.router, torch.nn.Linear)  # the router stays fp32
+
+
+def test_native_int8_is_the_released_model_exactly(tmp_path: Path, golden_config: GrokConfig) -> None:
+    released = groklm.load(GOLDEN, golden_config, dtype=torch.bfloat16, progress=False)
+    save_native(released, tmp_path / "n8")
+    native = groklm.load(tmp_path / "n8", dtype=torch.bfloat16, progress=False)
+    tokens = torch.tensor([[1, 5, 9, 77, 300, 12, 1000]])
+    assert torch.equal(native(tokens), released(tokens))
+    assert json.loads((tmp_path / "n8" / "config.json").read_text()) == golden_config.to_dict()
+
+
+def _fake_int4(model: groklm.Grok, group_size: int) -> None:
+    """An independent int4: per-group absmax/7 scales (rounded to bf16), weights rounded in float."""
+    from groklm.quant import Int8ExpertLinear, Int8Linear
+
+    for module in list(model.modules()):
+        if isinstance(module, (Int8Linear, Int8ExpertLinear)):
+            d = dequantize_weight(module.weight, module.scales)
+            blocks = d.reshape(*d.shape[:-1], -1, group_size)
+            step = (blocks.abs().amax(-1, keepdim=True) / 7).bfloat16().float()
+            fq = ((blocks / step).round().clamp(-8, 7) * step).reshape(d.shape)
+            module.forward = (lambda w: lambda x, *e: torch.nn.functional.linear(x, w[e[0]] if e else w))(fq)
+
+
+def test_int4_model_equals_an_independent_fake_quantization(golden_config: GrokConfig) -> None:
+    tokens = torch.tensor([[1, 5, 9, 77, 300, 12, 1000, 4, 18]])
+    ours = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False)
+    quantize_int4(ours, group_size=16)
+    theirs = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False)
+    _fake_int4(theirs, 16)
+    torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-4, atol=1e-3)
+
+
+def test_native_int4_round_trip_and_about_half_the_size(tmp_path: Path, mini_ckpt: Path) -> None:
+    model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
+    save_native(model, tmp_path / "n8")
+    quantize_int4(model, group_size=64)
+    save_native(model, tmp_path / "n4")
+    loaded = groklm.load(tmp_path / "n4", dtype=torch.bfloat16, progress=False)
+    tokens = torch.tensor([[422, 3033, 356, 1180, 333, 9072, 360, 2175]])
+    assert torch.equal(loaded(tokens), model(tokens))
+
+    def layer_bytes(d: Path) -> int:
+        return sum(f.stat().st_size for f in d.glob("model-*.safetensors") if not f.name.endswith("00000.safetensors"))
+
+    assert 0.45 < layer_bytes(tmp_path / "n4") / layer_bytes(tmp_path / "n8") < 0.6
+
+
+def test_native_checkpoint_with_wrong_names_or_shapes_is_refused(tmp_path: Path, golden_config: GrokConfig) -> None:
+    save_native(groklm.load(GOLDEN, golden_config, dtype=torch.bfloat16, progress=False), tmp_path)
+    shard = tmp_path / "model-00001.safetensors"
+    tensors = load_file(str(shard))
+    tensors["layers.0.attn.wq.weightt"] = tensors.pop("layers.0.attn.wq.weight")
+    save_file(tensors, str(shard))
+    with pytest.raises(
+        CheckpointError, match=r"missing \['layers.0.attn.wq.weight'\].*unexpected \[.*'layers.0.attn.wq.weightt'\]"
+    ):
+        groklm.load(tmp_path, progress=False)
+    tensors["layers.0.attn.wq.weight"] = tensors.pop("layers.0.attn.wq.weightt")[:, :64].contiguous()
+    save_file(tensors, str(shard))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-00001.safetensors: layers.0.attn.wq.weight has shape \(128, 64\), expected \(128, 128\)",
+    ):
+        groklm.load(tmp_path, progress=False)
