@@ -50,7 +50,7 @@ def bytes_per_token(model: Grok) -> int:
         n = t.numel() * t.element_size()
         if name == "embed.weight":
             total += n if tied else 0
-        elif ".moe.w1." in name or ".moe.v." in name or ".moe.w2." in name:
+        elif ".moe.w1." in name or ".moe.v." in name or ".moe.w2." in name:  # int8 or packed int4 alike
             total += n * c.num_selected_experts // c.num_experts
         else:
             total += n
@@ -89,15 +89,16 @@ def prefill_rate(model: Grok, length: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="bench-mid")
+    parser.add_argument("--checkpoint", help="benchmark this checkpoint (e.g. an int4 one) instead of the preset's")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512)
     args = parser.parse_args()
 
-    ckpt = CACHE / args.preset
-    if not (ckpt / "ckpt-0").is_dir():
+    ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
+    if not args.checkpoint and not (ckpt / "ckpt-0").is_dir():
         groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
-    disk = sum(f.stat().st_size for f in (ckpt / "ckpt-0").iterdir())
+    disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name != "tokenizer.model")
 
     t = time.perf_counter()
     model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
@@ -114,7 +115,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "preset": args.preset,
+                "checkpoint": str(ckpt),
                 "threads": torch.get_num_threads(),
                 "checkpoint_bytes": disk,
                 "load_s": round(load_s, 2),

@@ -121,3 +121,34 @@ def test_native_checkpoint_with_wrong_names_or_shapes_is_refused(tmp_path: Path,
         match=r"model-00001.safetensors: layers.0.attn.wq.weight has shape \(128, 64\), expected \(128, 128\)",
     ):
         groklm.load(tmp_path, progress=False)
+
+
+_MMAP_RSS = r"""
+import json, sys, torch, groklm
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+groklm.load(sys.argv[1], dtype=torch.bfloat16, mmap=True, progress=False)  # pay one-time costs (imports) first
+before = rss()
+model = groklm.load(sys.argv[1], dtype=torch.bfloat16, mmap=True, progress=False)
+after_load = rss()
+logits = model(torch.tensor([[422, 3033, 356]]))
+model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+print(json.dumps({"loaded": after_load - before, "model_bytes": model_bytes, "logits": logits[0, -1, :8].tolist()}))
+"""
+
+
+def test_mmap_loading_pages_weights_in_on_use(tmp_path: Path, mini_ckpt: Path) -> None:
+    import subprocess
+    import sys
+
+    model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
+    save_native(model, tmp_path / "n8")
+    copied = groklm.load(tmp_path / "n8", dtype=torch.bfloat16, progress=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAP_RSS, str(tmp_path / "n8")], capture_output=True, text=True, check=True
+    )
+    m = json.loads(out.stdout)
+    assert m["loaded"] < 0.2 * m["model_bytes"], m  # nothing read yet: the maps are paged in on use
+    expected = copied(torch.tensor([[422, 3033, 356]]))[0, -1, :8]
+    assert torch.equal(torch.tensor(m["logits"]), expected)
+    with pytest.raises(ValueError, match="mmap loading needs groklm's own layout"):
+        groklm.load(mini_ckpt, mmap=True, progress=False)

@@ -454,6 +454,7 @@ def load(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize_head: bool | None = None,
+    mmap: bool = False,
 ) -> Grok:
     """Load a checkpoint into a Grok model: the released format, or groklm's own (`native.py`).
 
@@ -461,6 +462,7 @@ def load(
 
     Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
     given uninitialised storage, and every tensor is copied from its file straight into place.
+    `mmap` (groklm's layout only) leaves the weights in the files' memory maps, paged in on use.
     `quantize_head` (default: when dtype is bf16, the fast dtype, on CPU) gives the output
     projection an int8 copy of the embedding table (see `quant.quantize_output_head`), made from the
     file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
@@ -469,10 +471,15 @@ def load(
     from groklm.native import is_native, load_native  # the other on-disk format; imports this module
 
     if is_native(path):
-        model = load_native(path, dtype, device)
+        model = load_native(path, dtype, device, mmap=mmap)
         if config is not None and config != model.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return model
+    if mmap:
+        raise ValueError(
+            f"{path}: mmap loading needs groklm's own layout (the released files store [in, out]); "
+            "write it once with `groklm quantize --bits 8 IN OUT`"
+        )
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     ckpt = find_ckpt_dir(path)

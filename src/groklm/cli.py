@@ -37,7 +37,9 @@ def _config_from_args(args: argparse.Namespace) -> GrokConfig | None:
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     t0 = time.perf_counter()
-    model = load(args.checkpoint, config, dtype=DTYPES[args.dtype], device=args.device, progress=not args.quiet)
+    model = load(
+        args.checkpoint, config, dtype=DTYPES[args.dtype], device=args.device, progress=not args.quiet, mmap=args.mmap
+    )
     load_s = time.perf_counter() - t0
     sampling = dict(
         max_new_tokens=args.max_new_tokens,
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS, as the reference does")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     g.add_argument("--device", default="cpu")
+    g.add_argument(
+        "--mmap", action="store_true", help="page weights in from disk on use (groklm's layout: see quantize)"
+    )
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 

@@ -65,7 +65,12 @@ def _stored(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     return found
 
 
-def load_native(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> Grok:
+def load_native(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", mmap: bool = False
+) -> Grok:
+    """Load groklm's layout. With `mmap`, tensors stay in the files' (copy-on-write) memory maps and
+    are paged in as they are first used: start-up is immediate and a model larger than RAM still
+    runs, at the speed of the disk. Otherwise they are copied into freshly allocated memory."""
     path = Path(path)
     config = GrokConfig.from_json(path / "config.json")
     stored = _stored(path)
@@ -104,6 +109,17 @@ def load_native(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: s
     for name, t in expected.items():
         if tuple(t.shape) != stored[name][1]:
             raise CheckpointError(f"{stored[name][0]}: {name} has shape {stored[name][1]}, expected {tuple(t.shape)}")
+    if mmap:
+        if torch.device(device).type != "cpu":
+            raise ValueError("mmap loading is for the CPU")
+        mapped: dict[str, Tensor] = {}
+        for name, (shard, _, _) in stored.items():
+            with safe_open(str(shard), framework="pt") as f:  # the tensors keep their mapping alive
+                t = f.get_tensor(name)
+            want = expected[name].dtype
+            mapped[name] = t if t.dtype == want else t.to(want)  # float tables in another dtype are copied
+        model.load_state_dict(mapped, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
     model.to_empty(device=device)
     targets = dict(model.state_dict(keep_vars=True))
     by_shard: dict[Path, list[str]] = {}
