@@ -53,6 +53,27 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+static inline void store(void *y, int y_bf16, size_t at, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[at] = f32_to_bf16(v);
+    else
+        ((float *)y)[at] = v;
+}
+
+/* Output columns split across threads; rows of x in tiles of 4, then the remainder, each with a
+ * compile-time tile size so the accumulators stay in registers. */
+#define FOR_EACH_COLUMN(column, ...)                                                  \
+    _Pragma("omp parallel for schedule(static)") for (int n = 0; n < N; n++) {        \
+        int m0 = 0;                                                                   \
+        for (; m0 + 4 <= M; m0 += 4) column(__VA_ARGS__, 4);                          \
+        switch (M - m0) {                                                             \
+            case 3: column(__VA_ARGS__, 3); break;                                    \
+            case 2: column(__VA_ARGS__, 2); break;                                    \
+            case 1: column(__VA_ARGS__, 1); break;                                    \
+            default: break;                                                           \
+        }                                                                             \
+    }
+
 /* x [M, K] bf16 -> xq [M, K] int16 and xs [M, K / chunk] (dequantization step of each chunk). */
 void groklm_quantize_rows(const uint16_t *x, int M, int K, int chunk, int16_t *xq, float *xs) {
     int nc = K / chunk;
@@ -112,29 +133,13 @@ static inline __attribute__((always_inline)) void column(
         const __m256 sc = _mm256_set1_ps(bf16_to_f32(s[(size_t)n * G + g]));
         for (int i = 0; i < MT; i++) out[i] = _mm256_fmadd_ps(accf[i], sc, out[i]);
     }
-    for (int i = 0; i < MT; i++) {
-        const float v = hsum(out[i]);
-        if (y_bf16)
-            ((uint16_t *)y)[(size_t)(m0 + i) * N + n] = f32_to_bf16(v);
-        else
-            ((float *)y)[(size_t)(m0 + i) * N + n] = v;
-    }
+    for (int i = 0; i < MT; i++) store(y, y_bf16, (size_t)(m0 + i) * N + n, hsum(out[i]));
 }
 
 /* Needs Kg % 64 == 0 (groklm_chunk(Kg) != 0); xq/xs from groklm_quantize_rows with that chunk. */
 void groklm_int8_matmul(const int16_t *xq, const float *xs, int M, int K, const int8_t *w, const uint16_t *s,
                         int G, int N, int chunk, void *y, int y_bf16) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        int m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 4);
-        switch (M - m0) {
-            case 3: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 3); break;
-            case 2: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 2); break;
-            case 1: column(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 1); break;
-            default: break;
-        }
-    }
+    FOR_EACH_COLUMN(column, xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16)
 }
 
 /* ---- int4 --------------------------------------------------------------------------------------
@@ -171,26 +176,10 @@ static inline __attribute__((always_inline)) void column4(
             out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), f, out[i]);
         }
     }
-    for (int i = 0; i < MT; i++) {
-        const float v = hsum(out[i]);
-        if (y_bf16)
-            ((uint16_t *)y)[(size_t)(m0 + i) * N + n] = f32_to_bf16(v);
-        else
-            ((float *)y)[(size_t)(m0 + i) * N + n] = v;
-    }
+    for (int i = 0; i < MT; i++) store(y, y_bf16, (size_t)(m0 + i) * N + n, hsum(out[i]));
 }
 
 void groklm_int4_matmul(const int16_t *xq, const float *xs, int M, int K, const uint8_t *w, const uint16_t *s,
                         int G, int N, int chunk, void *y, int y_bf16) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        int m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 4);
-        switch (M - m0) {
-            case 3: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 3); break;
-            case 2: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 2); break;
-            case 1: column4(xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16, 1); break;
-            default: break;
-        }
-    }
+    FOR_EACH_COLUMN(column4, xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16)
 }
