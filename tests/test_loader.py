@@ -223,3 +223,15 @@ def test_embedding_inside_a_pickle_frame_still_loads_in_bf16(tmp_path: Path, gol
     assert torch.equal(bf16.embed.weight, torch.from_numpy(table).bfloat16())
     tokens = torch.tensor([[5, 9, 33]])
     torch.testing.assert_close(bf16(tokens), fp32(tokens), rtol=0.05, atol=0.1)
+
+
+def test_output_head_transform_matches_what_the_loader_builds(golden_config: GrokConfig) -> None:
+    """quant.quantize_output_head on a built model == the loader's int8 head made from file rows."""
+    from groklm.quant import Int8Linear, quantize_output_head
+
+    by_loader = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False, quantize_head=True)
+    by_transform = quantize_output_head(groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False))
+    assert isinstance(by_loader.head, Int8Linear) and isinstance(by_transform.head, Int8Linear)
+    assert torch.equal(by_loader.head.weight, by_transform.head.weight)
+    tokens = torch.tensor([[1, 5, 9, 77, 300, 12]])
+    assert torch.equal(by_loader(tokens), by_transform(tokens))

@@ -88,6 +88,7 @@ def supports_int4(packed: Tensor, scales: Tensor) -> bool:
     )
 
 
+@functools.cache
 def _int4_chunk(k: int, group: int) -> int:
     """Activation chunk for int4: the largest multiple of the scale group, at most 2048, dividing K."""
     best = group
