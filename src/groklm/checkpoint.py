@@ -317,37 +317,27 @@ class _Reader:
         )
 
     def rows(self, step_rows: int | None = None) -> Iterator[tuple[int, Tensor]]:
-        """Yield (first row, tensor of rows) covering axis 0; tensors are only valid until the next one."""
+        """Yield (first row, tensor of rows) covering axis 0. The tensors share one buffer, read
+        into without zero-filling: each is only valid until the next is yielded."""
         a = self.array
-        if not a.shape:
-            yield 0, self._tensor(self._read(0, a.dtype.itemsize), ())
-            return
-        n = a.shape[0]
+        dtype, n = a.dtype, (a.shape[0] if a.shape else 1)
         step = step_rows or max(1, self.CHUNK_BYTES // self.row_bytes)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            yield (
-                r0,
-                self._tensor(self._read(r0 * self.row_bytes, (r1 - r0) * self.row_bytes), (r1 - r0, *self.row_shape)),
-            )
-
-    def _read(self, start: int, length: int) -> bytearray | bytes:
-        data = self.array.data
-        if isinstance(data, bytes):
-            return data[start : start + length]
-        buf = bytearray(length)
+        if isinstance(a.data, bytes):  # small, already in memory
+            whole = torch.frombuffer(bytearray(a.data), dtype=dtype) if a.data else torch.empty(0, dtype=dtype)
+            whole = whole.view(a.shape)
+            for r0 in range(0, n, step):
+                yield r0, whole if not a.shape else whole[r0 : r0 + step]
+            return
+        buf = bytearray(min(n, step) * self.row_bytes)
         with open(self.path, "rb") as f:
-            f.seek(data.offset + start)
-            if f.readinto(buf) != length:
-                raise CheckpointError(f"{self.path}: file ended inside its data (truncated)")
-        return buf
-
-    def _tensor(self, buf: bytearray | bytes, shape: tuple[int, ...]) -> Tensor:
-        if isinstance(buf, bytes):
-            buf = bytearray(buf)  # frombuffer wants a writable buffer
-        if not buf:
-            return torch.empty(shape, dtype=self.array.dtype)
-        return torch.frombuffer(buf, dtype=self.array.dtype).view(shape)
+            f.seek(a.data.offset)
+            for r0 in range(0, n, step):
+                rows = min(n, r0 + step) - r0
+                length = rows * self.row_bytes
+                if f.readinto(memoryview(buf)[:length]) != length:
+                    raise CheckpointError(f"{self.path}: file ended inside its data (truncated)")
+                t = torch.frombuffer(buf, dtype=dtype, count=length // dtype.itemsize)
+                yield r0, t.view(a.shape) if not a.shape else t.view(rows, *self.row_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,32 +60,29 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(weight: Tensor, scales: Tensor) -> bool:
-    """Whether int8_matmul takes this weight [N, K] (int8, contiguous) with bf16 scales [N, G]."""
+def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, block: int) -> bool:
+    """CPU, contiguous, bf16 scales [N, G], and each scale group a multiple of `block` columns."""
+    groups = scales.shape[-1]
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.int8
+        and weight.dtype == dtype
         and scales.dtype == torch.bfloat16
         and weight.is_contiguous()
         and scales.is_contiguous()
-        and (weight.shape[-1] // scales.shape[-1]) % 64 == 0
+        and in_features % groups == 0
+        and (in_features // groups) % block == 0
         and available()
     )
+
+
+def supports(weight: Tensor, scales: Tensor) -> bool:
+    """Whether int8_matmul takes this weight [N, K] (int8) with bf16 scales [N, G]."""
+    return _fits(weight, scales, torch.int8, weight.shape[-1], 64)
 
 
 def supports_int4(packed: Tensor, scales: Tensor) -> bool:
     """Whether int4_matmul takes this packed weight [N, K/2] (uint8) with bf16 scales [N, G]."""
-    k = packed.shape[-1] * 2
-    return (
-        packed.device.type == "cpu"
-        and packed.dtype == torch.uint8
-        and scales.dtype == torch.bfloat16
-        and packed.is_contiguous()
-        and scales.is_contiguous()
-        and k % scales.shape[-1] == 0
-        and (k // scales.shape[-1]) % 32 == 0
-        and available()
-    )
+    return _fits(packed, scales, torch.uint8, packed.shape[-1] * 2, 32)
 
 
 @functools.cache
@@ -106,7 +103,7 @@ def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtyp
     lib = _library()
     assert lib is not None and supports(weight, scales)
     k = weight.shape[1]
-    return _call(lib.groklm_int8_matmul, x, weight, scales, k, lib.groklm_chunk(k // scales.shape[-1]), out_dtype)
+    return _call(lib, lib.groklm_int8_matmul, x, weight, scales, k, lib.groklm_chunk(k // scales.shape[-1]), out_dtype)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -114,14 +111,19 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, out_dtype: torch.dtyp
     lib = _library()
     assert lib is not None and supports_int4(packed, scales)
     k = packed.shape[1] * 2
-    return _call(lib.groklm_int4_matmul, x, packed, scales, k, _int4_chunk(k, k // scales.shape[-1]), out_dtype)
+    return _call(lib, lib.groklm_int4_matmul, x, packed, scales, k, _int4_chunk(k, k // scales.shape[-1]), out_dtype)
 
 
 def _call(
-    fn: ctypes._NamedFuncPointer, x: Tensor, weight: Tensor, scales: Tensor, k: int, chunk: int, out_dtype: torch.dtype
+    lib: ctypes.CDLL,
+    fn: ctypes._NamedFuncPointer,
+    x: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    k: int,
+    chunk: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    lib = _library()
-    assert lib is not None
     n, groups, m = weight.shape[0], scales.shape[-1], x.shape[0]
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")

@@ -109,27 +109,26 @@ def load_native(
     for name, t in expected.items():
         if tuple(t.shape) != stored[name][1]:
             raise CheckpointError(f"{stored[name][0]}: {name} has shape {stored[name][1]}, expected {tuple(t.shape)}")
-    if mmap:
-        if torch.device(device).type != "cpu":
-            raise ValueError("mmap loading is for the CPU")
-        mapped: dict[str, Tensor] = {}
-        for name, (shard, _, _) in stored.items():
-            with safe_open(str(shard), framework="pt") as f:  # the tensors keep their mapping alive
-                t = f.get_tensor(name)
-            want = expected[name].dtype
-            mapped[name] = t if t.dtype == want else t.to(want)  # float tables in another dtype are copied
-        model.load_state_dict(mapped, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
-    model.to_empty(device=device)
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap loading is for the CPU")
+    if not mmap:
+        model.to_empty(device=device)
     targets = dict(model.state_dict(keep_vars=True))
     by_shard: dict[Path, list[str]] = {}
     for name, (shard, _, _) in stored.items():
         by_shard.setdefault(shard, []).append(name)
+    mapped: dict[str, Tensor] = {}
     with torch.no_grad():
         for shard, names in sorted(by_shard.items()):
-            with safe_open(str(shard), framework="pt") as f:
+            with safe_open(str(shard), framework="pt") as f:  # tensors it hands out keep their map alive
                 for name in names:
-                    targets[name].copy_(f.get_tensor(name))
+                    t = f.get_tensor(name)
+                    if not mmap:
+                        targets[name].copy_(t)
+                    else:  # a float table stored in another dtype is copied, the rest stays mapped
+                        mapped[name] = t if t.dtype == expected[name].dtype else t.to(expected[name].dtype)
+    if mmap:
+        model.load_state_dict(mapped, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
