@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from groklm import kernels
-from groklm.quant import dequantize_weight, quantize_weight
+from groklm.config import get_preset
+from groklm.model import MoE
+from groklm.quant import QuantizedMoE, dequantize_weight, quantize_int4, quantize_int8, quantize_weight
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 kernel is x86 only")
 
@@ -21,10 +23,13 @@ def test_kernel_is_built_here() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
-@pytest.mark.parametrize("groups, in_features", [(1, 2048), (8, 10240), (8, 512), (96, 6144)])
-def test_native_matches_dequantized_matmul(rows: int, groups: int, in_features: int) -> None:
+@pytest.mark.parametrize(
+    "groups, in_features, out_features", [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13)]
+)
+def test_native_matches_dequantized_matmul(rows: int, groups: int, in_features: int, out_features: int) -> None:
+    """Out sizes cover the weight-row streams (4 at a time, in blocks of 256 per thread) and every remainder."""
     g = torch.Generator().manual_seed(rows * 7 + groups)
-    w = torch.randn(72, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
     q, s = quantize_weight(w, groups, torch.bfloat16)
     assert kernels.supports(q, s)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
@@ -49,3 +54,28 @@ def test_unsupported_shapes_are_declined() -> None:
     assert not kernels.supports(q, s)
     q, s = quantize_weight(torch.randn(8, 256), 1, torch.float32)  # fp32 scales
     assert not kernels.supports(q, s)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 40])
+def test_fused_moe_matches_expert_by_expert(bits: int, tokens: int) -> None:
+    """The one-call MoE kernel equals the torch path over the same quantized experts: same routing,
+    same roundings; only tanh's last bits and the fp32 summation order may differ."""
+    torch.manual_seed(tokens)
+    config = get_preset("mini")
+    moe = MoE(config, torch.bfloat16)
+    if bits == 8:
+        quantize_int8(moe, lambda name: 8 if name.endswith("w2") else 1, torch.bfloat16)
+    else:
+        quantize_int4(moe, group_size=32)
+    assert type(moe) is QuantizedMoE
+    xs = torch.randn(tokens, config.emb_size).bfloat16()
+    gates, experts = moe.route(xs)
+    if tokens == 40:  # skewed: one expert takes most tokens, some take none
+        experts[:30, 0] = 5
+        experts[:30, 1] = torch.where(experts[:30, 1] == 5, 6, experts[:30, 1])
+    fused = moe.experts(xs, gates, experts)
+    reference = MoE.experts(moe, xs, gates, experts)
+    assert fused.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
+    assert (fused != reference).float().mean() < 0.05  # almost everything bit-identical

@@ -36,26 +36,28 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
+    flags = [*_FLAGS, *os.environ.get("GROKLM_CFLAGS", "").split()]  # extra flags, for tuning
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"int8_matmul-{digest}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
             if result.returncode != 0:
                 return None
             os.replace(out, lib)  # atomic: concurrent first uses never load a half-written file
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
-    cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i], i
+    cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_quantize_rows.argtypes = [p, i, i, i, p, p]
-    cdll.groklm_int8_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p, i]
-    cdll.groklm_int4_matmul.argtypes = [p, p, i, i, p, p, i, i, i, p, i]
+    cdll.groklm_matmul.argtypes = [i, p, p, i, i, p, p, i, i, i, p, i]
+    cdll.groklm_moe.argtypes = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, *[p] * 7, p]
     return cdll
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant, not something to trace into
 def available() -> bool:
     return _library() is not None
 
@@ -95,56 +97,161 @@ def _int4_chunk(k: int, group: int) -> int:
     return best
 
 
+def _chunk(bits: int, k: int, groups: int) -> int:
+    lib = _library()
+    assert lib is not None
+    return lib.groklm_chunk(k, k // groups) if bits == 8 else _int4_chunk(k, k // groups)
+
+
+def _in_features(bits: int, weight: Tensor) -> int:
+    return weight.shape[-1] * (1 if bits == 8 else 2)
+
+
+def _quantize(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """bf16 rows [M, K] -> int16 rows and their per-chunk steps, for the matmul kernels."""
+    lib = _library()
+    assert lib is not None
+    xb = x.to(torch.bfloat16).contiguous()
+    xq = torch.empty(xb.shape[0], k, dtype=torch.int16)
+    xs = torch.empty(xb.shape[0], k // chunk, dtype=torch.float32)
+    lib.groklm_quantize_rows(xb.data_ptr(), xb.shape[0], k, chunk, xq.data_ptr(), xs.data_ptr())
+    return xq, xs
+
+
+def _matmul(bits: int, x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+    lib = _library()
+    assert lib is not None and (supports(weight, scales) if bits == 8 else supports_int4(weight, scales))
+    k, (n, groups), m = _in_features(bits, weight), scales.shape, x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
+    chunk = _chunk(bits, k, groups)
+    xq, xs = _quantize(x, k, chunk)
+    y = torch.empty(m, n, dtype=out_dtype)
+    lib.groklm_matmul(
+        bits, xq.data_ptr(), xs.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), groups, n, chunk,
+        y.data_ptr(), int(out_dtype == torch.bfloat16),
+    )  # fmt: skip
+    return y
+
+
+# Under torch.compile the kernels are opaque custom ops (the compiler fuses what lies between them);
+# in eager mode they are called directly, without the dispatcher's overhead.
+@torch.library.custom_op("groklm::matmul", mutates_args=())
+def _matmul_op(bits: int, x: Tensor, weight: Tensor, scales: Tensor, fp32: bool) -> Tensor:
+    return _matmul(bits, x, weight, scales, torch.float32 if fp32 else torch.bfloat16)
+
+
+@_matmul_op.register_fake
+def _(bits: int, x: Tensor, weight: Tensor, scales: Tensor, fp32: bool) -> Tensor:
+    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32 if fp32 else torch.bfloat16)
+
+
 def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """x [M, K] @ dequant(weight [N, K] int8, scales [N, G]).T -> [M, N] in `out_dtype` (bf16 or fp32).
 
     x is read as bf16 (other dtypes are cast first); accumulation is fp32, rounded once at the end.
     """
-    lib = _library()
-    assert lib is not None and supports(weight, scales)
-    k = weight.shape[1]
-    return _call(lib, lib.groklm_int8_matmul, x, weight, scales, k, lib.groklm_chunk(k // scales.shape[-1]), out_dtype)
+    if torch.compiler.is_compiling():
+        return _matmul_op(8, x, weight, scales, out_dtype == torch.float32)
+    return _matmul(8, x, weight, scales, out_dtype)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """x [M, K] @ dequant_int4(packed [N, K/2], scales [N, G]).T -> [M, N], as int8_matmul."""
-    lib = _library()
-    assert lib is not None and supports_int4(packed, scales)
-    k = packed.shape[1] * 2
-    return _call(lib, lib.groklm_int4_matmul, x, packed, scales, k, _int4_chunk(k, k // scales.shape[-1]), out_dtype)
+    if torch.compiler.is_compiling():
+        return _matmul_op(4, x, packed, scales, out_dtype == torch.float32)
+    return _matmul(4, x, packed, scales, out_dtype)
 
 
-def _call(
-    lib: ctypes.CDLL,
-    fn: ctypes._NamedFuncPointer,
-    x: Tensor,
-    weight: Tensor,
-    scales: Tensor,
-    k: int,
-    chunk: int,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    n, groups, m = weight.shape[0], scales.shape[-1], x.shape[0]
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")
-    if out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
-    xb = x.to(torch.bfloat16).contiguous()  # kept alive across the calls below
-    xq = torch.empty(m, k, dtype=torch.int16)
-    xs = torch.empty(m, k // chunk, dtype=torch.float32)
-    y = torch.empty(m, n, dtype=out_dtype)
-    lib.groklm_quantize_rows(xb.data_ptr(), m, k, chunk, xq.data_ptr(), xs.data_ptr())
-    fn(
-        xq.data_ptr(),
-        xs.data_ptr(),
-        m,
-        k,
-        weight.data_ptr(),
-        scales.data_ptr(),
-        groups,
-        n,
-        chunk,
-        y.data_ptr(),
-        int(out_dtype == torch.bfloat16),
+Expert = tuple[Tensor, Tensor]
+"""Stacked expert weights [E, out, in] (int8, or packed int4 [E, out, in/2]) and bf16 scales [E, out, G]."""
+
+
+def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
+    """Whether `moe` takes these experts: each fits its matmul kernel, and W1 and V share a scale layout."""
+    fits = supports if bits == 8 else supports_int4
+    return (
+        bits in (4, 8)
+        and all(fits(w, s) for w, s in (w1, v, w2))
+        and w1[0].shape == v[0].shape
+        and w1[1].shape == v[1].shape
     )
+
+
+@torch.library.custom_op("groklm::moe", mutates_args=())
+def _moe_op(
+    x: Tensor,
+    experts: Tensor,
+    gates: Tensor,
+    bits: int,
+    w1: Tensor,
+    s1: Tensor,
+    v: Tensor,
+    sv: Tensor,
+    w2: Tensor,
+    s2: Tensor,
+) -> Tensor:
+    return _moe(x, experts, gates, bits, (w1, s1), (v, sv), (w2, s2))
+
+
+@_moe_op.register_fake
+def _(
+    x: Tensor,
+    experts: Tensor,
+    gates: Tensor,
+    bits: int,
+    w1: Tensor,
+    s1: Tensor,
+    v: Tensor,
+    sv: Tensor,
+    w2: Tensor,
+    s2: Tensor,
+) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.bfloat16)
+
+
+def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+    """The experts of one MoE layer in one native call: x [N, D] bf16, experts [N, k] (int64 ids),
+    gates [N, k] fp32 -> bf16 [N, D] = sum over j of gates[:, j] * expert(x) (see `groklm_moe`).
+
+    Reads only the chosen experts' weights, each once for all the tokens that chose it; no host
+    synchronisation on the routing.
+    """
+    if torch.compiler.is_compiling():
+        return _moe_op(x, experts, gates, bits, *w1, *v, *w2)
+    return _moe(x, experts, gates, bits, w1, v, w2)
+
+
+def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+    lib = _library()
+    assert lib is not None and supports_moe(bits, w1, v, w2)
+    n, d = x.shape
+    e, f = w1[1].shape[:2]
+    topk = experts.shape[1]
+    if _in_features(bits, w1[0]) != d or _in_features(bits, w2[0]) != f or w2[1].shape[:2] != (e, d):
+        raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit x {tuple(x.shape)}")
+    p = n * topk
+    chunk_d, chunk_f = _chunk(bits, d, w1[1].shape[-1]), _chunk(bits, f, w2[1].shape[-1])
+    xb = x.to(torch.bfloat16).contiguous()
+    ids = experts.to(torch.int64).contiguous()
+    g = gates.to(torch.float32).contiguous()
+    scratch = [
+        torch.empty(n, d, dtype=torch.int16),
+        torch.empty(n, d // chunk_d, dtype=torch.float32),
+        torch.empty(p, f, dtype=torch.bfloat16),
+        torch.empty(p, f, dtype=torch.int16),
+        torch.empty(p, f // chunk_f, dtype=torch.float32),
+        torch.empty(p, d, dtype=torch.float32),
+        torch.empty(2 * p + 3 * e + 1, dtype=torch.int32),
+    ]
+    y = torch.empty(n, d, dtype=torch.bfloat16)
+    lib.groklm_moe(
+        bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f,
+        w1[0].data_ptr(), w1[1].data_ptr(), w1[1].shape[-1],
+        v[0].data_ptr(), v[1].data_ptr(), v[1].shape[-1],
+        w2[0].data_ptr(), w2[1].data_ptr(), w2[1].shape[-1],
+        chunk_d, chunk_f, *(t.data_ptr() for t in scratch), y.data_ptr(),
+    )  # fmt: skip
     return y

@@ -168,10 +168,17 @@ class MoE(nn.Module):
         self.w2 = ExpertLinear(e, f, d, dtype)  # down projection (reference moe/linear_1)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        xs = x.reshape(-1, shape[-1])  # [N, D]
+        xs = x.reshape(-1, x.shape[-1])  # [N, D]
+        gates, experts = self.route(xs)
+        return self.experts(xs, gates, experts).view(x.shape)
+
+    def route(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        """xs [N, D] -> gates [N, k] (fp32 probabilities) and expert ids [N, k]."""
         probs = self.router(xs.float()).softmax(dim=-1)  # [N, E], fp32
-        gates, experts = probs.topk(self.top_k, dim=-1)  # [N, k]
+        return probs.topk(self.top_k, dim=-1)
+
+    def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        """sum over j of gates[:, j] * expert experts[:, j] (xs) -> [N, D]."""
         flat = experts.flatten()  # [P], pair p = token p // k
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.router.out_features).tolist()
@@ -184,9 +191,9 @@ class MoE(nn.Module):
                 h = F.gelu(self.w1(xe, e), approximate="tanh") * self.v(xe, e)
                 outs[start : start + n] = self.w2(h, e)
                 start += n
-        pairs = torch.empty(outs.shape, dtype=torch.float32, device=x.device)
+        pairs = torch.empty(outs.shape, dtype=torch.float32, device=xs.device)
         pairs[order] = outs.float() * gates.flatten()[order, None]
-        return pairs.view(-1, self.top_k, shape[-1]).sum(dim=1).to(x.dtype).view(shape)
+        return pairs.view(-1, self.top_k, xs.shape[-1]).sum(dim=1).to(xs.dtype)
 
 
 class Block(nn.Module):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.model import ExpertLinear, Grok
+from groklm.model import ExpertLinear, Grok, MoE
 
 
 def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
@@ -129,7 +129,7 @@ def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | N
             new.scales.copy_(s)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
+    return _fuse_moe(model)
 
 
 def int8_head(config: GrokConfig, dtype: torch.dtype, group_size: int = 64) -> Int8Linear:
@@ -277,4 +277,29 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
                     (new.scales if e is None else new.scales[e]).copy_(sc)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    return _fuse_moe(model)
+
+
+class QuantizedMoE(MoE):
+    """An MoE whose experts are int8 or int4: on CPU in bf16, all its experts run in one native call
+    (`kernels.moe`: grouped by expert, no host synchronisation on the routing); elsewhere as MoE."""
+
+    def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        bits = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}.get(type(self.w1))
+        parts = [(m.weight, m.scales) for m in (self.w1, self.v, self.w2)]
+        if (
+            bits
+            and xs.dtype == torch.bfloat16
+            and xs.device.type == "cpu"
+            and type(self.v) is type(self.w1) is type(self.w2)
+            and kernels.supports_moe(bits, *parts)
+        ):
+            return kernels.moe(xs, experts, gates, bits, *parts)
+        return super().experts(xs, gates, experts)
+
+
+def _fuse_moe(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is MoE:
+            module.__class__ = QuantizedMoE  # same parameters and state-dict names; only `experts` differs
     return model

@@ -18,7 +18,9 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CHUNK_MAX 2048
@@ -37,11 +39,13 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* The chunk size for a group of Kg columns: the largest multiple of 64 (the inner loop's step)
- * <= CHUNK_MAX dividing Kg. 0 if there is none: the caller must use another kernel. */
-int groklm_chunk(int kg) {
+/* The int8 activation chunk for K columns in scale groups of Kg: the largest multiple of 64 (the
+ * inner loop's step) <= CHUNK_MAX that divides Kg or is a multiple of Kg dividing K, so that every
+ * segment of min(Kg, chunk) columns has one scale and one step. 0 if there is none: the caller
+ * must use another kernel. */
+int groklm_chunk(int K, int kg) {
     for (int c = CHUNK_MAX; c >= 64; c -= 64)
-        if (kg % c == 0) return c;
+        if (kg % c == 0 || (c % kg == 0 && K % c == 0)) return c;
     return 0;
 }
 
@@ -60,100 +64,78 @@ static inline void store(void *y, int y_bf16, size_t at, float v) {
         ((float *)y)[at] = v;
 }
 
-/* Output columns split across threads; rows of x in tiles of 4, then the remainder, each with a
- * compile-time tile size so the accumulators stay in registers. */
-#define FOR_EACH_COLUMN(column, ...)                                                  \
-    _Pragma("omp parallel for schedule(static)") for (int n = 0; n < N; n++) {        \
-        int m0 = 0;                                                                   \
-        for (; m0 + 4 <= M; m0 += 4) column(__VA_ARGS__, 4);                          \
-        switch (M - m0) {                                                             \
-            case 3: column(__VA_ARGS__, 3); break;                                    \
-            case 2: column(__VA_ARGS__, 2); break;                                    \
-            case 1: column(__VA_ARGS__, 1); break;                                    \
-            default: break;                                                           \
-        }                                                                             \
-    }
+static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* x [M, K] bf16 -> xq [M, K] int16 and xs [M, K / chunk] (dequantization step of each chunk). */
-void groklm_quantize_rows(const uint16_t *x, int M, int K, int chunk, int16_t *xq, float *xs) {
-    int nc = K / chunk;
-    for (int m = 0; m < M; m++) {
-        for (int c = 0; c < nc; c++) {
-            const uint16_t *xc = x + (size_t)m * K + (size_t)c * chunk;
-            float amax = 0.f;
-            for (int k = 0; k < chunk; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(xc[k])));
-            float step = amax / 32767.f;
-            float inv = amax > 0.f ? 32767.f / amax : 0.f;
-            xs[(size_t)m * nc + c] = step;
-            int16_t *q = xq + (size_t)m * K + (size_t)c * chunk;
-            for (int k = 0; k < chunk; k++) q[k] = (int16_t)lrintf(bf16_to_f32(xc[k]) * inv);
-        }
+static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float *xs) {
+    for (int c = 0; c < K / chunk; c++) {
+        const uint16_t *xc = x + (size_t)c * chunk;
+        float amax = 0.f;
+        for (int k = 0; k < chunk; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(xc[k])));
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        xs[c] = amax / 32767.f;
+        int16_t *q = xq + (size_t)c * chunk;
+        for (int k = 0; k < chunk; k++) q[k] = (int16_t)lrintf(bf16_to_f32(xc[k]) * inv);
     }
 }
 
-/* One output column n for MT rows of x starting at m0. MT is a compile-time constant at each call
- * site so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void column(
-    const int16_t *xq, const float *xs, int K, int m0, const int8_t *w, const uint16_t *s, int G, int N,
-    int n, int chunk, void *y, int y_bf16, const int MT) {
-    const int kg = K / G, nc_g = kg / chunk, nc = K / chunk;
-    __m256 out[4];
-    for (int i = 0; i < MT; i++) out[i] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        const int8_t *wrow = w + (size_t)n * K + (size_t)g * kg;
-        __m256 accf[4];
-        for (int i = 0; i < MT; i++) accf[i] = _mm256_setzero_ps();
-        for (int c = 0; c < nc_g; c++) {
-            const int8_t *wc = wrow + (size_t)c * chunk;
-            const size_t col = (size_t)g * kg + (size_t)c * chunk;
-            __m256i acc[4];
-            for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_si256();
-            __m256i acc2[4];
-            for (int i = 0; i < MT; i++) acc2[i] = _mm256_setzero_si256();
-            for (int k = 0; k < chunk; k += 64) {
-                __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + k)));
-                __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + k + 16)));
-                __m256i wc3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + k + 32)));
-                __m256i wd = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + k + 48)));
+void groklm_quantize_rows(const uint16_t *x, int M, int K, int chunk, int16_t *xq, float *xs) {
+    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
+}
+
+/* res[j][i] = int8 weight row w[j] [K] (scales s[j] [G]) against activation row xr[i] (int16, K)
+ * with chunk steps xsr[i] (K / chunk), for NT weight rows and MT activation rows at once. Rows
+ * are walked in segments of min(K/G, chunk) columns, each under one weight scale and one activation
+ * step: an int32 dot product per segment, folded into fp32 with scale * step. NT and MT are
+ * compile-time constants at each call site, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot8(
+    const int16_t *const *xr, const float *const *xsr, int K, const int8_t *const *w, const uint16_t *const *s,
+    int G, int chunk, float *const *res, const int NT, const int MT) {
+    const int kg = K / G, seg = kg < chunk ? kg : chunk;
+    __m256 out[4][4];
+    for (int j = 0; j < NT; j++)
+        for (int i = 0; i < MT; i++) out[j][i] = _mm256_setzero_ps();
+    for (int c0 = 0; c0 < K; c0 += seg) {
+        __m256i acc[4][4], acc2[4][4];
+        for (int j = 0; j < NT; j++)
+            for (int i = 0; i < MT; i++) acc[j][i] = acc2[j][i] = _mm256_setzero_si256();
+        for (int k = 0; k < seg; k += 64) {
+            for (int j = 0; j < NT; j++) {
+                const int8_t *wc = w[j] + c0 + k;
+                __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wc));
+                __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16)));
+                __m256i wc3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 32)));
+                __m256i wd = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 48)));
                 for (int i = 0; i < MT; i++) {
-                    const int16_t *xr = xq + (size_t)(m0 + i) * K + col + k;
-                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wa, _mm256_loadu_si256((const __m256i *)xr)));
-                    acc2[i] = _mm256_add_epi32(acc2[i], _mm256_madd_epi16(wb, _mm256_loadu_si256((const __m256i *)(xr + 16))));
-                    acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wc3, _mm256_loadu_si256((const __m256i *)(xr + 32))));
-                    acc2[i] = _mm256_add_epi32(acc2[i], _mm256_madd_epi16(wd, _mm256_loadu_si256((const __m256i *)(xr + 48))));
+                    const int16_t *xp = xr[i] + c0 + k;
+                    acc[j][i] = _mm256_add_epi32(acc[j][i], _mm256_madd_epi16(wa, _mm256_loadu_si256((const __m256i *)xp)));
+                    acc2[j][i] = _mm256_add_epi32(acc2[j][i], _mm256_madd_epi16(wb, _mm256_loadu_si256((const __m256i *)(xp + 16))));
+                    acc[j][i] = _mm256_add_epi32(acc[j][i], _mm256_madd_epi16(wc3, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+                    acc2[j][i] = _mm256_add_epi32(acc2[j][i], _mm256_madd_epi16(wd, _mm256_loadu_si256((const __m256i *)(xp + 48))));
                 }
             }
-            for (int i = 0; i < MT; i++) acc[i] = _mm256_add_epi32(acc[i], acc2[i]);
+        }
+        for (int j = 0; j < NT; j++) {
+            const float sc = bf16_to_f32(s[j][c0 / kg]);
             for (int i = 0; i < MT; i++) {
-                __m256 step = _mm256_set1_ps(xs[(size_t)(m0 + i) * nc + (size_t)g * nc_g + c]);
-                accf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), step, accf[i]);
+                const __m256 f = _mm256_set1_ps(sc * xsr[i][c0 / chunk]);
+                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[j][i], acc2[j][i])), f, out[j][i]);
             }
         }
-        /* Fold the group in as a vector: one horizontal sum per output, not per group (small groups). */
-        const __m256 sc = _mm256_set1_ps(bf16_to_f32(s[(size_t)n * G + g]));
-        for (int i = 0; i < MT; i++) out[i] = _mm256_fmadd_ps(accf[i], sc, out[i]);
     }
-    for (int i = 0; i < MT; i++) store(y, y_bf16, (size_t)(m0 + i) * N + n, hsum(out[i]));
+    for (int j = 0; j < NT; j++)
+        for (int i = 0; i < MT; i++) res[j][i] = hsum(out[j][i]);
 }
 
-/* Needs Kg % 64 == 0 (groklm_chunk(Kg) != 0); xq/xs from groklm_quantize_rows with that chunk. */
-void groklm_int8_matmul(const int16_t *xq, const float *xs, int M, int K, const int8_t *w, const uint16_t *s,
-                        int G, int N, int chunk, void *y, int y_bf16) {
-    FOR_EACH_COLUMN(column, xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16)
-}
-
-/* ---- int4 --------------------------------------------------------------------------------------
- * w is uint8 [N, K/2]: each 32 input columns are 16 bytes, byte j = column j (low nibble) and
- * column j + 16 (high nibble), stored as value + 8. s is bf16 [N, G] with G = K / group, one scale
- * per `group` (a multiple of 32) columns; the x chunk holds whole groups (chunk % group == 0). */
-
-static inline __attribute__((always_inline)) void column4(
-    const int16_t *xq, const float *xs, int K, int m0, const uint8_t *w, const uint16_t *s, int G, int N,
-    int n, int chunk, void *y, int y_bf16, const int MT) {
-    const int group = K / G, nc = K / chunk;
+/* The same for int4: w is K/2 bytes; each 32 input columns are 16 bytes, byte j = column j (low
+ * nibble) and column j + 16 (high nibble), stored as value + 8. s holds one scale per K/G columns
+ * (a multiple of 32); the activation chunk holds whole groups (chunk % (K/G) == 0). */
+static inline __attribute__((always_inline)) void dot4(
+    const int16_t *const *xr, const float *const *xsr, int K, const uint8_t *w, const uint16_t *s, int G,
+    int chunk, float *res, const int MT) {
+    const int group = K / G;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m256i eight = _mm256_set1_epi16(8);
-    const uint8_t *row = w + (size_t)n * (K / 2);
     __m256 out[4];
     for (int i = 0; i < MT; i++) out[i] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
@@ -161,25 +143,227 @@ static inline __attribute__((always_inline)) void column4(
         __m256i acc[4];
         for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_si256();
         for (int k = 0; k < group; k += 32) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(row + (col + k) / 2));
+            __m128i v = _mm_loadu_si128((const __m128i *)(w + (col + k) / 2));
             __m256i wl = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, low4)), eight);
             __m256i wh = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4)), eight);
             for (int i = 0; i < MT; i++) {
-                const int16_t *xr = xq + (size_t)(m0 + i) * K + col + k;
-                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)xr)));
-                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(xr + 16))));
+                const int16_t *xp = xr[i] + col + k;
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)xp)));
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(xp + 16))));
             }
         }
-        const float sc = bf16_to_f32(s[(size_t)n * G + g]);
+        const float sc = bf16_to_f32(s[g]);
         for (int i = 0; i < MT; i++) {
-            const __m256 f = _mm256_set1_ps(sc * xs[(size_t)(m0 + i) * nc + col / chunk]);
+            const __m256 f = _mm256_set1_ps(sc * xsr[i][col / chunk]);
             out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), f, out[i]);
         }
     }
-    for (int i = 0; i < MT; i++) store(y, y_bf16, (size_t)(m0 + i) * N + n, hsum(out[i]));
+    for (int i = 0; i < MT; i++) res[i] = hsum(out[i]);
 }
 
-void groklm_int4_matmul(const int16_t *xq, const float *xs, int M, int K, const uint8_t *w, const uint16_t *s,
-                        int G, int N, int chunk, void *y, int y_bf16) {
-    FOR_EACH_COLUMN(column4, xq, xs, K, m0, w, s, G, N, n, chunk, y, y_bf16)
+/* Quantized activations: M rows of K int16 (xq) with K / chunk steps each (xs). Row i of a call is
+ * row rows[i] of these, or base + i when rows is NULL. */
+typedef struct {
+    const int16_t *xq;
+    const float *xs;
+    int K, chunk;
+} acts;
+
+/* Weight rows processed together: separate streams through memory keep more loads in flight than
+ * one stream can (measured on a 2-core EPYC: 20-24 GB/s with one stream per thread, 26-40 with 4). */
+#define STREAMS 4
+
+/* res[j][0..M) = weight row w[j] (int8, or packed int4, per `bits`) against M activation rows, for
+ * nt (1 or STREAMS) weight rows. Activation rows go in tiles of 4 so each weight byte is loaded once
+ * per tile; several weight rows at once only when the tile is small (decode), where memory, not
+ * arithmetic, is the limit. */
+static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt, const void *const *w,
+                     const uint16_t *const *s, int G, float *const *res) {
+    const int nc = a.K / a.chunk;
+    const int16_t *xr[4];
+    const float *xsr[4];
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        const int mt = M - m0 < 4 ? M - m0 : 4;
+        for (int i = 0; i < mt; i++) {
+            const size_t r = (size_t)(rows ? rows[m0 + i] : base + m0 + i);
+            xr[i] = a.xq + r * a.K;
+            xsr[i] = a.xs + r * nc;
+        }
+        float *rs[STREAMS];
+        for (int j = 0; j < nt; j++) rs[j] = res[j] + m0;
+        const int8_t *const *w8 = (const int8_t *const *)w;
+        if (bits == 8 && nt == STREAMS && mt <= 2) {
+            if (mt == 1)
+                dot8(xr, xsr, a.K, w8, s, G, a.chunk, rs, STREAMS, 1);
+            else
+                dot8(xr, xsr, a.K, w8, s, G, a.chunk, rs, STREAMS, 2);
+            continue;
+        }
+        for (int j = 0; j < nt; j++) {
+#define DOT(MT)                                                                     \
+    if (bits == 8)                                                                  \
+        dot8(xr, xsr, a.K, w8 + j, s + j, G, a.chunk, rs + j, 1, MT);              \
+    else                                                                            \
+        dot4(xr, xsr, a.K, (const uint8_t *)w[j], s[j], G, a.chunk, rs[j], MT);     \
+    break;
+            switch (mt) {
+                case 4: DOT(4)
+                case 3: DOT(3)
+                case 2: DOT(2)
+                default: DOT(1)
+            }
+#undef DOT
+        }
+    }
+}
+
+static inline size_t row_bytes(int bits, int K) { return bits == 8 ? (size_t)K : (size_t)K / 2; }
+
+/* Rows [lo, hi) of this thread's share of n rows (static split, no barrier). */
+static inline void thread_span(int n, int *lo, int *hi) {
+    const int t = omp_get_num_threads(), id = omp_get_thread_num();
+    *lo = (int)((long)n * id / t);
+    *hi = (int)((long)n * (id + 1) / t);
+}
+
+#define BLOCK 256 /* weight rows per span step: STREAMS parts of BLOCK / STREAMS rows */
+
+/* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scales [count, G]): the rows
+ * are taken STREAMS at a time from STREAMS equal parts of the span, then the remainder one by one. */
+static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
+                     const uint16_t *s, int G, int count, float *res) {
+    const int q = count / STREAMS;
+    for (int r = 0; r < q; r++) {
+        const void *wp[STREAMS];
+        const uint16_t *sp[STREAMS];
+        float *rp[STREAMS];
+        for (int j = 0; j < STREAMS; j++) {
+            const size_t row = (size_t)j * q + r;
+            wp[j] = w + row * wrow;
+            sp[j] = s + row * G;
+            rp[j] = res + row * M;
+        }
+        rows_dot(bits, a, rows, base, M, STREAMS, wp, sp, G, rp);
+    }
+    for (int r = STREAMS * q; r < count; r++) {
+        const void *wp = w + (size_t)r * wrow;
+        const uint16_t *sp = s + (size_t)r * G;
+        float *rp = res + (size_t)r * M;
+        rows_dot(bits, a, rows, base, M, 1, &wp, &sp, G, &rp);
+    }
+}
+
+/* y [M, N] = x @ W.T for W [N, K] (int8, or packed int4 [N, K/2]) with scales [N, G]; output rows
+ * split across OpenMP threads (torch's own libgomp when loaded into torch). xq/xs come from
+ * groklm_quantize_rows with `chunk`: int8 takes groklm_chunk's, int4 needs (K/G) | chunk. */
+void groklm_matmul(int bits, const int16_t *xq, const float *xs, int M, int K, const void *w, const uint16_t *s,
+                   int G, int N, int chunk, void *y, int y_bf16) {
+    const acts a = {xq, xs, K, chunk};
+    const size_t wrow = row_bytes(bits, K);
+#pragma omp parallel
+    {
+        float *res = malloc(sizeof(float) * BLOCK * (size_t)M);
+        int lo, hi;
+        thread_span(N, &lo, &hi);
+        for (int n0 = lo; n0 < hi; n0 += BLOCK) {
+            const int count = hi - n0 < BLOCK ? hi - n0 : BLOCK;
+            span_dot(bits, a, NULL, 0, M, (const char *)w + (size_t)n0 * wrow, wrow, s + (size_t)n0 * G, G, count, res);
+            for (int r = 0; r < count; r++)
+                for (int m = 0; m < M; m++) store(y, y_bf16, (size_t)m * N + n0 + r, res[(size_t)r * M + m]);
+        }
+        free(res);
+    }
+}
+
+/* ---- the experts of one MoE layer in one call ----------------------------------------------------
+ *
+ *   y[t] = bf16( sum_j gates[t, j] * bf16( W2_e (bf16( bf16(gelu(bf16(W1_e x_t))) * bf16(V_e x_t) )) ) ),
+ *   e = experts[t, j]
+ *
+ * with the roundings of the reference's bf16 computation (and of the torch path). Pairs (t, j) are
+ * grouped by expert (a counting sort, stable), and each chosen expert's weights are read once for
+ * all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
+ * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Scratch from the caller:
+ * xq [N, D], xs [N, D / chunk_d], h [P, F] (bf16), hq [P, F], hs [P, F / chunk_f], pairs [P, D]
+ * (fp32), idx [2P + 3E + 1] (ints); P = N * topk. */
+static inline float gelu_tanh(float x) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
+    return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
+}
+
+void groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts, const float *gates, int topk,
+                int E, int F, const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
+                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int16_t *xq, float *xs,
+                uint16_t *h, int16_t *hq, float *hs, float *pairs, int *idx, uint16_t *y) {
+    const int P = N * topk;
+    int *order = idx, *token = idx + P, *count = idx + 2 * P, *start = count + E, *fill = start + E + 1;
+    memset(count, 0, sizeof(int) * (size_t)E);
+    for (int p = 0; p < P; p++) count[experts[p]]++;
+    start[0] = 0;
+    for (int e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
+    for (int e = 0; e < E; e++) fill[e] = start[e];
+    for (int p = 0; p < P; p++) {
+        const int at = fill[experts[p]]++;
+        order[at] = p;
+        token[at] = p / topk;
+    }
+    int maxc = 0;
+    for (int e = 0; e < E; e++) maxc = count[e] > maxc ? count[e] : maxc;
+    const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F);
+    const acts ax = {xq, xs, D, chunk_d}, ah = {hq, hs, F, chunk_f};
+#pragma omp parallel
+    {
+        float *r1 = malloc(sizeof(float) * 2 * BLOCK * (size_t)maxc), *rv = r1 + BLOCK * (size_t)maxc;
+#pragma omp for schedule(static)
+        for (int t = 0; t < N; t++)
+            quantize_row(x + (size_t)t * D, D, chunk_d, xq + (size_t)t * D, xs + (size_t)t * (D / chunk_d));
+        /* W1 and V: each expert's rows split between threads; no barrier between experts. */
+        for (int e = 0; e < E; e++) {
+            const int m = count[e];
+            if (!m) continue;
+            const char *w1e = (const char *)w1 + (size_t)e * F * b1, *wve = (const char *)wv + (size_t)e * F * b1;
+            int lo, hi;
+            thread_span(F, &lo, &hi);
+            for (int n0 = lo; n0 < hi; n0 += BLOCK) {
+                const int cnt = hi - n0 < BLOCK ? hi - n0 : BLOCK;
+                span_dot(bits, ax, token + start[e], 0, m, w1e + n0 * b1, b1, s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1);
+                span_dot(bits, ax, token + start[e], 0, m, wve + n0 * b1, b1, sv + ((size_t)e * F + n0) * gv, gv, cnt, rv);
+                for (int r = 0; r < cnt; r++)
+                    for (int i = 0; i < m; i++) {
+                        const float act = bf16_round(gelu_tanh(bf16_round(r1[r * m + i])));
+                        h[(size_t)(start[e] + i) * F + n0 + r] = f32_to_bf16(act * bf16_round(rv[r * m + i]));
+                    }
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int p = 0; p < P; p++)
+            quantize_row(h + (size_t)p * F, F, chunk_f, hq + (size_t)p * F, hs + (size_t)p * (F / chunk_f));
+        /* W2, gated, into each pair's own row. */
+        for (int e = 0; e < E; e++) {
+            const int m = count[e];
+            if (!m) continue;
+            const char *w2e = (const char *)w2 + (size_t)e * D * b2;
+            int lo, hi;
+            thread_span(D, &lo, &hi);
+            for (int n0 = lo; n0 < hi; n0 += BLOCK) {
+                const int cnt = hi - n0 < BLOCK ? hi - n0 : BLOCK;
+                span_dot(bits, ah, NULL, start[e], m, w2e + n0 * b2, b2, s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1);
+                for (int r = 0; r < cnt; r++)
+                    for (int i = 0; i < m; i++) {
+                        const int p = order[start[e] + i];
+                        pairs[(size_t)p * D + n0 + r] = bf16_round(r1[r * m + i]) * gates[p];
+                    }
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int t = 0; t < N; t++)
+            for (int n = 0; n < D; n++) {
+                float acc = 0.f;
+                for (int j = 0; j < topk; j++) acc += pairs[((size_t)t * topk + j) * D + n];
+                y[(size_t)t * D + n] = f32_to_bf16(acc);
+            }
+        free(r1);
+    }
 }
