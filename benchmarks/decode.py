@@ -1,9 +1,11 @@
 """Decode/prefill speed of a `bench-mid` checkpoint against the memory-bandwidth roofline, as JSON.
 
-    .venv/bin/python benchmarks/decode.py [--preset bench-mid] [--runs 3]
+    .venv/bin/python benchmarks/decode.py [--preset bench-mid] [--runs 3] [--no-compile]
 
 The roofline is bytes of weights read per decoded token (from the model as loaded) divided by the
-read bandwidth measured in the same process (a large tensor reduction).
+read bandwidth measured in the same process (a large tensor reduction). This machine's bandwidth
+drifts by +-20% from minute to minute, so it is measured again right before every decode run and
+each run is scored against its own measurement. Decode runs eager and through torch.compile.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ import torch
 
 import groklm
 from groklm.config import get_preset
-from groklm.generate import decode_one, prefill
+from groklm.generate import Decode, compile_decode, decode_one, prefill
 from groklm.model import Grok, KVCache
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
+_BANDWIDTH_BUFFER: list[torch.Tensor] = []
+
+
 def read_bandwidth(gib: float = 1.0, runs: int = 5) -> float:
-    """Bytes/s of a large reduction: the rate at which this process can stream memory."""
-    x = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+    """Bytes/s of a large reduction: the rate at which this process can stream memory (best of
+    `runs`). The buffer is made once and kept, so repeated measurements cost no allocation."""
+    if not _BANDWIDTH_BUFFER or _BANDWIDTH_BUFFER[0].numel() != int(gib * 2**30) // 8:
+        _BANDWIDTH_BUFFER[:] = [torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)]
+    x = _BANDWIDTH_BUFFER[0]
     x.sum()
     best = min(_timed(lambda: x.sum()) for _ in range(runs))
     return x.numel() * 8 / best
@@ -57,19 +65,20 @@ def bytes_per_token(model: Grok) -> int:
     return total
 
 
-def decode_rate(model: Grok, batch: int, steps: int, context: int = 64) -> float:
-    """Tokens/s over `steps` decode steps of `batch` rows after a short prefill."""
+def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one, context: int = 64) -> float:
+    """Tokens/s over `steps` decode steps of `batch` rows after a short prefill (and one untimed
+    step, which compiles when `decode` is compiled)."""
     cache = KVCache.allocate(model.config, batch, context + steps + 1, model.dtype, model.device)
     prompts = [[(17 * i + j) % 1000 + 3 for j in range(context)] for i in range(batch)]
     with torch.inference_mode():
         logits = prefill(model, prompts, cache)
         tokens = logits.argmax(-1)
         positions = torch.full((batch,), context)
-        decode_one(model, tokens, positions, cache)  # warm up
+        decode(model, tokens, positions, cache)  # warm up
         positions += 1
         t = time.perf_counter()
         for _ in range(steps):
-            tokens = decode_one(model, tokens, positions, cache).argmax(-1)
+            tokens = decode(model, tokens, positions, cache).argmax(-1)
             positions += 1
         dt = time.perf_counter() - t
     return batch * steps / dt
@@ -93,6 +102,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--no-compile", action="store_true", help="eager decode only")
     args = parser.parse_args()
 
     ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
@@ -104,14 +114,40 @@ def main() -> None:
     model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
     load_s = time.perf_counter() - t
 
-    bandwidth = read_bandwidth()
     per_token = bytes_per_token(model)
-    roofline = bandwidth / per_token
-    b1 = [decode_rate(model, 1, args.steps) for _ in range(args.runs)]
-    b8 = [decode_rate(model, 8, args.steps) for _ in range(args.runs)]
-    pre = [prefill_rate(model, args.prefill) for _ in range(max(1, args.runs - 1))]
+    bandwidths: list[float] = []
+
+    def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float]]:
+        """tokens/s of each run, and each run's fraction of the roofline measured just before it."""
+        rates, fractions = [], []
+        for _ in range(args.runs):
+            bandwidths.append(read_bandwidth())
+            rates.append(decode_rate(model, batch, args.steps, decode))
+            fractions.append(rates[-1] / (bandwidths[-1] / per_token))
+        return rates, fractions
+
+    t = time.perf_counter()
+    decoders = {"eager": decode_one}
+    if not args.no_compile:
+        compiled = compile_decode()
+        for batch in (1, 8):
+            decode_rate(model, batch, 1, compiled)  # compile now, not inside a timed run
+        decoders["compiled"] = compiled
+    compile_s = time.perf_counter() - t
+    results = {}
+    for name, decode in decoders.items():
+        b1, f1 = scored_runs(1, decode)
+        b8, _ = scored_runs(8, decode)
+        results[name] = {
+            "decode_b1_tokens_per_s": _spread(b1),
+            "decode_b8_tokens_per_s": _spread(b8),
+            "decode_fraction_of_roofline": _spread(f1),
+            "b8_over_b1": round(statistics.median(b8) / statistics.median(b1), 2),
+        }
+    pre = [prefill_rate(model, args.prefill)]
     ttft = [prefill_rate(model, 32)[1] for _ in range(args.runs)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    best = "compiled" if "compiled" in results else "eager"
     print(
         json.dumps(
             {
@@ -119,13 +155,12 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "checkpoint_bytes": disk,
                 "load_s": round(load_s, 2),
-                "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
+                "read_bandwidth_GBps": _spread([b / 1e9 for b in bandwidths]),
                 "weight_bytes_per_token": per_token,
-                "roofline_tokens_per_s": round(roofline, 2),
-                "decode_b1_tokens_per_s": {"min": round(min(b1), 3), "median": round(statistics.median(b1), 3)},
-                "decode_b8_tokens_per_s": {"min": round(min(b8), 3), "median": round(statistics.median(b8), 3)},
-                "decode_fraction_of_roofline": round(statistics.median(b1) / roofline, 3),
-                "b8_over_b1": round(statistics.median(b8) / statistics.median(b1), 2),
+                "roofline_tokens_per_s": round(statistics.median(bandwidths) / per_token, 2),
+                **results[best],
+                "decode": results,
+                "compile_s": round(compile_s, 1),
                 f"prefill_{args.prefill}_tokens_per_s": round(statistics.median(p for p, _ in pre), 1),
                 "ttft_32_tokens_s": round(statistics.median(ttft), 3),
                 "peak_rss_bytes": peak,
@@ -134,6 +169,10 @@ def main() -> None:
             indent=1,
         )
     )
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
 if __name__ == "__main__":

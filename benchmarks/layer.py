@@ -1,6 +1,6 @@
 """Decode latency of full-size Grok-1 decoder layers (int8, as released) against their roofline, as JSON.
 
-    .venv/bin/python benchmarks/layer.py [--layers 1] [--runs 5]
+    .venv/bin/python -m benchmarks.layer [--layers 1] [--runs 5]
 
 Builds the layers in memory with random int8 weights and the released scale grouping (no
 checkpoint needed; ~4.9 GB per layer), measures the read bandwidth in the same process, and times

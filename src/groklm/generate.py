@@ -65,6 +65,18 @@ def decode_one(model: Grok, tokens: Tensor, positions: Tensor, cache: KVCache) -
     return model.unembed(model.hidden(tokens[:, None], cache, positions[:, None])[:, 0])
 
 
+Decode = Callable[[Grok, Tensor, Tensor, KVCache], Tensor]
+
+
+def compile_decode() -> Decode:
+    """`decode_one` through torch.compile (inductor): the norms, RoPE, attention and routing between
+    the weight kernels fuse into a few generated kernels. Rounds to bf16 wherever eager mode does
+    (`emulate_precision_casts`), so its logits equal eager mode's. The first call per batch size
+    compiles (tens of seconds on a small CPU); a second cache length compiles once more, with
+    dynamic shapes."""
+    return torch.compile(decode_one, options={"emulate_precision_casts": True})  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def generate_stream(
     model: Grok,
@@ -76,11 +88,13 @@ def generate_stream(
     seed: int | None = None,
     stop_at_eos: bool = True,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    decode: Decode = decode_one,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every row (None for rows already finished).
 
     A row finishes at EOS (if `stop_at_eos`; the reference never stops early), when
-    `should_stop(row, its new tokens)` says so, or after `max_new_tokens`.
+    `should_stop(row, its new tokens)` says so, or after `max_new_tokens`. `decode` runs each step
+    (e.g. `compile_decode()`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -118,7 +132,7 @@ def generate_stream(
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        logits = decode_one(model, tokens, positions, cache)
+        logits = decode(model, tokens, positions, cache)
         positions = positions + 1
 
 
@@ -131,10 +145,12 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     stop_at_eos: bool = True,
+    decode: Decode = decode_one,
 ) -> list[list[int]]:
     """The new token ids of each prompt (prompts are lists of token ids)."""
     results: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
+    steps = generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, decode=decode)
+    for step in steps:
         for row, token in enumerate(step):
             if token is not None:
                 results[row].append(token)
