@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from groklm import kernels
-from groklm.quant import dequantize_weight, int8_linear, quantize_weight
+from groklm.quant import dequantize_weight, int8_linear, quantize_weight, scaled_int8_matmul
 
 
 @pytest.fixture(params=["native", "torch"])
@@ -34,6 +34,21 @@ def test_grouped_int8_matmul_equals_dequantize_then_matmul(
     # bf16 output has 8 bits of mantissa; fp32 is exact to accumulation order
     tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scaled_int8_matmul_equals_dequantize_then_matmul(groups: int, compiled: bool) -> None:
+    """The GPU path (scales applied to the matmul's output), eager and through torch.compile's
+    inductor, checked on CPU: shapes and numerics as the dequantizing reference."""
+    g = torch.Generator().manual_seed(groups)
+    q, s = quantize_weight(torch.randn(80, 512, generator=g), groups, torch.bfloat16)
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    expected = x.double() @ dequantize_weight(q, s, torch.float64).T
+    fn = torch.compile(scaled_int8_matmul) if compiled else scaled_int8_matmul
+    got = fn(x, q, s)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 80)
+    torch.testing.assert_close(got.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
 
 
 def test_grouped_scales_are_not_interchangeable() -> None:

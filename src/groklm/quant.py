@@ -48,9 +48,27 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
         y = kernels.int8_matmul(x2, weight, scales)
     elif _torch_int8_ok(x2, weight, groups):
         y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales[:, 0].to(x.dtype))
-    else:
+    elif x.device.type != "cpu":
+        y = scaled_int8_matmul(x2, weight, scales)
+    else:  # CPU without the native kernel (or fp32, the exact reference mode)
         y = F.linear(x2, dequantize_weight(weight, scales, x.dtype))
     return y.view(*lead, out_features)
+
+
+def scaled_int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ dequant(weight [N, K], scales [N, G]).T with the scales applied to the matmul's
+    output, block by block: y = sum_g scales[:, g] * (x_g @ weight_g.T).
+
+    The path for GPUs. The only elementwise work on the weight is its int8 -> x.dtype cast, which
+    torch.compile fuses into the matmul (as gpt-fast does), so no dequantized weight is written to
+    memory; block products are scaled and summed in fp32.
+    """
+    (n, k), groups, m = weight.shape, scales.shape[-1], x.shape[0]
+    w = weight.to(x.dtype)
+    if groups == 1:
+        return (F.linear(x, w).float() * scales[:, 0].float()).to(x.dtype)
+    blocks = torch.einsum("mgk,ngk->mgn", x.view(m, groups, k // groups), w.view(n, groups, k // groups))
+    return (blocks.float() * scales.float().T).sum(dim=1).to(x.dtype)
 
 
 def quantize_weight(w: Tensor, groups: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
