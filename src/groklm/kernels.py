@@ -181,34 +181,13 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
 
 
 @torch.library.custom_op("groklm::moe", mutates_args=())
-def _moe_op(
-    x: Tensor,
-    experts: Tensor,
-    gates: Tensor,
-    bits: int,
-    w1: Tensor,
-    s1: Tensor,
-    v: Tensor,
-    sv: Tensor,
-    w2: Tensor,
-    s2: Tensor,
-) -> Tensor:
+def _moe_op(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
+    w1, s1, v, sv, w2, s2 = weights
     return _moe(x, experts, gates, bits, (w1, s1), (v, sv), (w2, s2))
 
 
 @_moe_op.register_fake
-def _(
-    x: Tensor,
-    experts: Tensor,
-    gates: Tensor,
-    bits: int,
-    w1: Tensor,
-    s1: Tensor,
-    v: Tensor,
-    sv: Tensor,
-    w2: Tensor,
-    s2: Tensor,
-) -> Tensor:
+def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
@@ -220,7 +199,7 @@ def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Exp
     synchronisation on the routing.
     """
     if torch.compiler.is_compiling():
-        return _moe_op(x, experts, gates, bits, *w1, *v, *w2)
+        return _moe_op(x, experts, gates, bits, [*w1, *v, *w2])
     return _moe(x, experts, gates, bits, w1, v, w2)
 
 

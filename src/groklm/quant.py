@@ -298,12 +298,15 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
     return _fuse_moe(model)
 
 
+_EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
+
+
 class QuantizedMoE(MoE):
     """An MoE whose experts are int8 or int4: on CPU in bf16, all its experts run in one native call
     (`kernels.moe`: grouped by expert, no host synchronisation on the routing); elsewhere as MoE."""
 
     def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
-        bits = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}.get(type(self.w1))
+        bits = _EXPERT_BITS.get(type(self.w1))
         parts = [(m.weight, m.scales) for m in (self.w1, self.v, self.w2)]
         if (
             bits
