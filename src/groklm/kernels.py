@@ -54,7 +54,21 @@ def _library() -> ctypes.CDLL | None:
     cdll.groklm_quantize_rows.argtypes = [p, i, i, i, p, p]
     cdll.groklm_matmul.argtypes = [i, p, p, i, i, p, p, i, i, i, p, i]
     cdll.groklm_moe.argtypes = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, *[p] * 7, p]
+    cdll.groklm_set_tanh8.argtypes = [p]
+    tanh8 = _torch_symbol("Sleef_tanhf8_u10")
+    if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
+        cdll.groklm_set_tanh8(tanh8)
     return cdll
+
+
+def _torch_symbol(name: str) -> int | None:
+    """The address of a function exported by torch's CPU library (already loaded), or None."""
+    try:
+        return ctypes.cast(
+            getattr(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")), name), ctypes.c_void_p
+        ).value
+    except (OSError, AttributeError):
+        return None
 
 
 @torch.compiler.assume_constant_result  # torch.compile: a constant, not something to trace into

@@ -299,6 +299,52 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
 }
 
+/* The same on 8 lanes, with the 8-lane tanh torch itself uses (its bundled SLEEF, handed over by
+ * groklm_set_tanh8), so both paths compute the same function; without it, the scalar loop. A libm
+ * tanhf costs ~75 cycles: at batch 1 that was 7% of an MoE layer. */
+typedef __m256 (*tanh8_fn)(__m256);
+static tanh8_fn tanh8;
+void groklm_set_tanh8(tanh8_fn f) { tanh8 = f; }
+
+static inline __m256 bf16_round8(__m256 v) { /* round to nearest even, as f32_to_bf16; NaN stays NaN */
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_blendv_ps(rounded, _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+static inline __m256 gelu_tanh8(__m256 x) {
+    const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                       _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                                      _mm256_mul_ps(_mm256_mul_ps(x, x), x))));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), tanh8(inner)));
+}
+
+/* h[i][r] = bf16(bf16(gelu(bf16(a[r * m + i]))) * bf16(b[r * m + i])) for r < n, i < m; h rows F apart. */
+static void gelu_product(const float *a, const float *b, int n, int m, uint16_t *h, size_t F) {
+    for (int i = 0; i < m; i++) {
+        uint16_t *hi = h + (size_t)i * F;
+        int r = 0;
+        if (tanh8) {
+            const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(m));
+            for (; r + 8 <= n; r += 8) {
+                const __m256 va = _mm256_i32gather_ps(a + (size_t)r * m + i, at, 4);
+                const __m256 vb = _mm256_i32gather_ps(b + (size_t)r * m + i, at, 4);
+                const __m256 act = bf16_round8(gelu_tanh8(bf16_round8(va)));
+                const __m256i y = _mm256_srli_epi32(_mm256_castps_si256(bf16_round8(_mm256_mul_ps(act, bf16_round8(vb)))), 16);
+                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08);
+                _mm_storeu_si128((__m128i *)(hi + r), _mm256_castsi256_si128(packed));
+            }
+        }
+        for (; r < n; r++) {
+            const float act = bf16_round(gelu_tanh(bf16_round(a[(size_t)r * m + i])));
+            hi[r] = f32_to_bf16(act * bf16_round(b[(size_t)r * m + i]));
+        }
+    }
+}
+
 void groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts, const float *gates, int topk,
                 int E, int F, const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
                 const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int16_t *xq, float *xs,
@@ -336,11 +382,7 @@ void groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *expert
                 const int cnt = hi - n0 < BLOCK ? hi - n0 : BLOCK;
                 span_dot(bits, ax, token + start[e], 0, m, w1e + n0 * b1, b1, s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1);
                 span_dot(bits, ax, token + start[e], 0, m, wve + n0 * b1, b1, sv + ((size_t)e * F + n0) * gv, gv, cnt, rv);
-                for (int r = 0; r < cnt; r++)
-                    for (int i = 0; i < m; i++) {
-                        const float act = bf16_round(gelu_tanh(bf16_round(r1[r * m + i])));
-                        h[(size_t)(start[e] + i) * F + n0 + r] = f32_to_bf16(act * bf16_round(rv[r * m + i]));
-                    }
+                gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F);
             }
         }
 #pragma omp barrier
