@@ -71,16 +71,28 @@ static inline void store(void *y, int y_bf16, size_t at, float v) {
 
 static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* x [M, K] bf16 -> xq [M, K] int16 and xs [M, K / chunk] (dequantization step of each chunk). */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* x [K] bf16 -> xq [K] int16 and xs [K / chunk] (dequantization step of each chunk); chunk % 8 == 0.
+ * Rounds to nearest even, as lrintf does. */
 static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float *xs) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int c = 0; c < K / chunk; c++) {
         const uint16_t *xc = x + (size_t)c * chunk;
-        float amax = 0.f;
-        for (int k = 0; k < chunk; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(xc[k])));
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int k = 0; k < chunk; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load_bf16x8(xc + k), abs_mask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
         xs[c] = amax / 32767.f;
         int16_t *q = xq + (size_t)c * chunk;
-        for (int k = 0; k < chunk; k++) q[k] = (int16_t)lrintf(bf16_to_f32(xc[k]) * inv);
+        for (int k = 0; k < chunk; k += 8) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(xc + k), inv));
+            _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+        }
     }
 }
 
