@@ -10,8 +10,16 @@ import torch
 
 from groklm import kernels
 from groklm.config import get_preset
-from groklm.model import MoE
-from groklm.quant import QuantizedMoE, dequantize_weight, quantize_int4, quantize_int8, quantize_weight
+from groklm.model import Attention, MoE
+from groklm.quant import (
+    QuantizedAttention,
+    QuantizedMoE,
+    dequantize_weight,
+    quantize_int4,
+    quantize_int8,
+    quantize_weight,
+    quantize_weight_int4,
+)
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 kernel is x86 only")
 
@@ -79,3 +87,53 @@ def test_fused_moe_matches_expert_by_expert(bits: int, tokens: int) -> None:
     assert fused.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(fused, reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
     assert (fused != reference).float().mean() < 0.05  # almost everything bit-identical
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_linear_of_several_weights_equals_one_call_each(bits: int, rows: int, groups: int) -> None:
+    """One call over weights of 72, 13, 1030 and 1 rows (threads split them end to end, across the
+    weights' borders) equals a call per weight, bit for bit."""
+    g = torch.Generator().manual_seed(rows + groups + bits)
+    if bits == 8:
+        parts = [quantize_weight(torch.randn(n, 2048, generator=g), groups, torch.bfloat16) for n in (72, 13, 1030, 1)]
+    else:
+        parts = [
+            quantize_weight_int4(torch.randn(n, 2048, generator=g), 2048 // groups, torch.bfloat16)
+            for n in (72, 13, 1030, 1)
+        ]
+    x = torch.randn(rows, 2048, generator=g).bfloat16()
+    together = kernels.linear(bits, x, parts, torch.float32)
+    for (w, s), y in zip(parts, together, strict=True):
+        assert y.shape == (rows, s.shape[0])
+        assert torch.equal(y, kernels.linear(bits, x, [(w, s)], torch.float32)[0])
+
+
+def test_linear_refuses_weights_that_do_not_share_a_layout() -> None:
+    a = quantize_weight(torch.randn(8, 256), 1, torch.bfloat16)
+    b = quantize_weight(torch.randn(8, 256), 2, torch.bfloat16)
+    c = quantize_weight(torch.randn(8, 512), 1, torch.bfloat16)
+    x = torch.randn(1, 256).bfloat16()
+    for parts in ([a, b], [a, c]):
+        with pytest.raises(ValueError, match="does not take these weights"):
+            kernels.linear(8, x, parts)
+    with pytest.raises(ValueError, match="expect"):
+        kernels.linear(8, torch.randn(1, 128).bfloat16(), [a])
+
+
+def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = get_preset("mini")
+    attn = Attention(config, torch.bfloat16)
+    quantize_int8(attn, lambda name: 1, torch.bfloat16)
+    assert type(attn) is QuantizedAttention
+    x = torch.randn(2, 3, config.emb_size).bfloat16()
+    real, calls = kernels._linear, []
+    monkeypatch.setattr(
+        kernels, "_linear", lambda bits, x, parts, dtype: calls.append(len(parts)) or real(bits, x, parts, dtype)
+    )
+    fused = attn.qkv(x)
+    assert calls == [3]
+    for got, want in zip(fused, Attention.qkv(attn, x), strict=True):  # one call per projection
+        assert torch.equal(got, want)
+    assert calls == [3, 1, 1, 1]

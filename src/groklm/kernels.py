@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,8 +52,7 @@ def _library() -> ctypes.CDLL | None:
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
-    cdll.groklm_quantize_rows.argtypes = [p, i, i, i, p, p]
-    cdll.groklm_matmul.argtypes = [i, p, p, i, i, p, p, i, i, i, p, i]
+    cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
     cdll.groklm_moe.argtypes = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, *[p] * 7, p]
     cdll.groklm_set_tanh8.argtypes = [p]
     tanh8 = _torch_symbol("Sleef_tanhf8_u10")
@@ -101,82 +101,97 @@ def supports_int4(packed: Tensor, scales: Tensor) -> bool:
     return _fits(packed, scales, torch.uint8, packed.shape[-1] * 2, 32)
 
 
+Weight = tuple[Tensor, Tensor]
+"""A quantized weight [N, K] (int8, or packed int4 [N, K/2]) and its bf16 scales [N, G]."""
+
+
+def supports_linear(bits: int, parts: Sequence[Weight]) -> bool:
+    """Whether `linear` takes these weights: each fits its kernel, and all share K and G."""
+    fits = supports if bits == 8 else supports_int4
+    return (
+        bits in (4, 8)
+        and all(fits(w, s) for w, s in parts)
+        and len({w.shape[-1] for w, _ in parts}) == 1
+        and len({s.shape[-1] for _, s in parts}) == 1
+    )
+
+
 @functools.cache
-def _int4_chunk(k: int, group: int) -> int:
-    """Activation chunk for int4: the largest multiple of the scale group, at most 2048, dividing K."""
-    best = group
-    for c in range(group, min(k, 2048) + 1, group):
-        if k % c == 0:
-            best = c
-    return best
-
-
 def _chunk(bits: int, k: int, groups: int) -> int:
-    lib = _library()
-    assert lib is not None
-    return lib.groklm_chunk(k, k // groups) if bits == 8 else _int4_chunk(k, k // groups)
+    """Activation chunk: int8 takes the C library's rule; int4 the largest multiple of the scale
+    group, at most 2048, dividing K."""
+    if bits == 8:
+        lib = _library()
+        assert lib is not None
+        return lib.groklm_chunk(k, k // groups)
+    group = k // groups
+    return max(c for c in range(group, min(k, 2048) + 1, group) if k % c == 0)
 
 
 def _in_features(bits: int, weight: Tensor) -> int:
     return weight.shape[-1] * (1 if bits == 8 else 2)
 
 
-def _quantize(x: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """bf16 rows [M, K] -> int16 rows and their per-chunk steps, for the matmul kernels."""
-    lib = _library()
-    assert lib is not None
-    xb = x.to(torch.bfloat16).contiguous()
-    xq = torch.empty(xb.shape[0], k, dtype=torch.int16)
-    xs = torch.empty(xb.shape[0], k // chunk, dtype=torch.float32)
-    lib.groklm_quantize_rows(xb.data_ptr(), xb.shape[0], k, chunk, xq.data_ptr(), xs.data_ptr())
-    return xq, xs
+def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
+    return (ctype * len(values))(*values)
 
 
-def _matmul(bits: int, x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
     lib = _library()
-    assert lib is not None and (supports(weight, scales) if bits == 8 else supports_int4(weight, scales))
-    k, (n, groups), m = _in_features(bits, weight), scales.shape, x.shape[0]
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns, weight expects {k}")
+    if lib is None or not supports_linear(bits, parts):
+        raise ValueError(
+            f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
+        )
+    k, groups, m = _in_features(bits, parts[0][0]), parts[0][1].shape[-1], x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}, the weights expect [rows, {k}]")
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
-    chunk = _chunk(bits, k, groups)
-    xq, xs = _quantize(x, k, chunk)
-    y = torch.empty(m, n, dtype=out_dtype)
-    lib.groklm_matmul(
-        bits, xq.data_ptr(), xs.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), groups, n, chunk,
-        y.data_ptr(), int(out_dtype == torch.bfloat16),
+    xb = x.to(torch.bfloat16).contiguous()
+    ys = [torch.empty(m, s.shape[0], dtype=out_dtype) for _, s in parts]
+    lib.groklm_linear(
+        bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
+        _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
+        _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
+        _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
+        _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]), int(out_dtype == torch.bfloat16),
     )  # fmt: skip
-    return y
+    return ys
 
 
 # Under torch.compile the kernels are opaque custom ops (the compiler fuses what lies between them);
 # in eager mode they are called directly, without the dispatcher's overhead.
-@torch.library.custom_op("groklm::matmul", mutates_args=())
-def _matmul_op(bits: int, x: Tensor, weight: Tensor, scales: Tensor, fp32: bool) -> Tensor:
-    return _matmul(bits, x, weight, scales, torch.float32 if fp32 else torch.bfloat16)
+@torch.library.custom_op("groklm::linear", mutates_args=())
+def _linear_op(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
+    return _linear(
+        bits, x, list(zip(weights[::2], weights[1::2], strict=True)), torch.float32 if fp32 else torch.bfloat16
+    )
 
 
-@_matmul_op.register_fake
-def _(bits: int, x: Tensor, weight: Tensor, scales: Tensor, fp32: bool) -> Tensor:
-    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32 if fp32 else torch.bfloat16)
+@_linear_op.register_fake
+def _(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    return [x.new_empty(x.shape[0], s.shape[0], dtype=dtype) for s in weights[1::2]]
+
+
+def linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
+    """x [M, K] @ dequant(W_j).T for each int8 (bits 8) or packed int4 (bits 4) weight W_j with its
+    scales, all sharing K and the scale layout, in one native call -> [M, N_j] each, in `out_dtype`
+    (bf16 or fp32). x is read as bf16; accumulation is fp32, rounded once at the end. One pass over
+    all the weights: an attention layer's q, k and v together cost one call, not three."""
+    if torch.compiler.is_compiling():
+        return _linear_op(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
+    return _linear(bits, x, parts, out_dtype)
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """x [M, K] @ dequant(weight [N, K] int8, scales [N, G]).T -> [M, N] in `out_dtype` (bf16 or fp32).
-
-    x is read as bf16 (other dtypes are cast first); accumulation is fp32, rounded once at the end.
-    """
-    if torch.compiler.is_compiling():
-        return _matmul_op(8, x, weight, scales, out_dtype == torch.float32)
-    return _matmul(8, x, weight, scales, out_dtype)
+    """x [M, K] @ dequant(weight [N, K] int8, scales [N, G]).T -> [M, N] in `out_dtype` (see `linear`)."""
+    return linear(8, x, [(weight, scales)], out_dtype)[0]
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """x [M, K] @ dequant_int4(packed [N, K/2], scales [N, G]).T -> [M, N], as int8_matmul."""
-    if torch.compiler.is_compiling():
-        return _matmul_op(4, x, packed, scales, out_dtype == torch.float32)
-    return _matmul(4, x, packed, scales, out_dtype)
+    return linear(4, x, [(packed, scales)], out_dtype)[0]
 
 
 Expert = tuple[Tensor, Tensor]

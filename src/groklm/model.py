@@ -104,6 +104,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, config.kv_size, bias=False, dtype=dtype)
         self.wo = nn.Linear(config.q_size, d, bias=False, dtype=dtype)
 
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value projections of x [B, T, D]."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(
         self,
         x: Tensor,
@@ -118,10 +122,11 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         kh, g, dh = c.num_kv_heads, c.num_q_heads // c.num_kv_heads, c.key_size
+        q, k, v = self.qkv(x)
         # Query head j reads kv head j // G: splitting H as (K, G) puts it there.
-        q = apply_rope(self.wq(x).view(b, t, kh, g, dh), cos, sin)
-        k = apply_rope(self.wk(x).view(b, t, kh, dh), cos, sin)
-        v = self.wv(x).view(b, t, kh, dh)
+        q = apply_rope(q.view(b, t, kh, g, dh), cos, sin)
+        k = apply_rope(k.view(b, t, kh, dh), cos, sin)
+        v = v.view(b, t, kh, dh)
         if kv is not None:
             cache_k, cache_v = kv
             cache_k[where] = k

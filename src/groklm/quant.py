@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.model import ExpertLinear, Grok, MoE
+from groklm.model import Attention, ExpertLinear, Grok, MoE
 
 
 def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
@@ -147,7 +147,7 @@ def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | N
             new.scales.copy_(s)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    return _fuse_moe(model)
+    return _fuse(model)
 
 
 def int8_head(config: GrokConfig, dtype: torch.dtype, group_size: int = 64) -> Int8Linear:
@@ -295,10 +295,36 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
                     (new.scales if e is None else new.scales[e]).copy_(sc)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    return _fuse_moe(model)
+    return _fuse(model)
 
 
 _EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
+_LINEAR_BITS: dict[type[nn.Module], int] = {Int8Linear: 8, Int4Linear: 4}
+
+
+def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[nn.Module], int]) -> int | None:
+    """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
+    CPU, one kind of module, one scale layout); else None."""
+    bits = bits_of.get(type(modules[0]))
+    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    if any(type(m) is not type(modules[0]) for m in modules):
+        return None
+    return bits
+
+
+class QuantizedAttention(Attention):
+    """Attention whose q, k and v projections are int8 or int4: on CPU in bf16 they run as one native
+    call (`kernels.linear`: one activation quantization, one pass over the three weights)."""
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mods = (self.wq, self.wk, self.wv)
+        bits = _native_bits(x, mods, _LINEAR_BITS)
+        parts = [(m.weight, m.scales) for m in mods]
+        if bits is None or not kernels.supports_linear(bits, parts):
+            return super().qkv(x)
+        q, k, v = kernels.linear(bits, x.reshape(-1, x.shape[-1]), parts)
+        return q.view(*x.shape[:-1], -1), k.view(*x.shape[:-1], -1), v.view(*x.shape[:-1], -1)
 
 
 class QuantizedMoE(MoE):
@@ -306,21 +332,22 @@ class QuantizedMoE(MoE):
     (`kernels.moe`: grouped by expert, no host synchronisation on the routing); elsewhere as MoE."""
 
     def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
-        bits = _EXPERT_BITS.get(type(self.w1))
-        parts = [(m.weight, m.scales) for m in (self.w1, self.v, self.w2)]
-        if (
-            bits
-            and xs.dtype == torch.bfloat16
-            and xs.device.type == "cpu"
-            and type(self.v) is type(self.w1) is type(self.w2)
-            and kernels.supports_moe(bits, *parts)
-        ):
-            return kernels.moe(xs, experts, gates, bits, *parts)
-        return super().experts(xs, gates, experts)
+        mods = (self.w1, self.v, self.w2)
+        bits = _native_bits(xs, mods, _EXPERT_BITS)
+        parts = [(m.weight, m.scales) for m in mods]
+        if bits is None or not kernels.supports_moe(bits, *parts):
+            return super().experts(xs, gates, experts)
+        return kernels.moe(xs, experts, gates, bits, *parts)
 
 
-def _fuse_moe(model: nn.Module) -> nn.Module:
+_QUANTIZED = {MoE: QuantizedMoE, Attention: QuantizedAttention}
+
+
+def _fuse(model: nn.Module) -> nn.Module:
+    """Give quantized attention and MoE blocks their fused native paths. Same parameters and state-dict
+    names; only `qkv` / `experts` differ, and they fall back to the plain ones wherever the kernels
+    do not apply."""
     for module in model.modules():
-        if type(module) is MoE:
-            module.__class__ = QuantizedMoE  # same parameters and state-dict names; only `experts` differs
+        if type(module) in _QUANTIZED:
+            module.__class__ = _QUANTIZED[type(module)]
     return model

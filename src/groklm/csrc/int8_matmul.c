@@ -96,10 +96,6 @@ static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float
     }
 }
 
-void groklm_quantize_rows(const uint16_t *x, int M, int K, int chunk, int16_t *xq, float *xs) {
-    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
-}
-
 /* res[j][i] = int8 weight row w[j] [K] (scales s[j] [G]) against activation row xr[i] (int16, K)
  * with chunk steps xsr[i] (K / chunk), for NT weight rows and MT activation rows at once. Rows
  * are walked in segments of min(K/G, chunk) columns, each under one weight scale and one activation
@@ -273,26 +269,39 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
     }
 }
 
-/* y [M, N] = x @ W.T for W [N, K] (int8, or packed int4 [N, K/2]) with scales [N, G]; output rows
- * split across OpenMP threads (torch's own libgomp when loaded into torch). xq/xs come from
- * groklm_quantize_rows with `chunk`: int8 takes groklm_chunk's, int4 needs (K/G) | chunk. */
-void groklm_matmul(int bits, const int16_t *xq, const float *xs, int M, int K, const void *w, const uint16_t *s,
-                   int G, int N, int chunk, void *y, int y_bf16) {
+/* y_j [M, N_j] = x @ W_j.T for nmat weights W_j [N_j, K] (int8, or packed int4 [N_j, K/2]) sharing
+ * one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
+ * `chunk` (groklm_chunk's for int8; a multiple of K/G for int4), and the rows of all the weights, end
+ * to end, are split across OpenMP threads (torch's own libgomp when loaded into torch). One call
+ * computes e.g. an attention layer's q, k and v. y_j is bf16 or fp32. */
+void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
+                   const uint16_t *const *s, int G, const int *N, void *const *y, int y_bf16) {
+    int total = 0;
+    for (int j = 0; j < nmat; j++) total += N[j];
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)M * K);
+    float *xs = malloc(sizeof(float) * (size_t)M * (K / chunk));
     const acts a = {xq, xs, K, chunk};
     const size_t wrow = row_bytes(bits, K);
 #pragma omp parallel
     {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
         float *res = malloc(sizeof(float) * BLOCK * (size_t)M);
         int lo, hi;
-        thread_span(N, &lo, &hi);
-        for (int n0 = lo; n0 < hi; n0 += BLOCK) {
-            const int count = hi - n0 < BLOCK ? hi - n0 : BLOCK;
-            span_dot(bits, a, NULL, 0, M, (const char *)w + (size_t)n0 * wrow, wrow, s + (size_t)n0 * G, G, count, res);
-            for (int r = 0; r < count; r++)
-                for (int m = 0; m < M; m++) store(y, y_bf16, (size_t)m * N + n0 + r, res[(size_t)r * M + m]);
+        thread_span(total, &lo, &hi);
+        for (int j = 0, base = 0; j < nmat; base += N[j], j++) {
+            const int from = lo > base ? lo : base, to = hi < base + N[j] ? hi : base + N[j];
+            for (int n0 = from - base; n0 < to - base; n0 += BLOCK) {
+                const int count = to - base - n0 < BLOCK ? to - base - n0 : BLOCK;
+                span_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, wrow, s[j] + (size_t)n0 * G, G, count, res);
+                for (int r = 0; r < count; r++)
+                    for (int m = 0; m < M; m++) store(y[j], y_bf16, (size_t)m * N[j] + n0 + r, res[(size_t)r * M + m]);
+            }
         }
         free(res);
     }
+    free(xq);
+    free(xs);
 }
 
 /* ---- the experts of one MoE layer in one call ----------------------------------------------------
