@@ -136,10 +136,10 @@ def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
     with torch.inference_mode():
         tokens = prefill(model, prompts, cache).argmax(-1)
         positions = torch.tensor([5, 3])
-        eager_cache = KVCache(cache.k.clone(), cache.v.clone(), cache.key_ok.clone())
+        eager_cache = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.key_ok.clone())
         got = compiled(model, tokens, positions, cache)
         want = decode_one(model, tokens, positions, eager_cache)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
-    torch.testing.assert_close(cache.k, eager_cache.k, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(cache.k), torch.stack(eager_cache.k), rtol=0, atol=0)
     assert generate(model, prompts, 6, decode=compiled) == generate(model, prompts, 6)

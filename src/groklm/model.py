@@ -35,24 +35,26 @@ class KVCache:
     sees exactly what it would see alone.
     """
 
-    k: Tensor  # [L, B, S, K, Dh]
-    v: Tensor  # [L, B, S, K, Dh]
+    k: list[Tensor]  # per layer [B, S, K, Dh]
+    v: list[Tensor]  # per layer [B, S, K, Dh]
     key_ok: Tensor  # [B, S] bool: slot written with a non-pad token
 
     @classmethod
     def allocate(
         cls, config: GrokConfig, batch: int, slots: int, dtype: torch.dtype, device: torch.device | str
     ) -> KVCache:
-        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.key_size)
+        # One tensor per layer, not one [L, ...] tensor: torch.compile then writes each in place (a
+        # write into a view of one big input makes it copy the whole cache every step).
+        shape = (batch, slots, config.num_kv_heads, config.key_size)
         return cls(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
             key_ok=torch.zeros(batch, slots, dtype=torch.bool, device=device),
         )
 
     @property
     def slots(self) -> int:
-        return self.k.shape[2]
+        return self.key_ok.shape[1]
 
 
 def _scaled(x: Tensor, multiplier: float) -> Tensor:
