@@ -106,7 +106,8 @@ def generate_stream(
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
     if max_new_tokens <= 0:
         return
-    slots = max(len(p) for p in prompts) + max_new_tokens
+    longest = max(len(p) for p in prompts)
+    slots = longest + max_new_tokens
     if slots > config.sequence_len:
         raise ValueError(f"prompt + max_new_tokens = {slots} exceeds the context length {config.sequence_len}")
     batch = len(prompts)
@@ -132,7 +133,8 @@ def generate_stream(
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        logits = decode(model, tokens, positions, cache)
+        # Every row's next position is below longest + step + 1: attend over those slots only.
+        logits = decode(model, tokens, positions, cache.prefix(longest + step + 1))
         positions = positions + 1
 
 

@@ -56,6 +56,12 @@ class KVCache:
     def slots(self) -> int:
         return self.key_ok.shape[1]
 
+    def prefix(self, slots: int) -> KVCache:
+        """The first `slots` slots, as views: writes land in this cache. A decode step through the
+        prefix that holds every position in use attends over those slots only, not the whole
+        allocation (under torch.compile the length is a dynamic dimension: one graph serves all)."""
+        return KVCache([k[:, :slots] for k in self.k], [v[:, :slots] for v in self.v], self.key_ok[:, :slots])
+
 
 def _scaled(x: Tensor, multiplier: float) -> Tensor:
     # The reference multiplies a bf16 activation by a weakly-typed Python float, which JAX rounds to
@@ -119,7 +125,7 @@ class Attention(nn.Module):
         kv: tuple[Tensor, Tensor] | None,
         where: tuple[Tensor, Tensor],
     ) -> Tensor:
-        """x [B, T, D]; mask [B, 1, 1, T, S] (S = T without a cache); kv: this layer's cache slices
+        """x [B, T, D]; mask [B, 1, 1, T, S] (S = T without a cache); kv: this layer's cache
         [B, S, K, Dh], written at `where` = (row index [B, 1], positions [B, T])."""
         c = self.config
         b, t, _ = x.shape
