@@ -11,18 +11,23 @@ each run is scored against its own measurement. Decode runs eager and through to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import resource
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 import groklm
+from groklm import kernels
 from groklm.config import get_preset
 from groklm.generate import Decode, compile_decode, decode_one, prefill
-from groklm.model import Grok, KVCache
+from groklm.model import Grok, KVCache, MoE
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -47,22 +52,41 @@ def _timed(fn: object) -> float:
     return time.perf_counter() - t
 
 
-def bytes_per_token(model: Grok) -> int:
-    """Weights one decoded token reads: all non-expert weights, the chosen experts' share of the
-    expert weights, and the output head (the tied table, or its own int8 copy). The one embedding
-    row looked up per token is left out (a few KB)."""
-    c = model.config
-    tied = not any(True for _ in model.head.buffers())
-    total = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+_EXPERT_WEIGHT = re.compile(r"(^|\.)moe\.(w1|v|w2)\.")
+
+
+def weight_bytes(module: nn.Module, experts_read: float) -> float:
+    """Bytes of weights one decode step reads when each MoE layer reads `experts_read` of its
+    experts (2 for one token, top-2): every other weight once, the output head included (the tied
+    table, or its own int8 copy). The one embedding row looked up per token is left out (a few KB)."""
+    tied = not any(True for _ in getattr(module, "head", nn.Module()).buffers())
+    total = 0.0
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
         n = t.numel() * t.element_size()
         if name == "embed.weight":
             total += n if tied else 0
-        elif ".moe.w1." in name or ".moe.v." in name or ".moe.w2." in name:  # int8 or packed int4 alike
-            total += n * c.num_selected_experts // c.num_experts
+        elif _EXPERT_WEIGHT.search(name):  # int8 or packed int4 alike: [E, ...]
+            total += n * experts_read / t.shape[0]
         else:
             total += n
     return total
+
+
+@contextlib.contextmanager
+def experts_touched(moes: list[MoE]) -> Iterator[list[int]]:
+    """Records, for every MoE call made inside, how many distinct experts its tokens chose (eager
+    mode: the hooks run the router a second time)."""
+    counts: list[int] = []
+
+    def hook(moe: MoE, args: tuple[Tensor, ...]) -> None:
+        counts.append(moe.route(args[0].reshape(-1, args[0].shape[-1]))[1].unique().numel())
+
+    handles = [moe.register_forward_pre_hook(hook) for moe in moes]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one, context: int = 64) -> float:
@@ -119,16 +143,21 @@ def main() -> None:
     model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
     load_s = time.perf_counter() - t
 
-    per_token = bytes_per_token(model)
+    per_token = weight_bytes(model, model.config.num_selected_experts)
+    # A batch-8 step reads every expert that any of its 8 tokens chose: counted on the runs' own tokens.
+    with experts_touched([layer.moe for layer in model.layers]) as touched:
+        decode_rate(model, 8, args.steps)
+    per_step = {1: per_token, 8: weight_bytes(model, statistics.mean(touched))}
     bandwidths: list[float] = []
 
     def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float]]:
-        """tokens/s of each run, and each run's fraction of the roofline measured just before it."""
+        """tokens/s of each run, and each run's fraction of its roofline (the bytes a step of this
+        batch reads over the bandwidth measured just before it)."""
         rates, fractions = [], []
         for _ in range(args.runs):
             bandwidths.append(read_bandwidth())
             rates.append(decode_rate(model, batch, args.steps, decode))
-            fractions.append(rates[-1] / (bandwidths[-1] / per_token))
+            fractions.append(rates[-1] / batch * per_step[batch] / bandwidths[-1])
         return rates, fractions
 
     t = time.perf_counter()
@@ -142,11 +171,12 @@ def main() -> None:
     results = {}
     for name, decode in decoders.items():
         b1, f1 = scored_runs(1, decode)
-        b8, _ = scored_runs(8, decode)
+        b8, f8 = scored_runs(8, decode)
         results[name] = {
             "decode_b1_tokens_per_s": _spread(b1),
             "decode_b8_tokens_per_s": _spread(b8),
             "decode_fraction_of_roofline": _spread(f1),
+            "decode_b8_fraction_of_roofline": _spread(f8),
             "b8_over_b1": round(statistics.median(b8) / statistics.median(b1), 2),
             # Attention then reads ~1000 cached positions per layer (16 MB in all at bench-mid).
             "decode_b1_at_context_1000_tokens_per_s": _spread(
@@ -165,8 +195,14 @@ def main() -> None:
                 "checkpoint_bytes": disk,
                 "load_s": round(load_s, 2),
                 "read_bandwidth_GBps": _spread([b / 1e9 for b in bandwidths]),
-                "weight_bytes_per_token": per_token,
+                "kernels": kernels.isa(),
+                "weight_bytes_per_token": round(per_token),
                 "roofline_tokens_per_s": round(statistics.median(bandwidths) / per_token, 2),
+                "b8_experts_read_per_layer": round(statistics.mean(touched), 2),
+                "b8_weight_bytes_per_step": round(per_step[8]),
+                # The most batch 8 can gain over batch 1 at memory speed: 8 tokens per step, each step
+                # reading the experts all 8 chose.
+                "b8_over_b1_at_roofline": round(8 * per_token / per_step[8], 2),
                 **results[best],
                 "decode": results,
                 "compile_s": round(compile_s, 1),
