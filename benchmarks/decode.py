@@ -4,8 +4,9 @@
 
 The roofline is bytes of weights read per decoded token (from the model as loaded) divided by the
 read bandwidth measured in the same process (a large tensor reduction). This machine's bandwidth
-drifts by +-20% from minute to minute, so it is measured again right before every decode run and
-each run is scored against its own measurement. Decode runs eager and through torch.compile.
+jumps between two levels (about 34 and 50-65 GB/s here) every few seconds, so it is measured
+between every two decode steps and each step is scored against the readings on either side of it.
+Decode runs eager and through torch.compile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -89,11 +90,19 @@ def experts_touched(moes: list[MoE]) -> Iterator[list[int]]:
             handle.remove()
 
 
-def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one, context: int = 64) -> float:
-    """Tokens/s over `steps` decode steps of `batch` rows after `context` cached tokens (and one
-    untimed step, which compiles when `decode` is compiled). The context is random keys and values
-    written straight into the cache (a prefill would only make them real, not faster); each step
-    attends over the slots in use, as `generate` does."""
+def decode_steps(
+    model: Grok,
+    batch: int,
+    steps: int,
+    decode: Decode = decode_one,
+    context: int = 64,
+    probe: Callable[[], float] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of `steps` decode steps of `batch` rows after `context` cached tokens (and one
+    untimed step first, which compiles when `decode` is compiled). The context is random keys and
+    values written straight into the cache (a prefill would only make them real, not faster); each
+    step attends over the slots in use, as `generate` does. `probe`, if given, runs untimed before
+    every timed step and once after the last; its readings are returned with the seconds."""
     c = model.config
     cache = KVCache.allocate(c, batch, context + steps + 1, model.dtype, model.device)
     gen = torch.Generator().manual_seed(0)
@@ -101,16 +110,27 @@ def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one
         k[:, :context] = torch.randn(k[:, :context].shape, generator=gen)
         v[:, :context] = torch.randn(v[:, :context].shape, generator=gen)
     cache.key_ok[:, :context] = True
+    seconds: list[float] = []
+    readings: list[float] = []
     with torch.inference_mode():  # all inputs inference tensors, as in generate (else compile sees two kinds)
         tokens = torch.arange(batch) * 17 + 3
         positions = torch.full((batch,), context)
         for step in range(steps + 1):
-            if step == 1:
-                t = time.perf_counter()
+            if step and probe:
+                readings.append(probe())
+            t = time.perf_counter()
             tokens = decode(model, tokens, positions, cache.prefix(context + step + 1)).argmax(-1)
+            if step:
+                seconds.append(time.perf_counter() - t)
             positions += 1
-        dt = time.perf_counter() - t
-    return batch * steps / dt
+    if probe:
+        readings.append(probe())
+    return seconds, readings
+
+
+def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one, context: int = 64) -> float:
+    """Tokens/s over `steps` decode steps (see `decode_steps`)."""
+    return batch * steps / sum(decode_steps(model, batch, steps, decode, context)[0])
 
 
 def prefill_rate(model: Grok, length: int) -> tuple[float, float]:
@@ -151,13 +171,21 @@ def main() -> None:
     bandwidths: list[float] = []
 
     def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float]]:
-        """tokens/s of each run, and each run's fraction of its roofline (the bytes a step of this
-        batch reads over the bandwidth measured just before it)."""
+        """tokens/s of each run, and each run's fraction of its roofline: the median over its steps of
+        (bytes a step of this batch reads / the step's time) over the bandwidth measured right
+        before and right after that step (their mean). This machine's bandwidth jumps between two
+        levels every few seconds, so the roofline is measured step by step."""
         rates, fractions = [], []
         for _ in range(args.runs):
-            bandwidths.append(read_bandwidth())
-            rates.append(decode_rate(model, batch, args.steps, decode))
-            fractions.append(rates[-1] / batch * per_step[batch] / bandwidths[-1])
+            seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3))
+            bandwidths.extend(probes)
+            rates.append(batch * len(seconds) / sum(seconds))
+            fractions.append(
+                statistics.median(
+                    per_step[batch] / dt / ((before + after) / 2)
+                    for dt, before, after in zip(seconds, probes, probes[1:], strict=False)
+                )
+            )
         return rates, fractions
 
     t = time.perf_counter()

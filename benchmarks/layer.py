@@ -4,8 +4,9 @@
 
 Builds the layers in memory with random int8 weights and the released scale grouping (no
 checkpoint needed; ~4.9 GB per layer), measures the read bandwidth in the same process, and times
-one decode step per layer at batch 1 and 8. `grok1_tokens_per_s` is what 64 such layers would do
-per token on this machine given the memory.
+one decode step per layer at batch 1 and 8, each step against the bandwidth read on either side of
+it. `grok1_tokens_per_s` is what 64 such layers would do per token on this machine given the memory
+(at the median bandwidth).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -43,26 +45,34 @@ def build_layer(seed: int) -> Block:
     return block.eval().requires_grad_(False)
 
 
-def step_seconds(blocks: list[Block], batch: int, context: int, runs: int) -> list[float]:
-    """Seconds for one decode step through all `blocks`, `runs` times."""
+def step_seconds(
+    blocks: list[Block], batch: int, context: int, runs: int, probe: Callable[[], float] | None = None
+) -> tuple[list[float], list[float]]:
+    """Seconds for one decode step through all `blocks`, `runs` times; `probe`, if given, runs untimed
+    before every timed step and once after the last, and its readings are returned too."""
     c = get_preset("grok-1")
     cache = KVCache.allocate(c.replace(num_layers=len(blocks)), batch, context + runs + 2, torch.bfloat16, "cpu")
     cache.key_ok[:, : context + runs + 2] = True
     rows = torch.arange(batch)[:, None]
     gen = torch.Generator().manual_seed(1)
-    out = []
+    out: list[float] = []
+    readings: list[float] = []
     with torch.inference_mode():
         for step in range(runs + 1):  # the first is a warm-up
             pos = torch.full((batch, 1), context + step)
             cos, sin = rope_tables(pos, c.key_size, c.rope_base)
             mask = (torch.arange(cache.slots)[None, None, :] <= pos[:, :, None])[:, None, None]
             h = torch.randn(batch, 1, c.emb_size, generator=gen).bfloat16()
+            if step and probe:
+                readings.append(probe())
             t = time.perf_counter()
             for i, block in enumerate(blocks):
                 h = block(h, cos, sin, mask, (cache.k[i], cache.v[i]), (rows, pos))
             if step:
                 out.append(time.perf_counter() - t)
-    return out
+    if probe:
+        readings.append(probe())
+    return out, readings
 
 
 def main() -> None:
@@ -73,33 +83,47 @@ def main() -> None:
     args = parser.parse_args()
 
     blocks = [build_layer(seed) for seed in range(args.layers)]
-    # The bandwidth drifts on shared machines: measured before and after the batch-1 runs, and the
-    # higher of the two sets the roofline (the conservative choice).
-    before = read_bandwidth()
-    b1 = [s / args.layers for s in step_seconds(blocks, 1, args.context, args.runs)]
-    bandwidth = max(before, read_bandwidth())
+    c = get_preset("grok-1")
     with experts_touched([block.moe for block in blocks]) as touched:  # untimed: the hooks cost time
-        step_seconds(blocks, 8, args.context, args.runs)
-    b8 = [s / args.layers for s in step_seconds(blocks, 8, args.context, args.runs)]
-    per_layer = weight_bytes(blocks[0], get_preset("grok-1").num_selected_experts)
-    per_layer_b8 = weight_bytes(blocks[0], statistics.mean(touched))
+        step_seconds(blocks, 8, args.context, 2)
+    per_step = {
+        1: weight_bytes(blocks[0], c.num_selected_experts),
+        8: weight_bytes(blocks[0], statistics.mean(touched)),
+    }
+    # The bandwidth jumps between levels every few seconds on shared machines: it is read before
+    # and after every step, and each step is scored against the mean of the two readings.
+    seconds, fractions, bandwidths = {}, {}, []
+    for batch in (1, 8):
+        secs, probes = step_seconds(blocks, batch, args.context, args.runs, probe=lambda: read_bandwidth(0.5, 3))
+        seconds[batch] = [s / args.layers for s in secs]
+        fractions[batch] = statistics.median(
+            per_step[batch] / s / ((before + after) / 2)
+            for s, before, after in zip(seconds[batch], probes, probes[1:], strict=False)
+        )
+        bandwidths.extend(probes)
+    b1, b8 = seconds[1], seconds[8]
+    per_layer = per_step[1]
+    bandwidth = statistics.median(bandwidths)
     roofline_s = per_layer / bandwidth
-    layers = get_preset("grok-1").num_layers
+    layers = c.num_layers
     print(
         json.dumps(
             {
                 "layers_built": args.layers,
                 "threads": torch.get_num_threads(),
-                "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
-                "read_bandwidth_before_b1_GBps": round(before / 1e9, 2),
+                "read_bandwidth_GBps": {
+                    "min": round(min(bandwidths) / 1e9, 2),
+                    "median": round(bandwidth / 1e9, 2),
+                    "max": round(max(bandwidths) / 1e9, 2),
+                },
                 "layer_bytes_per_token": round(per_layer),
                 "layer_roofline_ms": round(roofline_s * 1e3, 2),
                 "layer_b1_ms": {"min": round(min(b1) * 1e3, 2), "median": round(statistics.median(b1) * 1e3, 2)},
                 "layer_b8_ms": {"min": round(min(b8) * 1e3, 2), "median": round(statistics.median(b8) * 1e3, 2)},
-                "layer_fraction_of_roofline": round(roofline_s / statistics.median(b1), 3),
+                "layer_fraction_of_roofline": round(fractions[1], 3),
                 "b8_experts_read": round(statistics.mean(touched), 2),
-                "layer_b8_roofline_ms": round(per_layer_b8 / bandwidth * 1e3, 2),
-                "layer_b8_fraction_of_roofline": round(per_layer_b8 / bandwidth / statistics.median(b8), 3),
+                "layer_b8_bytes_per_step": round(per_step[8]),
+                "layer_b8_fraction_of_roofline": round(fractions[8], 3),
                 "grok1_tokens_per_s": round(1 / (layers * statistics.median(b1)), 3),
                 "grok1_roofline_tokens_per_s": round(1 / (layers * roofline_s), 3),
             },

@@ -9,7 +9,7 @@ G equal blocks, one scale per (block, output column). We hold it as nn.Linear do
 is exactly the reference's `x @ (w * scales)`: within a block the scale is a per-column constant.
 G = 1 is ordinary per-output-channel int8.
 
-Kernels, best first: the native AVX2 kernel (`groklm.kernels`, bf16 activations on CPU); torch's
+Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, bf16 activations on CPU); torch's
 `_weight_int8pack_mm` (CPU, bf16, G = 1); otherwise dequantize this one weight for the call.
 """
 
