@@ -174,7 +174,7 @@ static inline __attribute__((always_inline)) void dot4(
     const int16_t *const *xr, const float *const *xsr, int K, const uint8_t *const *w, const uint16_t *const *s,
     int G, int chunk, float *const *res, const int NT, const int MT) {
     const int group = K / G;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256i low4 = _mm256_set1_epi16(0x0f);
     const __m256i eight = _mm256_set1_epi16(8);
     __m256 out[4][4];
     for (int j = 0; j < NT; j++)
@@ -186,9 +186,10 @@ static inline __attribute__((always_inline)) void dot4(
             for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
         for (int k = 0; k < group; k += 32) {
             for (int j = 0; j < NT; j++) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)(w[j] + (col + k) / 2));
-                const __m256i wl = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(v, low4)), eight);
-                const __m256i wh = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4)), eight);
+                /* one widening of the 16 bytes, then both nibbles of each 16-bit lane */
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + (col + k) / 2)));
+                const __m256i wl = _mm256_sub_epi16(_mm256_and_si256(v, low4), eight);
+                const __m256i wh = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
                 for (int i = 0; i < MT; i++) {
                     const int16_t *xp = xr[i] + col + k;
 #if VNNI
