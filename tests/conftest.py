@@ -19,6 +19,22 @@ GOLDEN = SHARED / "golden" / "grok1-tiny12"
 TOKENIZER = SHARED / "tokenizer" / "grok-1" / "tokenizer.model"
 
 
+def status_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, which it returns. (The peak that
+    getrusage reports is no good in a subprocess: a forked child inherits its parent's.)"""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_bytes("VmRSS")
+
+
+def peak_rss_since_reset() -> int:
+    return status_bytes("VmHWM")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_network() -> Any:
     """Any connection to a non-loopback address fails the test that makes it."""

@@ -13,7 +13,7 @@ import groklm
 from groklm import kernels
 from groklm.checkpoint import CheckpointError
 from groklm.config import GrokConfig
-from groklm.native import save_native
+from groklm.native import convert, save_native
 from groklm.quant import (
     Int4ExpertLinear,
     dequantize_weight,
@@ -152,3 +152,70 @@ def test_mmap_loading_pages_weights_in_on_use(tmp_path: Path, mini_ckpt: Path) -
     assert torch.equal(torch.tensor(m["logits"]), expected)
     with pytest.raises(ValueError, match="mmap loading needs groklm's own layout"):
         groklm.load(mini_ckpt, mmap=True, progress=False)
+
+
+def _shards(d: Path) -> dict[str, torch.Tensor]:
+    return {name: t for shard in sorted(d.glob("model-*.safetensors")) for name, t in load_file(str(shard)).items()}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convert_layer_by_layer_equals_the_whole_model_path(tmp_path: Path, mini_ckpt: Path, bits: int) -> None:
+    """`convert` (the quantize command) streams one layer at a time; its files equal those of loading
+    the whole model, quantizing it and saving it, tensor for tensor and bit for bit. From groklm's
+    int8 layout too."""
+    model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
+    if bits == 4:
+        quantize_int4(model, group_size=64)
+    save_native(model, tmp_path / "whole")
+    want = _shards(tmp_path / "whole")
+    convert(mini_ckpt, tmp_path / "streamed", bits, group_size=64, progress=False)
+    sources = [tmp_path / "streamed"]
+    if bits == 4:  # int8 layout -> int4, from the memory maps
+        convert(mini_ckpt, tmp_path / "n8", 8, progress=False)
+        convert(tmp_path / "n8", tmp_path / "from-native", 4, group_size=64, progress=False)
+        sources.append(tmp_path / "from-native")
+    for d in sources:
+        got = _shards(d)
+        assert sorted(got) == sorted(want)
+        for name, t in want.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+        assert (d / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+    if bits == 4:
+        with pytest.raises(ValueError, match="is int4: int8 cannot be recovered"):
+            convert(tmp_path / "streamed", tmp_path / "back", 8, progress=False)
+
+
+_CONVERT_RSS = r"""
+import json, sys, torch
+from groklm.native import convert
+from tests.conftest import peak_rss_since_reset, reset_peak_rss
+before = reset_peak_rss()  # after the imports' own transient peak
+convert(sys.argv[1], sys.argv[2], int(sys.argv[3]), progress=False)
+print(json.dumps({"before": before, "peak": peak_rss_since_reset()}))
+"""
+
+
+def test_convert_holds_one_layer_not_the_model(tmp_path: Path) -> None:
+    """Six layers of ~100 MiB of int8 experts (a small vocabulary, so the layers are the model): what
+    converting adds to the process's memory peaks at 1-3 layers for int8 (the layer, and safetensors'
+    serialized copy of it) and about 3 for int4 (float temporaries, the int4 result); loading the
+    model first adds 6 and 11 (measured)."""
+    import subprocess
+    import sys
+
+    config = groklm.get_preset("mini").replace(
+        vocab_size=1024, emb_size=1024, num_q_heads=8, num_kv_heads=2, key_size=128, num_layers=6, widening_factor=6.0
+    )
+    groklm.write_random_checkpoint(tmp_path / "src", config, seed=0, progress=False)
+    layer = sum(f.stat().st_size for f in (tmp_path / "src" / "ckpt-0").iterdir()) / config.num_layers
+    assert layer > 90 * 2**20
+    for bits in (8, 4):
+        out = subprocess.run(
+            [sys.executable, "-c", _CONVERT_RSS, str(tmp_path / "src"), str(tmp_path / f"n{bits}"), str(bits)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        m = json.loads(out.stdout)
+        assert m["peak"] - m["before"] < (3 if bits == 8 else 4.5) * layer, (bits, m, layer)

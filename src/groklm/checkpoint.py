@@ -472,6 +472,82 @@ def load(
         )
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    released = open_released(path, config, dtype, quantize_head)
+    bar = progress_bar(len(released.params), f"loading {released.ckpt}", progress)
+    for part in released.parts():
+        released.fill(part, device, bar)
+    bar.close()
+    return released.model.eval().requires_grad_(False)
+
+
+@dataclass
+class Released:
+    """A released checkpoint, parsed and checked, its model laid out on the meta device; `fill` gives
+    one part of it storage and copies that part's tensors in. A part is a decoder layer
+    ("layers.3") or everything else (""): loading fills them all, a conversion one at a time."""
+
+    ckpt: Path
+    model: Grok
+    params: list[RefParam]
+    records: list[Record]
+    quantize_head: bool
+    map_embedding: bool
+
+    def parts(self) -> list[str]:
+        return ["", *(f"layers.{i}" for i in range(self.model.config.num_layers))]
+
+    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
+        model = self.model
+        if part:
+            model.get_submodule(part).to_empty(device=device)
+        else:
+            for name, child in model.named_children():
+                if name != "layers":
+                    child.to_empty(device=device)
+        with torch.no_grad():
+            for p, rec in zip(self.params, self.records, strict=True):
+                if _part_of(p.module) == part:
+                    self._fill_param(p, rec)
+                    if bar is not None:
+                        bar.update(1)
+
+    def _fill_param(self, p: RefParam, rec: Record) -> None:
+        file = self.ckpt / p.file
+        model = self.model
+        module = model.get_submodule(p.module)
+        try:
+            if isinstance(rec, QuantizedWeight8bit):
+                assert isinstance(module, (Int8Linear, Int8ExpertLinear))
+                _fill_transposed(file, rec.weight, module.weight)  # [*L, in, out] -> [*L, out, in]
+                _fill_transposed(file, rec.scales, module.scales)  # [*L, G, out] -> [*L, out, G]
+            elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
+                _fill_transposed(file, rec, module.weight)
+            elif p.kind == "embed" and self.quantize_head:
+                assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
+                for r0, rows in _Reader(file, rec).rows():
+                    fill_int8_head(model.head, r0, rows.float())
+                    if not self.map_embedding:
+                        model.embed.weight[r0 : r0 + rows.shape[0]] = rows
+                if self.map_embedding:
+                    model.embed = MappedEmbedding(file, rec, model.dtype)
+            else:  # embed, norm: same layout
+                _fill_rows(file, rec, module.weight)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} [parameter {p.name}]") from None
+
+
+def _part_of(module: str) -> str:
+    """The part (see `Released`) a module belongs to: "layers.N" or ""."""
+    head, _, rest = module.partition(".")
+    return f"layers.{rest.partition('.')[0]}" if head == "layers" else ""
+
+
+def open_released(
+    path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16, quantize_head: bool = True
+) -> Released:
+    """Parse every pickle of a released checkpoint (no tensor data is read), check names, kinds and
+    shapes against the config (default: config.json beside it, else Grok-1), and lay out the model
+    on the meta device, int8 where the files are."""
     ckpt = find_ckpt_dir(path)
     if config is None:
         config = find_config(ckpt) or GrokConfig()
@@ -482,8 +558,6 @@ def load(
             f"{ckpt}: {len(present)} tensor files, but the config ({config.num_layers} layers) needs "
             f"{len(params)}: wrong config or incomplete download"
         )
-
-    # Pass 1: parse every pickle (no tensor data is read) and check names, kinds and shapes.
     records: list[Record] = []
     groups: dict[str, int] = {}
     for p in params:
@@ -513,38 +587,8 @@ def load(
         with torch.device("meta"):
             model.head = int8_head(config, dtype)
     if map_embedding:
-        del model.embed.weight  # replaced by MappedEmbedding below: never allocated
-    model.to_empty(device=device)
-
-    # Pass 2: copy each tensor's bytes into place.
-    bar = _progress(len(params), f"loading {ckpt}", progress)
-    with torch.no_grad():
-        for p, rec in zip(params, records, strict=True):
-            file = ckpt / p.file
-            module = model.get_submodule(p.module)
-            try:
-                if isinstance(rec, QuantizedWeight8bit):
-                    assert isinstance(module, (Int8Linear, Int8ExpertLinear))
-                    _fill_transposed(file, rec.weight, module.weight)  # [*L, in, out] -> [*L, out, in]
-                    _fill_transposed(file, rec.scales, module.scales)  # [*L, G, out] -> [*L, out, G]
-                elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
-                    _fill_transposed(file, rec, module.weight)
-                elif p.kind == "embed" and quantize_head:
-                    assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
-                    for r0, rows in _Reader(file, rec).rows():
-                        fill_int8_head(model.head, r0, rows.float())
-                        if not map_embedding:
-                            model.embed.weight[r0 : r0 + rows.shape[0]] = rows
-                    if map_embedding:
-                        model.embed = MappedEmbedding(file, rec, dtype)
-                else:  # embed, norm: same layout
-                    _fill_rows(file, rec, module.weight)
-            except CheckpointError as e:
-                raise CheckpointError(f"{e} [parameter {p.name}]") from None
-            bar.update(1)
-    bar.close()
-    model.eval().requires_grad_(False)
-    return model
+        del model.embed.weight  # replaced by MappedEmbedding when filled: never allocated
+    return Released(ckpt, model, params, records, quantize_head, map_embedding)
 
 
 class _NoBar:
@@ -552,7 +596,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
@@ -692,7 +736,7 @@ def write_random_checkpoint(out: str | Path, config: GrokConfig, seed: int = 0, 
     (Path(out) / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     gen = torch.Generator().manual_seed(seed)
     params = reference_params(config)
-    bar = _progress(len(params), f"writing {ckpt}", progress)
+    bar = progress_bar(len(params), f"writing {ckpt}", progress)
     for p in params:
         chunks, scales = _random_param(p, config, gen)
         tmp = ckpt / (p.file + ".tmp")

@@ -88,14 +88,9 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from groklm.native import save_native
-    from groklm.quant import quantize_int4
+    from groklm.native import convert
 
-    config = _config_from_args(args)
-    model = load(args.input, config, dtype=torch.bfloat16, progress=not args.quiet)
-    if args.bits == 4:
-        quantize_int4(model, args.group_size)
-    save_native(model, args.output)
+    convert(args.input, args.output, args.bits, args.group_size, _config_from_args(args), progress=not args.quiet)
     src = Path(args.input)
     for tok in (src / "tokenizer.model", src.parent / "tokenizer.model"):
         if tok.is_file():
