@@ -18,11 +18,11 @@
  * int32 lane sums at most CHUNK_MAX/32 * 2 * 32767 * 128 < 2^30, so it cannot overflow; each
  * segment is then folded into fp32 with its weight scale and activation step.
  *
- * Built with AVX-512 VNNI (and VL: 32 vector registers), each 16 columns cost one fused multiply-add
- * (vpdpwssd) per activation row instead of a madd and an add, and up to 4 activation rows run against
- * the 4 weight streams at once, where AVX2's 16 registers allow 2: batches and prefill are compute-
- * bound, and this is where they gain. The integer sums are exact either way and are folded alike, so
- * both builds give the same bits.
+ * Built with AVX-512 VNNI (32 vector registers), each 32 columns cost one 512-bit fused multiply-add
+ * (vpdpwssd) per activation row instead of two madds and two adds, and up to 4 activation rows run
+ * against the 4 weight streams at once, where AVX2's 16 registers allow 2: batches and prefill are
+ * compute-bound, and this is where they gain. The integer sums are exact either way and are folded
+ * alike, so both builds give the same bits.
  *
  * Output rows are split across OpenMP threads (torch's own libgomp, which the dynamic linker shares
  * with this library under the same soname).
@@ -126,15 +126,25 @@ static inline __attribute__((always_inline)) void dot8(
         for (int j = 0; j < NT; j++)
             for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
 #if VNNI
-        /* 16 columns a step: MT activation loads and NT weight loads feed NT * MT fused
-         * multiply-adds (vpdpwssd), each accumulator a chain of its own. */
-        for (int k = 0; k < seg; k += 16) {
-            __m256i xv[4];
-            for (int i = 0; i < MT; i++) xv[i] = _mm256_loadu_si256((const __m256i *)(xr[i] + c0 + k));
-            for (int j = 0; j < NT; j++) {
-                const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + c0 + k)));
-                for (int i = 0; i < MT; i++) acc[j][i] = _mm256_dpwssd_epi32(acc[j][i], wv, xv[i]);
+        /* 32 columns a step in 512-bit registers: MT activation loads and NT weight loads feed
+         * NT * MT fused multiply-adds (vpdpwssd), each accumulator a chain of its own. Halves of a
+         * 512-bit accumulator hold the same column pairs as two 256-bit steps: added, they are
+         * the AVX2 path's lanes exactly. */
+        {
+            __m512i a5[4][4];
+            for (int j = 0; j < NT; j++)
+                for (int i = 0; i < MT; i++) a5[j][i] = _mm512_setzero_si512();
+            for (int k = 0; k < seg; k += 32) {
+                __m512i xv[4];
+                for (int i = 0; i < MT; i++) xv[i] = _mm512_loadu_si512((const void *)(xr[i] + c0 + k));
+                for (int j = 0; j < NT; j++) {
+                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + c0 + k)));
+                    for (int i = 0; i < MT; i++) a5[j][i] = _mm512_dpwssd_epi32(a5[j][i], wv, xv[i]);
+                }
             }
+            for (int j = 0; j < NT; j++)
+                for (int i = 0; i < MT; i++)
+                    acc[j][i] = _mm256_add_epi32(_mm512_castsi512_si256(a5[j][i]), _mm512_extracti64x4_epi64(a5[j][i], 1));
         }
 #else
         for (int k = 0; k < seg; k += 64) {
