@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
+import struct
 import sys
 import types
 from pathlib import Path
@@ -95,9 +97,40 @@ def test_truncated_header_names_file_and_parameter(ckpt: Path, golden_config: Gr
 
 
 def test_garbage_file_names_file_and_parameter(ckpt: Path, golden_config: GrokConfig) -> None:
-    (ckpt / "tensor00013_000").write_bytes(os.urandom(4096))
+    (ckpt / "tensor00013_000").write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(CheckpointError, match=r"tensor00013_000.*decoder_layer_0/router/w"):
         _load(ckpt, golden_config)
+
+
+@pytest.mark.parametrize(
+    "opcode, length",
+    [
+        (pickle.BINUNICODE8, struct.pack("<Q", 2**62)),
+        (pickle.BYTEARRAY8, struct.pack("<Q", 2**62)),
+        (pickle.BINBYTES8, struct.pack("<Q", 2**62)),
+        (pickle.BINUNICODE, struct.pack("<I", 2**31)),
+        (pickle.LONG4, struct.pack("<i", 2**31 - 1)),
+        (pickle.FRAME, struct.pack("<Q", 2**62)),
+    ],
+)
+def test_huge_lengths_are_refused_without_allocating(tmp_path: Path, opcode: bytes, length: bytes) -> None:
+    """A corrupt length must fail as corrupt, not as a MemoryError (or an exabyte allocation)."""
+    path = tmp_path / "tensor00000_000"
+    path.write_bytes(pickle.PROTO + b"\x04" + opcode + length + b"x" * 64)
+    with pytest.raises(CheckpointError, match=r"tensor00000_000: truncated"):
+        read_record(path)
+
+
+def test_random_garbage_is_always_a_checkpoint_error(tmp_path: Path) -> None:
+    """Many garbage files (fixed seeds; they once hit a huge length about one run in six), and the
+    same behind a valid pickle header: every one is a CheckpointError naming the file."""
+    path = tmp_path / "tensor00000_000"
+    for seed in range(300):
+        rng = random.Random(seed)
+        head = pickle.PROTO + b"\x04" if seed % 2 else b""
+        path.write_bytes(head + rng.randbytes(rng.choice([16, 512, 4096])))
+        with pytest.raises(CheckpointError, match="tensor00000_000"):
+            read_record(path)
 
 
 def test_missing_file_is_reported(ckpt: Path, golden_config: GrokConfig) -> None:

@@ -240,6 +240,39 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+class _BoundedFile:
+    """A file that refuses to read past its end: a corrupt length in a pickle (an 8-byte string
+    length, say) then fails at once instead of asking for exabytes of memory."""
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self._file, self._size = file, size
+
+    def _check(self, n: int) -> None:
+        at = self._file.tell()
+        if n > self._size - at:
+            raise CheckpointError(
+                f"truncated or corrupt: {n} bytes asked for at offset {at}, but the file has {self._size}"
+            )
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n >= 0:
+            self._check(n)
+        return self._file.read(n)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        self._check(len(buffer))
+        return self._file.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+
+    def readline(self) -> bytes:
+        return self._file.readline()
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+
 class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """Pure-Python unpickler that resolves only the globals in `_ALLOWED`, to inert stand-ins.
 
@@ -274,7 +307,17 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._fileobj.seek(length, io.SEEK_CUR)
         self.append(FileSlice(offset, length))
 
+    def _bytearray8(self) -> None:
+        # The stock handler allocates the length it reads before reading: bound it by the file first.
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self._size - self._fileobj.tell():
+            raise CheckpointError(f"truncated or corrupt: a bytearray of {length} bytes, but the file has {self._size}")
+        buffer = bytearray(length)
+        self.readinto(buffer)
+        self.append(buffer)
+
     dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
     dispatch[pickle.BINBYTES[0]] = lambda self: self._bytes("<I")
     dispatch[pickle.SHORT_BINBYTES[0]] = lambda self: self._bytes("<B")
     dispatch[pickle.BINBYTES8[0]] = lambda self: self._bytes("<Q")
@@ -288,7 +331,7 @@ def read_record(path: Path) -> Record:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            obj = SafeUnpickler(f, size).load()
+            obj = SafeUnpickler(_BoundedFile(f, size), size).load()  # type: ignore[arg-type]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
     except CheckpointError as e:
