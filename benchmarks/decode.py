@@ -128,6 +128,14 @@ def decode_steps(
     return seconds, readings
 
 
+def step_fraction(step_bytes: float, seconds: list[float], probes: list[float]) -> float:
+    """Median over steps of (bytes a step reads / its time) over the mean of the bandwidth readings
+    on either side of it (`probes` holds one more reading than there are steps)."""
+    return statistics.median(
+        step_bytes / dt / ((before + after) / 2) for dt, before, after in zip(seconds, probes, probes[1:], strict=False)
+    )
+
+
 def decode_rate(model: Grok, batch: int, steps: int, decode: Decode = decode_one, context: int = 64) -> float:
     """Tokens/s over `steps` decode steps (see `decode_steps`)."""
     return batch * steps / sum(decode_steps(model, batch, steps, decode, context)[0])
@@ -180,12 +188,7 @@ def main() -> None:
             seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3))
             bandwidths.extend(probes)
             rates.append(batch * len(seconds) / sum(seconds))
-            fractions.append(
-                statistics.median(
-                    per_step[batch] / dt / ((before + after) / 2)
-                    for dt, before, after in zip(seconds, probes, probes[1:], strict=False)
-                )
-            )
+            fractions.append(step_fraction(per_step[batch], seconds, probes))
         return rates, fractions
 
     t = time.perf_counter()

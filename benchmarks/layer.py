@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.decode import experts_touched, read_bandwidth, weight_bytes
+from benchmarks.decode import experts_touched, read_bandwidth, step_fraction, weight_bytes
 from groklm.config import get_preset
 from groklm.model import Block, KVCache, rope_tables
 from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8
@@ -96,10 +96,7 @@ def main() -> None:
     for batch in (1, 8):
         secs, probes = step_seconds(blocks, batch, args.context, args.runs, probe=lambda: read_bandwidth(0.5, 3))
         seconds[batch] = [s / args.layers for s in secs]
-        fractions[batch] = statistics.median(
-            per_step[batch] / s / ((before + after) / 2)
-            for s, before, after in zip(seconds[batch], probes, probes[1:], strict=False)
-        )
+        fractions[batch] = step_fraction(per_step[batch], seconds[batch], probes)
         bandwidths.extend(probes)
     b1, b8 = seconds[1], seconds[8]
     per_layer = per_step[1]

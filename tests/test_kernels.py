@@ -33,21 +33,21 @@ def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     """Each test runs on the build this CPU gets and on the AVX2 build (the same where there is no VNNI)."""
     if request.param == "avx2":
         monkeypatch.setenv("GROKLM_ISA", "avx2")
-    kernels._library.cache_clear()
+    kernels._built.cache_clear()
     yield request.param
     monkeypatch.undo()
-    kernels._library.cache_clear()
+    kernels._built.cache_clear()
 
 
 def _on_build(name: str, fn: Callable[[], Tensor]) -> Tensor:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GROKLM_ISA", name)
-        kernels._library.cache_clear()
+        kernels._built.cache_clear()
         try:
             return fn()
         finally:
             mp.undo()
-            kernels._library.cache_clear()
+            kernels._built.cache_clear()
 
 
 def test_kernel_is_built_here() -> None:

@@ -247,20 +247,19 @@ class _BoundedFile:
     def __init__(self, file: BinaryIO, size: int) -> None:
         self._file, self._size = file, size
 
-    def _check(self, n: int) -> None:
+    def check(self, n: int, what: str = "bytes asked for") -> None:
+        """Raise unless `n` more bytes lie between the position and the end."""
         at = self._file.tell()
         if n > self._size - at:
-            raise CheckpointError(
-                f"truncated or corrupt: {n} bytes asked for at offset {at}, but the file has {self._size}"
-            )
+            raise CheckpointError(f"truncated or corrupt: {n} {what} at offset {at}, but the file has {self._size}")
 
     def read(self, n: int = -1) -> bytes:
         if n is not None and n >= 0:
-            self._check(n)
+            self.check(n)
         return self._file.read(n)
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
-        self._check(len(buffer))
+        self.check(len(buffer))
         return self._file.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
 
     def readline(self) -> bytes:
@@ -281,9 +280,8 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """
 
     def __init__(self, file: BinaryIO, size: int) -> None:
-        super().__init__(file)
-        self._fileobj = file
-        self._size = size
+        self._fileobj = _BoundedFile(file, size)  # a corrupt length fails here, before any allocation
+        super().__init__(self._fileobj)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -300,18 +298,14 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             self.append(self.read(length))
             return
         offset = self._fileobj.tell()
-        if offset + length > self._size:
-            raise CheckpointError(
-                f"truncated: {length} bytes of data at offset {offset}, but the file has {self._size}"
-            )
+        self._fileobj.check(length, "bytes of data")
         self._fileobj.seek(length, io.SEEK_CUR)
         self.append(FileSlice(offset, length))
 
     def _bytearray8(self) -> None:
         # The stock handler allocates the length it reads before reading: bound it by the file first.
         (length,) = struct.unpack("<Q", self.read(8))
-        if length > self._size - self._fileobj.tell():
-            raise CheckpointError(f"truncated or corrupt: a bytearray of {length} bytes, but the file has {self._size}")
+        self._fileobj.check(length, "bytes of bytearray")
         buffer = bytearray(length)
         self.readinto(buffer)
         self.append(buffer)
@@ -331,7 +325,7 @@ def read_record(path: Path) -> Record:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            obj = SafeUnpickler(_BoundedFile(f, size), size).load()  # type: ignore[arg-type]
+            obj = SafeUnpickler(f, size).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
     except CheckpointError as e:

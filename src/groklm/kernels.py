@@ -62,17 +62,21 @@ def _cpu_has_vnni() -> bool:
     return _VNNI_CPU_FLAGS <= set(flags)
 
 
-_ISA: list[str] = []
-
-
 def isa() -> str | None:
     """The instruction set the kernels were built for: "avx512vnni" where the CPU has it, else "avx2";
     None without native kernels. `GROKLM_ISA=avx2` forces the AVX2 build."""
-    return _ISA[0] if _library() is not None else None
+    built = _built()
+    return built[1] if built else None
+
+
+def _library() -> ctypes.CDLL | None:
+    built = _built()
+    return built[0] if built else None
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _built() -> tuple[ctypes.CDLL, str] | None:
+    """The loaded library and the instruction set it was built for, or None."""
     if os.environ.get("GROKLM_NATIVE", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -82,13 +86,17 @@ def _library() -> ctypes.CDLL | None:
         return None
     extra = os.environ.get("GROKLM_CFLAGS", "").split()  # for tuning
     builds = [("avx512vnni", _VNNI_FLAGS)] if _cpu_has_vnni() else []
-    for name, flags in [*builds, ("avx2", [])]:
-        lib = _compile(compiler, [*_FLAGS, *flags, *extra])
-        if lib is not None:
-            _ISA[:] = [name]
-            break
-    else:
+    found = next(
+        (
+            (lib, name)
+            for name, flags in [*builds, ("avx2", [])]
+            if (lib := _compile(compiler, [*_FLAGS, *flags, *extra]))
+        ),
+        None,
+    )
+    if found is None:
         return None
+    lib, name = found
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
@@ -98,7 +106,7 @@ def _library() -> ctypes.CDLL | None:
     tanh8 = _torch_symbol("Sleef_tanhf8_u10")
     if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
         cdll.groklm_set_tanh8(tanh8)
-    return cdll
+    return cdll, name
 
 
 def _torch_symbol(name: str) -> int | None:
