@@ -183,3 +183,24 @@ def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.Monk
     for got, want in zip(fused, Attention.qkv(attn, x), strict=True):  # one call per projection
         assert torch.equal(got, want)
     assert calls == [3, 1, 1, 1]
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (37, 100), (100, 37), (2048, 320), (5, 3), (1, 64)])
+def test_transpose_into_a_slice_of_a_wider_matrix(shape: tuple[int, int]) -> None:
+    """The loader's [in, out] -> [out, in]: tiles, ragged edges, and a destination that is a column
+    slice of a wider matrix, whose other columns stay as they were."""
+    rows, cols = shape
+    src = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(rows * cols))
+    wide = torch.full((cols, rows + 11), 7, dtype=torch.int8)
+    dst = wide[:, 5 : 5 + rows]
+    assert kernels.transpose_into(dst, src)
+    assert torch.equal(dst, src.T)
+    assert wide[:, :5].eq(7).all() and wide[:, 5 + rows :].eq(7).all()
+
+
+def test_transpose_into_declines_what_it_does_not_take() -> None:
+    src = torch.zeros(8, 4, dtype=torch.int8)
+    assert not kernels.transpose_into(torch.empty(4, 8, dtype=torch.bfloat16), src.bfloat16())  # 2-byte elements
+    assert not kernels.transpose_into(torch.empty(8, 4, dtype=torch.int8), src)  # not [cols, rows]
+    assert not kernels.transpose_into(torch.empty(8, 4, dtype=torch.int8).T, src)  # columns not contiguous
+    assert not kernels.transpose_into(torch.empty(4, 8, dtype=torch.int8), src.T.contiguous().T)  # src strided

@@ -103,6 +103,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
     cdll.groklm_moe.argtypes = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, *[p] * 7, p]
     cdll.groklm_set_tanh8.argtypes = [p]
+    cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
     tanh8 = _torch_symbol("Sleef_tanhf8_u10")
     if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
         cdll.groklm_set_tanh8(tanh8)
@@ -147,6 +148,27 @@ def supports(weight: Tensor, scales: Tensor) -> bool:
 def supports_int4(packed: Tensor, scales: Tensor) -> bool:
     """Whether int4_matmul takes this packed weight [N, K/2] (uint8) with bf16 scales [N, G]."""
     return _fits(packed, scales, torch.uint8, packed.shape[-1] * 2, 32)
+
+
+def transpose_into(dst: Tensor, src: Tensor) -> bool:
+    """dst[...] = src.T for a 2-D one-byte src [rows, cols] and dst [cols, rows] whose rows may be a
+    slice of a wider matrix (unit column stride), in one native call (tiled, threaded). Returns False,
+    doing nothing, where the native library or these layouts are not there: the caller copies with torch."""
+    lib = _library()
+    if (
+        lib is None
+        or src.element_size() != 1
+        or dst.dtype != src.dtype
+        or src.dim() != 2
+        or dst.shape != (src.shape[1], src.shape[0])
+        or not src.is_contiguous()
+        or dst.stride(1) != 1
+        or src.device.type != "cpu"
+        or dst.device.type != "cpu"
+    ):
+        return False
+    lib.groklm_transpose8(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
+    return True
 
 
 Weight = tuple[Tensor, Tensor]
