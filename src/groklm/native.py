@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from groklm.checkpoint import CheckpointError, MappedEmbedding, open_released, progress_bar
+from groklm.checkpoint import CheckpointError, MappedEmbedding, advise_huge_pages, open_released, progress_bar
 from groklm.config import GrokConfig
 from groklm.model import Grok
 from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, quantize_int8
@@ -188,6 +188,7 @@ def load_native(
         raise ValueError("mmap loading is for the CPU")
     if not mmap:
         model.to_empty(device=device)
+        advise_huge_pages([*model.parameters(), *model.buffers()])
     targets = dict(model.state_dict(keep_vars=True))
     by_shard: dict[Path, list[str]] = {}
     for name, (shard, _, _) in stored.items():
