@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.decode import experts_touched, read_bandwidth, step_fraction, weight_bytes
+from groklm.checkpoint import advise_huge_pages
 from groklm.config import get_preset
 from groklm.model import Block, KVCache, rope_tables
 from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8
@@ -33,6 +34,7 @@ def build_layer(seed: int) -> Block:
         block, lambda name: None if name.endswith("router") else 8 if name.endswith(("attn.wo", "moe.w2")) else 1
     )
     block.to_empty(device="cpu")
+    advise_huge_pages([*block.parameters(), *block.buffers()])  # as the loaders do
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in block.modules():
