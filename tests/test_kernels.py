@@ -7,6 +7,7 @@ import platform
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from groklm.quant import (
     quantize_weight_int4,
 )
 
+T = TypeVar("T")
+
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 kernel is x86 only")
 
 
@@ -33,21 +36,21 @@ def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     """Each test runs on the build this CPU gets and on the AVX2 build (the same where there is no VNNI)."""
     if request.param == "avx2":
         monkeypatch.setenv("GROKLM_ISA", "avx2")
-    kernels._built.cache_clear()
+    kernels.rebuild()
     yield request.param
     monkeypatch.undo()
-    kernels._built.cache_clear()
+    kernels.rebuild()
 
 
-def _on_build(name: str, fn: Callable[[], Tensor]) -> Tensor:
+def _on_build(name: str, fn: Callable[[], T]) -> T:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GROKLM_ISA", name)
-        kernels._built.cache_clear()
+        kernels.rebuild()
         try:
             return fn()
         finally:
             mp.undo()
-            kernels._built.cache_clear()
+            kernels.rebuild()
 
 
 def test_kernel_is_built_here() -> None:
@@ -70,8 +73,12 @@ def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
     w = torch.randn(1030, 2048, generator=g)
     q, s = quantize_weight(w, 8, torch.bfloat16) if bits == 8 else quantize_weight_int4(w, 64, torch.bfloat16)
     x = torch.randn(rows, 2048, generator=g).bfloat16()
-    outs = [_on_build(name, lambda: kernels.linear(bits, x, [(q, s)], torch.float32)[0]) for name in ("", "avx2")]
-    assert torch.equal(outs[0], outs[1])
+    outs = [
+        _on_build(name, lambda: (kernels.isa(), kernels.linear(bits, x, [(q, s)], torch.float32)[0]))
+        for name in ("", "avx2")
+    ]
+    assert [isa for isa, _ in outs] == ["avx512vnni", "avx2"]  # each call ran on the build it names
+    assert torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
@@ -204,3 +211,26 @@ def test_transpose_into_declines_what_it_does_not_take() -> None:
     assert not kernels.transpose_into(torch.empty(8, 4, dtype=torch.int8), src)  # not [cols, rows]
     assert not kernels.transpose_into(torch.empty(8, 4, dtype=torch.int8).T, src)  # columns not contiguous
     assert not kernels.transpose_into(torch.empty(4, 8, dtype=torch.int8), src.T.contiguous().T)  # src strided
+
+
+def test_weights_replaced_or_moved_are_checked_again() -> None:
+    """The per-weight layout cache follows the tensors: a new tensor object, or the same object moved
+    to other storage (set_), is checked and read anew, never through a stale address."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 512, generator=g).bfloat16()
+    q1, s1 = quantize_weight(torch.randn(64, 512, generator=g), 1, torch.bfloat16)
+    q2, s2 = quantize_weight(torch.randn(64, 512, generator=g), 1, torch.bfloat16)
+
+    def reference(q: Tensor, s: Tensor) -> Tensor:
+        return x.float() @ dequantize_weight(q, s).T
+
+    torch.testing.assert_close(kernels.int8_matmul(x, q1, s1, torch.float32), reference(q1, s1), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(kernels.int8_matmul(x, q2, s2, torch.float32), reference(q2, s2), rtol=2e-3, atol=2e-3)
+    w, s = q1.clone(), s1.clone()
+    kernels.int8_matmul(x, w, s)
+    w.set_(q2.clone())
+    s.set_(s2.clone())
+    torch.testing.assert_close(kernels.int8_matmul(x, w, s, torch.float32), reference(q2, s2), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="does not take"):
+        w.set_(torch.zeros(64, 100, dtype=torch.int8))  # now a shape the kernel refuses
+        kernels.int8_matmul(x, w, s)

@@ -15,7 +15,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -101,13 +102,20 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
-    cdll.groklm_moe.argtypes = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, *[p] * 7, p]
+    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, p], i
     cdll.groklm_set_tanh8.argtypes = [p]
     cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
     tanh8 = _torch_symbol("Sleef_tanhf8_u10")
     if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
         cdll.groklm_set_tanh8(tanh8)
     return cdll, name
+
+
+def rebuild() -> None:
+    """Forget the loaded library and everything checked against it: the next call builds (or finds in
+    the cache) and loads the library for the current environment, e.g. after setting GROKLM_ISA."""
+    _built.cache_clear()
+    _CHECKED.clear()
 
 
 def _torch_symbol(name: str) -> int | None:
@@ -206,39 +214,93 @@ def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
-    lib = _library()
-    if lib is None or not supports_linear(bits, parts):
+class _Checked:
+    """What a native call needs of its weights, worked out and checked once for these tensor objects
+    at these addresses. Decode makes ~25 kernel calls a token, each after its weights have swept the
+    CPU caches, and there every torch call the wrapper makes costs 7-50 us (measured: the whole
+    wrapper took 150 us per call cold, the kernel itself 140 us for a 4 MB weight)."""
+
+    def __init__(self, tensors: Sequence[Tensor], args: tuple) -> None:
+        self.refs = tuple(weakref.ref(t) for t in tensors)
+        self.addresses = tuple(t.data_ptr() for t in tensors)
+        self.args = args
+
+    def holds(self, tensors: Sequence[Tensor]) -> bool:
+        return all(r() is t for r, t in zip(self.refs, tensors, strict=True)) and all(
+            t.data_ptr() == a for t, a in zip(tensors, self.addresses, strict=True)
+        )
+
+
+_CHECKED: dict[tuple[int, ...], _Checked] = {}
+
+
+def _checked(tensors: Sequence[Tensor], check: Callable[[], tuple]) -> tuple:
+    """`check()`'s result for these tensors, from the cache while they are the same objects at the same
+    addresses (weak references: the cache keeps no weight alive), else `check()` run again."""
+    key = tuple(map(id, tensors))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit.holds(tensors):
+        return hit.args
+    args = check()
+    if len(_CHECKED) >= 1024:  # entries of freed weights
+        for stale in [k for k, c in _CHECKED.items() if any(r() is None for r in c.refs)]:
+            del _CHECKED[stale]
+    _CHECKED[key] = _Checked(tensors, args)
+    return args
+
+
+def _linear_layout(bits: int, parts: Sequence[Weight]) -> tuple:
+    if _library() is None or not supports_linear(bits, parts):
         raise ValueError(
             f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
         )
-    k, groups, m = _in_features(bits, parts[0][0]), parts[0][1].shape[-1], x.shape[0]
+    k, groups = _in_features(bits, parts[0][0]), parts[0][1].shape[-1]
+    sizes = [s.shape[0] for _, s in parts]
+    return (
+        _library(), k, groups, _chunk(bits, k, groups), sizes,
+        _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
+        _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]),
+        _pointers(ctypes.c_int, sizes), ctypes.c_void_p * len(parts),
+    )  # fmt: skip
+
+
+def _bf16(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
+
+
+def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
+    lib, k, groups, chunk, sizes, w_ptrs, s_ptrs, n_arr, y_array = _checked(
+        [t for part in parts for t in part], lambda: _linear_layout(bits, parts)
+    )
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weights expect [rows, {k}]")
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
-    xb = x.to(torch.bfloat16).contiguous()
-    ys = [torch.empty(m, s.shape[0], dtype=out_dtype) for _, s in parts]
+    xb, m = _bf16(x), x.shape[0]
+    ys = [torch.empty(m, n, dtype=out_dtype) for n in sizes]
     lib.groklm_linear(
-        bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
-        _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
-        _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
-        _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
-        _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]), int(out_dtype == torch.bfloat16),
+        bits, xb.data_ptr(), m, k, chunk, len(sizes), w_ptrs, s_ptrs, groups, n_arr,
+        y_array(*(y.data_ptr() for y in ys)), int(out_dtype == torch.bfloat16),
     )  # fmt: skip
     return ys
 
 
-# Under torch.compile the kernels are opaque custom ops (the compiler fuses what lies between them);
-# in eager mode they are called directly, without the dispatcher's overhead.
-@torch.library.custom_op("groklm::linear", mutates_args=())
+# Under torch.compile the kernels are opaque ops (the compiler fuses what lies between them); in
+# eager mode they are called directly, without the dispatcher. They are defined with a plain
+# torch.library.Library, not torch.library.custom_op: decode calls them ~25 times a token with cold
+# caches, and custom_op's Python wrapping cost 90 us a call there (measured: 396 against 309 us).
+_OPS = torch.library.Library("groklm", "DEF")
+_OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor[]")
+_OPS.define("moe(Tensor x, Tensor experts, Tensor gates, int bits, Tensor[] weights) -> Tensor")
+
+
 def _linear_op(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
     return _linear(
         bits, x, list(zip(weights[::2], weights[1::2], strict=True)), torch.float32 if fp32 else torch.bfloat16
     )
 
 
-@_linear_op.register_fake
+@torch.library.register_fake("groklm::linear")
 def _(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
     dtype = torch.float32 if fp32 else torch.bfloat16
     return [x.new_empty(x.shape[0], s.shape[0], dtype=dtype) for s in weights[1::2]]
@@ -250,7 +312,7 @@ def linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype
     (bf16 or fp32). x is read as bf16; accumulation is fp32, rounded once at the end. One pass over
     all the weights: an attention layer's q, k and v together cost one call, not three."""
     if torch.compiler.is_compiling():
-        return _linear_op(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
+        return torch.ops.groklm.linear(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
     return _linear(bits, x, parts, out_dtype)
 
 
@@ -279,15 +341,18 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
     )
 
 
-@torch.library.custom_op("groklm::moe", mutates_args=())
 def _moe_op(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
     w1, s1, v, sv, w2, s2 = weights
     return _moe(x, experts, gates, bits, (w1, s1), (v, sv), (w2, s2))
 
 
-@_moe_op.register_fake
+@torch.library.register_fake("groklm::moe")
 def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
     return x.new_empty(x.shape, dtype=torch.bfloat16)
+
+
+_OPS.impl("linear", _linear_op, "CPU")
+_OPS.impl("moe", _moe_op, "CPU")
 
 
 def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
@@ -298,38 +363,35 @@ def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Exp
     synchronisation on the routing.
     """
     if torch.compiler.is_compiling():
-        return _moe_op(x, experts, gates, bits, [*w1, *v, *w2])
+        return torch.ops.groklm.moe(x, experts, gates, bits, [*w1, *v, *w2])
     return _moe(x, experts, gates, bits, w1, v, w2)
 
 
-def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
-    lib = _library()
-    assert lib is not None and supports_moe(bits, w1, v, w2)
-    n, d = x.shape
+def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> tuple:
+    if _library() is None or not supports_moe(bits, w1, v, w2):
+        raise ValueError(f"the native int{bits} MoE does not take these experts: {tuple(w1[0].shape)}")
     e, f = w1[1].shape[:2]
-    topk = experts.shape[1]
-    if _in_features(bits, w1[0]) != d or _in_features(bits, w2[0]) != f or w2[1].shape[:2] != (e, d):
-        raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit x {tuple(x.shape)}")
-    p = n * topk
+    d = _in_features(bits, w1[0])
+    if _in_features(bits, w2[0]) != f or tuple(w2[1].shape[:2]) != (e, d):
+        raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit together")
     chunk_d, chunk_f = _chunk(bits, d, w1[1].shape[-1]), _chunk(bits, f, w2[1].shape[-1])
-    xb = x.to(torch.bfloat16).contiguous()
-    ids = experts.to(torch.int64).contiguous()
-    g = gates.to(torch.float32).contiguous()
-    scratch = [
-        torch.empty(n, d, dtype=torch.int16),
-        torch.empty(n, d // chunk_d, dtype=torch.float32),
-        torch.empty(p, f, dtype=torch.bfloat16),
-        torch.empty(p, f, dtype=torch.int16),
-        torch.empty(p, f // chunk_f, dtype=torch.float32),
-        torch.empty(p, d, dtype=torch.float32),
-        torch.empty(2 * p + 3 * e + 1, dtype=torch.int32),
-    ]
+    weights = [(w.data_ptr(), s.data_ptr(), s.shape[-1]) for w, s in (w1, v, w2)]
+    return _library(), e, f, d, chunk_d, chunk_f, [a for w in weights for a in w]
+
+
+def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+    lib, e, f, d, chunk_d, chunk_f, weights = _checked([*w1, *v, *w2], lambda: _moe_layout(bits, w1, v, w2))
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"x has shape {tuple(x.shape)}, the experts expect [tokens, {d}]")
+    n, topk = x.shape[0], experts.shape[-1]
+    if tuple(experts.shape) != (n, topk) or tuple(gates.shape) != (n, topk):
+        raise ValueError(f"experts {tuple(experts.shape)} and gates {tuple(gates.shape)} must both be [{n}, k]")
+    xb = _bf16(x)
+    ids = experts if experts.dtype == torch.int64 and experts.is_contiguous() else experts.to(torch.int64).contiguous()
+    g = gates if gates.dtype == torch.float32 and gates.is_contiguous() else gates.to(torch.float32).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
-    lib.groklm_moe(
-        bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f,
-        w1[0].data_ptr(), w1[1].data_ptr(), w1[1].shape[-1],
-        v[0].data_ptr(), v[1].data_ptr(), v[1].shape[-1],
-        w2[0].data_ptr(), w2[1].data_ptr(), w2[1].shape[-1],
-        chunk_d, chunk_f, *(t.data_ptr() for t in scratch), y.data_ptr(),
-    )  # fmt: skip
+    if lib.groklm_moe(
+        bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
+    ):
+        raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y

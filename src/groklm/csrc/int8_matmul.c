@@ -364,9 +364,9 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
  * with the roundings of the reference's bf16 computation (and of the torch path). Pairs (t, j) are
  * grouped by expert (a counting sort, stable), and each chosen expert's weights are read once for
  * all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
- * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Scratch from the caller:
- * xq [N, D], xs [N, D / chunk_d], h [P, F] (bf16), hq [P, F], hs [P, F / chunk_f], pairs [P, D]
- * (fp32), idx [2P + 3E + 1] (ints); P = N * topk. */
+ * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Its scratch is allocated
+ * here (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
+ * (y then unwritten). */
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
@@ -418,11 +418,19 @@ static void gelu_product(const float *a, const float *b, int n, int m, uint16_t 
     }
 }
 
-void groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts, const float *gates, int topk,
+int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts, const float *gates, int topk,
                 int E, int F, const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
-                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int16_t *xq, float *xs,
-                uint16_t *h, int16_t *hq, float *hs, float *pairs, int *idx, uint16_t *y) {
+                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, uint16_t *y) {
     const int P = N * topk;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
+    float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
+    float *pairs = malloc(sizeof(float) * (size_t)P * D);
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)P * F);
+    int *idx = malloc(sizeof(int) * (size_t)(2 * P + 3 * E + 1));
+    if (!xq || !hq || !xs || !hs || !pairs || !h || !idx) {
+        free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
+        return -1;
+    }
     int *order = idx, *token = idx + P, *count = idx + 2 * P, *start = count + E, *fill = start + E + 1;
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
@@ -489,6 +497,8 @@ void groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *expert
             }
         free(r1);
     }
+    free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
+    return 0;
 }
 
 /* ---- loading -----------------------------------------------------------------------------------
