@@ -657,12 +657,12 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def convert(
         fill = released.fill
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    bar = progress_bar(model.config.num_layers + 1, f"converting to int{bits}", progress)
+    bar = progress_bar(model.config.num_layers + 1, f"converting to int{bits}", progress, unit="part")
     for i, layer in enumerate(model.layers):
         fill(f"layers.{i}")
         if bits == 4:
