@@ -124,7 +124,7 @@ def test_moe_runs_only_the_chosen_experts(mini_fp32: groklm.Grok) -> None:
 
 
 def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
-    """torch.compile of the decode step (bf16, native kernels as custom ops): no graph breaks, the
+    """torch.compile of the decode step (bf16, native kernels as opaque ops): no graph breaks, the
     same logits as eager mode, the same greedy tokens, and no recompiling per request."""
     model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
     assert isinstance(model.layers[0].moe, QuantizedMoE)

@@ -18,6 +18,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -220,7 +221,7 @@ class _Checked:
     CPU caches, and there every torch call the wrapper makes costs 7-50 us (measured: the whole
     wrapper took 150 us per call cold, the kernel itself 140 us for a 4 MB weight)."""
 
-    def __init__(self, tensors: Sequence[Tensor], args: tuple) -> None:
+    def __init__(self, tensors: Sequence[Tensor], args: Any) -> None:
         self.refs = tuple(weakref.ref(t) for t in tensors)
         self.addresses = tuple(t.data_ptr() for t in tensors)
         self.args = args
@@ -232,9 +233,10 @@ class _Checked:
 
 
 _CHECKED: dict[tuple[int, ...], _Checked] = {}
+L = TypeVar("L")
 
 
-def _checked(tensors: Sequence[Tensor], check: Callable[[], tuple]) -> tuple:
+def _checked(tensors: Sequence[Tensor], check: Callable[[], L]) -> L:
     """`check()`'s result for these tensors, from the cache while they are the same objects at the same
     addresses (weak references: the cache keeps no weight alive), else `check()` run again."""
     key = tuple(map(id, tensors))
@@ -249,15 +251,28 @@ def _checked(tensors: Sequence[Tensor], check: Callable[[], tuple]) -> tuple:
     return args
 
 
-def _linear_layout(bits: int, parts: Sequence[Weight]) -> tuple:
-    if _library() is None or not supports_linear(bits, parts):
+class _LinearLayout(NamedTuple):
+    lib: ctypes.CDLL
+    k: int  # input features
+    groups: int  # scale groups
+    chunk: int  # activation chunk
+    sizes: list[int]  # output features of each weight
+    weights: ctypes.Array  # their addresses
+    scales: ctypes.Array
+    sizes_array: ctypes.Array
+    outputs: type  # the ctypes array type for the outputs' addresses
+
+
+def _linear_layout(bits: int, parts: Sequence[Weight]) -> _LinearLayout:
+    lib = _library()
+    if lib is None or not supports_linear(bits, parts):
         raise ValueError(
             f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
         )
     k, groups = _in_features(bits, parts[0][0]), parts[0][1].shape[-1]
     sizes = [s.shape[0] for _, s in parts]
-    return (
-        _library(), k, groups, _chunk(bits, k, groups), sizes,
+    return _LinearLayout(
+        lib, k, groups, _chunk(bits, k, groups), sizes,
         _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]),
         _pointers(ctypes.c_int, sizes), ctypes.c_void_p * len(parts),
@@ -367,8 +382,19 @@ def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Exp
     return _moe(x, experts, gates, bits, w1, v, w2)
 
 
-def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> tuple:
-    if _library() is None or not supports_moe(bits, w1, v, w2):
+class _MoELayout(NamedTuple):
+    lib: ctypes.CDLL
+    experts: int
+    ffn: int
+    width: int
+    chunk_width: int  # activation chunks of x
+    chunk_ffn: int  # and of the hidden layer
+    weights: list[int]  # (weight address, scales address, scale groups) of W1, V, W2
+
+
+def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> _MoELayout:
+    lib = _library()
+    if lib is None or not supports_moe(bits, w1, v, w2):
         raise ValueError(f"the native int{bits} MoE does not take these experts: {tuple(w1[0].shape)}")
     e, f = w1[1].shape[:2]
     d = _in_features(bits, w1[0])
@@ -376,7 +402,7 @@ def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> tuple:
         raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit together")
     chunk_d, chunk_f = _chunk(bits, d, w1[1].shape[-1]), _chunk(bits, f, w2[1].shape[-1])
     weights = [(w.data_ptr(), s.data_ptr(), s.shape[-1]) for w, s in (w1, v, w2)]
-    return _library(), e, f, d, chunk_d, chunk_f, [a for w in weights for a in w]
+    return _MoELayout(lib, e, f, d, chunk_d, chunk_f, [a for w in weights for a in w])
 
 
 def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
