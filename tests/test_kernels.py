@@ -3,8 +3,11 @@ on every row-tile remainder and group count, and the two builds agree bit for bi
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -181,9 +184,11 @@ def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.Monk
     quantize_int8(attn, lambda name: 1, torch.bfloat16)
     assert type(attn) is QuantizedAttention
     x = torch.randn(2, 3, config.emb_size).bfloat16()
-    real, calls = kernels._linear, []
+    real, calls = kernels.linear, []
     monkeypatch.setattr(
-        kernels, "_linear", lambda bits, x, parts, dtype: calls.append(len(parts)) or real(bits, x, parts, dtype)
+        kernels,
+        "linear",
+        lambda bits, x, parts, dtype=torch.bfloat16: calls.append(len(parts)) or real(bits, x, parts, dtype),
     )
     fused = attn.qkv(x)
     assert calls == [3]
@@ -234,3 +239,49 @@ def test_weights_replaced_or_moved_are_checked_again() -> None:
     with pytest.raises(ValueError, match="does not take"):
         w.set_(torch.zeros(64, 100, dtype=torch.int8))  # now a shape the kernel refuses
         kernels.int8_matmul(x, w, s)
+
+
+def test_expert_ids_outside_the_layer_are_refused() -> None:
+    config = get_preset("mini")
+    moe = MoE(config, torch.bfloat16)
+    quantize_int8(moe, lambda name: 1, torch.bfloat16)
+    xs = torch.randn(2, config.emb_size).bfloat16()
+    gates, experts = moe.route(xs)
+    experts[1, 0] = config.num_experts
+    parts = [(m.weight, m.scales) for m in (moe.w1, moe.v, moe.w2)]
+    with pytest.raises(ValueError, match="outside"):
+        kernels.moe(xs, experts, gates, 8, *parts)
+
+
+_PYTHON_OPS = """
+import torch
+from groklm import kernels
+from groklm.config import get_preset
+from groklm.model import MoE
+from groklm.quant import dequantize_weight, quantize_int8, quantize_weight
+assert kernels.available() and not kernels._NATIVE_OPS
+x = torch.randn(3, 512).bfloat16()
+q, s = quantize_weight(torch.randn(64, 512), 8, torch.bfloat16)
+torch.testing.assert_close(kernels.int8_matmul(x, q, s, torch.float32), x.float() @ dequantize_weight(q, s).T,
+                           rtol=2e-3, atol=2e-3)
+moe = MoE(get_preset("mini"), torch.bfloat16)
+quantize_int8(moe, lambda name: 1, torch.bfloat16)
+xs = torch.randn(4, 256).bfloat16()
+gates, experts = moe.route(xs)
+torch.testing.assert_close(moe.experts(xs, gates, experts), MoE.experts(moe, xs, gates, experts), rtol=0.02, atol=0.02)
+print("python ops ok")
+"""
+
+
+def test_python_implementations_of_the_ops_where_cpp_does_not_build() -> None:
+    """Without the C++ ops (no ninja or C++ compiler; forced here), the ops run their Python
+    implementations, with the same results."""
+    env = {**os.environ, "GROKLM_CPP_OPS": "0"}
+    out = subprocess.run([sys.executable, "-c", _PYTHON_OPS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "python ops ok" in out.stdout
+
+
+def test_cpp_ops_are_built_here() -> None:
+    """CI machines have ninja and a C++ compiler: the ops must not silently fall back to Python there."""
+    assert kernels.available() and kernels._NATIVE_OPS

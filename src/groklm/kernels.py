@@ -109,6 +109,12 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     tanh8 = _torch_symbol("Sleef_tanhf8_u10")
     if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
         cdll.groklm_set_tanh8(tanh8)
+    ops = _cpu_ops()
+    if ops is not None:  # the C++ ops call this library's kernels
+        address = functools.partial(ctypes.cast, typ=ctypes.c_void_p)
+        ops.groklm_ops_set_kernels(
+            address(cdll.groklm_linear).value, address(cdll.groklm_moe).value, address(cdll.groklm_chunk).value
+        )
     return cdll, name
 
 
@@ -117,6 +123,7 @@ def rebuild() -> None:
     the cache) and loads the library for the current environment, e.g. after setting GROKLM_ISA."""
     _built.cache_clear()
     _CHECKED.clear()
+    _built()  # now, so that the C++ ops call the kernels of the library for this environment
 
 
 def _torch_symbol(name: str) -> int | None:
@@ -326,7 +333,7 @@ def linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype
     scales, all sharing K and the scale layout, in one native call -> [M, N_j] each, in `out_dtype`
     (bf16 or fp32). x is read as bf16; accumulation is fp32, rounded once at the end. One pass over
     all the weights: an attention layer's q, k and v together cost one call, not three."""
-    if torch.compiler.is_compiling():
+    if _NATIVE_OPS or torch.compiler.is_compiling():
         return torch.ops.groklm.linear(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
     return _linear(bits, x, parts, out_dtype)
 
@@ -366,8 +373,39 @@ def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
-_OPS.impl("linear", _linear_op, "CPU")
-_OPS.impl("moe", _moe_op, "CPU")
+@functools.cache
+def _cpu_ops() -> ctypes.CDLL | None:
+    """Registers the CPU implementations of groklm::linear and groklm::moe, once: the C++ ones
+    (`csrc/ops.cpp`, built on first use with torch's extension builder, which needs ninja, and cached
+    under `$GROKLM_CACHE`) where they build, else the Python ones (`_linear`, `_moe`). Returns the C++
+    library, or None."""
+    global _NATIVE_OPS
+    if os.environ.get("GROKLM_CPP_OPS", "1") == "0":  # the Python implementations, for tests and debugging
+        _OPS.impl("linear", _linear_op, "CPU")
+        _OPS.impl("moe", _moe_op, "CPU")
+        return None
+    source = _SOURCE.parent / "ops.cpp"
+    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    build = _cache_dir() / f"ops-{digest}"
+    try:
+        from torch.utils import cpp_extension
+
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            f"groklm_ops_{digest}", [str(source)], extra_cflags=["-O2"], build_directory=str(build),
+            is_python_module=False, verbose=False,
+        )  # fmt: skip
+        lib = ctypes.CDLL(str(build / f"groklm_ops_{digest}.so"))
+        lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 3
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError):  # no ninja, no C++ compiler, ...
+        _OPS.impl("linear", _linear_op, "CPU")
+        _OPS.impl("moe", _moe_op, "CPU")
+        return None
+    _NATIVE_OPS = True
+    return lib
+
+
+_NATIVE_OPS = False  # the ops' CPU implementations are the C++ ones: eager mode calls them too
 
 
 def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
@@ -377,7 +415,7 @@ def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Exp
     Reads only the chosen experts' weights, each once for all the tokens that chose it; no host
     synchronisation on the routing.
     """
-    if torch.compiler.is_compiling():
+    if _NATIVE_OPS or torch.compiler.is_compiling():
         return torch.ops.groklm.moe(x, experts, gates, bits, [*w1, *v, *w2])
     return _moe(x, experts, gates, bits, w1, v, w2)
 
@@ -416,8 +454,11 @@ def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Ex
     ids = experts if experts.dtype == torch.int64 and experts.is_contiguous() else experts.to(torch.int64).contiguous()
     g = gates if gates.dtype == torch.float32 and gates.is_contiguous() else gates.to(torch.float32).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
-    if lib.groklm_moe(
+    rc = lib.groklm_moe(
         bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
-    ):
+    )
+    if rc == -2:
+        raise ValueError(f"an expert id is outside [0, {e})")
+    if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y

@@ -365,8 +365,8 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
  * grouped by expert (a counting sort, stable), and each chosen expert's weights are read once for
  * all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
  * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Its scratch is allocated
- * here (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
- * (y then unwritten). */
+ * here (P = N * topk rows of F and D): the caller allocates only y. Returns 0; -1 if memory ran out,
+ * -2 if an expert id is outside [0, E) (y then unwritten). */
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
@@ -432,6 +432,11 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
         return -1;
     }
     int *order = idx, *token = idx + P, *count = idx + 2 * P, *start = count + E, *fill = start + E + 1;
+    for (int p = 0; p < P; p++)
+        if (experts[p] < 0 || experts[p] >= E) {
+            free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
+            return -2;
+        }
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
     start[0] = 0;
