@@ -4,6 +4,11 @@ The source is `csrc/int8_matmul.c`; the shared library is cached under `$GROKLM_
 `~/.cache/groklm`) keyed by the source's and the flags' hash. It is built for AVX-512 VNNI where the
 CPU has it, else for AVX2 (`isa()` says which). Without a C compiler or AVX2, `available()` is
 False and callers use torch's kernels instead. `GROKLM_NATIVE=0` turns the native path off.
+
+The kernels are exposed as the torch ops groklm::linear and groklm::moe, whose CPU implementations are
+C++ (`csrc/ops.cpp`, built on first use with torch's extension builder) or, where that does not build,
+Python. torch.compile always calls the ops; eager mode calls the C++ ones too, or else the Python
+functions directly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
@@ -375,33 +381,37 @@ def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor
 
 @functools.cache
 def _cpu_ops() -> ctypes.CDLL | None:
-    """Registers the CPU implementations of groklm::linear and groklm::moe, once: the C++ ones
-    (`csrc/ops.cpp`, built on first use with torch's extension builder, which needs ninja, and cached
-    under `$GROKLM_CACHE`) where they build, else the Python ones (`_linear`, `_moe`). Returns the C++
-    library, or None."""
+    """Registers the CPU implementations of groklm::linear and groklm::moe, once: the C++ ones where
+    they build (`_build_cpp_ops`), else the Python ones (`_linear`, `_moe`); `GROKLM_CPP_OPS=0`
+    chooses Python. Returns the C++ library, or None."""
     global _NATIVE_OPS
-    if os.environ.get("GROKLM_CPP_OPS", "1") == "0":  # the Python implementations, for tests and debugging
+    lib = _build_cpp_ops() if os.environ.get("GROKLM_CPP_OPS", "1") != "0" else None
+    if lib is None:
         _OPS.impl("linear", _linear_op, "CPU")
         _OPS.impl("moe", _moe_op, "CPU")
-        return None
+    _NATIVE_OPS = lib is not None
+    return lib
+
+
+def _build_cpp_ops() -> ctypes.CDLL | None:
+    """`csrc/ops.cpp` built with torch's extension builder (needs ninja and a C++ compiler) into
+    `$GROKLM_CACHE`, keyed by the source's hash and torch's version, and loaded; None if it does not build."""
     source = _SOURCE.parent / "ops.cpp"
     digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    build = _cache_dir() / f"ops-{digest}"
+    build, name = _cache_dir() / f"ops-{digest}", f"groklm_ops_{digest}"
     try:
         from torch.utils import cpp_extension
 
+        if not (build / f"{name}.so").exists():
+            print(f"groklm: building the C++ kernel ops, once (~20 s), into {build}", file=sys.stderr)
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            f"groklm_ops_{digest}", [str(source)], extra_cflags=["-O2"], build_directory=str(build),
-            is_python_module=False, verbose=False,
-        )  # fmt: skip
-        lib = ctypes.CDLL(str(build / f"groklm_ops_{digest}.so"))
-        lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 3
+            name, [str(source)], extra_cflags=["-O2"], build_directory=str(build), is_python_module=False, verbose=False
+        )
+        lib = ctypes.CDLL(str(build / f"{name}.so"))
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError):  # no ninja, no C++ compiler, ...
-        _OPS.impl("linear", _linear_op, "CPU")
-        _OPS.impl("moe", _moe_op, "CPU")
         return None
-    _NATIVE_OPS = True
+    lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 3
     return lib
 
 
