@@ -219,7 +219,7 @@ def test_transpose_into_declines_what_it_does_not_take() -> None:
 
 
 def test_weights_replaced_or_moved_are_checked_again() -> None:
-    """The per-weight layout cache follows the tensors: a new tensor object, or the same object moved
+    """Each call reads the weights where they are now: a new tensor object, or the same object moved
     to other storage (set_), is checked and read anew, never through a stale address."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 512, generator=g).bfloat16()

@@ -21,10 +21,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -128,7 +126,6 @@ def rebuild() -> None:
     """Forget the loaded library and everything checked against it: the next call builds (or finds in
     the cache) and loads the library for the current environment, e.g. after setting GROKLM_ISA."""
     _built.cache_clear()
-    _CHECKED.clear()
     _built()  # now, so that the C++ ops call the kernels of the library for this environment
 
 
@@ -228,68 +225,14 @@ def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-class _Checked:
-    """What a native call needs of its weights, worked out and checked once for these tensor objects
-    at these addresses. Decode makes ~25 kernel calls a token, each after its weights have swept the
-    CPU caches, and there every torch call the wrapper makes costs 7-50 us (measured: the whole
-    wrapper took 150 us per call cold, the kernel itself 140 us for a 4 MB weight)."""
-
-    def __init__(self, tensors: Sequence[Tensor], args: Any) -> None:
-        self.refs = tuple(weakref.ref(t) for t in tensors)
-        self.addresses = tuple(t.data_ptr() for t in tensors)
-        self.args = args
-
-    def holds(self, tensors: Sequence[Tensor]) -> bool:
-        return all(r() is t for r, t in zip(self.refs, tensors, strict=True)) and all(
-            t.data_ptr() == a for t, a in zip(tensors, self.addresses, strict=True)
-        )
-
-
-_CHECKED: dict[tuple[int, ...], _Checked] = {}
-L = TypeVar("L")
-
-
-def _checked(tensors: Sequence[Tensor], check: Callable[[], L]) -> L:
-    """`check()`'s result for these tensors, from the cache while they are the same objects at the same
-    addresses (weak references: the cache keeps no weight alive), else `check()` run again."""
-    key = tuple(map(id, tensors))
-    hit = _CHECKED.get(key)
-    if hit is not None and hit.holds(tensors):
-        return hit.args
-    args = check()
-    if len(_CHECKED) >= 1024:  # entries of freed weights
-        for stale in [k for k, c in _CHECKED.items() if any(r() is None for r in c.refs)]:
-            del _CHECKED[stale]
-    _CHECKED[key] = _Checked(tensors, args)
-    return args
-
-
-class _LinearLayout(NamedTuple):
-    lib: ctypes.CDLL
-    k: int  # input features
-    groups: int  # scale groups
-    chunk: int  # activation chunk
-    sizes: list[int]  # output features of each weight
-    weights: ctypes.Array  # their addresses
-    scales: ctypes.Array
-    sizes_array: ctypes.Array
-    outputs: type  # the ctypes array type for the outputs' addresses
-
-
-def _linear_layout(bits: int, parts: Sequence[Weight]) -> _LinearLayout:
+def _linear_layout(bits: int, parts: Sequence[Weight]) -> tuple[ctypes.CDLL, int, int]:
+    """The library, input size and scale groups for these weights, once checked."""
     lib = _library()
     if lib is None or not supports_linear(bits, parts):
         raise ValueError(
             f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
         )
-    k, groups = _in_features(bits, parts[0][0]), parts[0][1].shape[-1]
-    sizes = [s.shape[0] for _, s in parts]
-    return _LinearLayout(
-        lib, k, groups, _chunk(bits, k, groups), sizes,
-        _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
-        _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]),
-        _pointers(ctypes.c_int, sizes), ctypes.c_void_p * len(parts),
-    )  # fmt: skip
+    return lib, _in_features(bits, parts[0][0]), parts[0][1].shape[-1]
 
 
 def _bf16(x: Tensor) -> Tensor:
@@ -297,26 +240,29 @@ def _bf16(x: Tensor) -> Tensor:
 
 
 def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
-    lib, k, groups, chunk, sizes, w_ptrs, s_ptrs, n_arr, y_array = _checked(
-        [t for part in parts for t in part], lambda: _linear_layout(bits, parts)
-    )
+    """The Python implementation of groklm::linear (see `linear`), where the C++ one does not build."""
+    lib, k, groups = _linear_layout(bits, parts)
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weights expect [rows, {k}]")
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
     xb, m = _bf16(x), x.shape[0]
-    ys = [torch.empty(m, n, dtype=out_dtype) for n in sizes]
+    ys = [torch.empty(m, s.shape[0], dtype=out_dtype) for _, s in parts]
     lib.groklm_linear(
-        bits, xb.data_ptr(), m, k, chunk, len(sizes), w_ptrs, s_ptrs, groups, n_arr,
-        y_array(*(y.data_ptr() for y in ys)), int(out_dtype == torch.bfloat16),
+        bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
+        _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
+        _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
+        _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
+        _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]), int(out_dtype == torch.bfloat16),
     )  # fmt: skip
     return ys
 
 
-# Under torch.compile the kernels are opaque ops (the compiler fuses what lies between them); in
-# eager mode they are called directly, without the dispatcher. They are defined with a plain
-# torch.library.Library, not torch.library.custom_op: decode calls them ~25 times a token with cold
-# caches, and custom_op's Python wrapping cost 90 us a call there (measured: 396 against 309 us).
+# The kernels are torch ops, opaque to torch.compile (which fuses what lies between them). Decode calls
+# them ~25 times a token, each time with caches its weights have just swept, where every Python and
+# torch call around a kernel costs 7-50 us: so their CPU implementations are C++ (see `_cpu_ops`), and
+# they are defined with a plain torch.library.Library, not custom_op, whose Python wrapping cost 90 us
+# a call (measured: 396 against 309 us).
 _OPS = torch.library.Library("groklm", "DEF")
 _OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor[]")
 _OPS.define("moe(Tensor x, Tensor experts, Tensor gates, int bits, Tensor[] weights) -> Tensor")
@@ -430,17 +376,8 @@ def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Exp
     return _moe(x, experts, gates, bits, w1, v, w2)
 
 
-class _MoELayout(NamedTuple):
-    lib: ctypes.CDLL
-    experts: int
-    ffn: int
-    width: int
-    chunk_width: int  # activation chunks of x
-    chunk_ffn: int  # and of the hidden layer
-    weights: list[int]  # (weight address, scales address, scale groups) of W1, V, W2
-
-
-def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> _MoELayout:
+def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+    """The Python implementation of groklm::moe (see `moe`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_moe(bits, w1, v, w2):
         raise ValueError(f"the native int{bits} MoE does not take these experts: {tuple(w1[0].shape)}")
@@ -449,20 +386,14 @@ def _moe_layout(bits: int, w1: Expert, v: Expert, w2: Expert) -> _MoELayout:
     if _in_features(bits, w2[0]) != f or tuple(w2[1].shape[:2]) != (e, d):
         raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit together")
     chunk_d, chunk_f = _chunk(bits, d, w1[1].shape[-1]), _chunk(bits, f, w2[1].shape[-1])
-    weights = [(w.data_ptr(), s.data_ptr(), s.shape[-1]) for w, s in (w1, v, w2)]
-    return _MoELayout(lib, e, f, d, chunk_d, chunk_f, [a for w in weights for a in w])
-
-
-def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
-    lib, e, f, d, chunk_d, chunk_f, weights = _checked([*w1, *v, *w2], lambda: _moe_layout(bits, w1, v, w2))
+    weights = [a for w, s in (w1, v, w2) for a in (w.data_ptr(), s.data_ptr(), s.shape[-1])]
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"x has shape {tuple(x.shape)}, the experts expect [tokens, {d}]")
     n, topk = x.shape[0], experts.shape[-1]
     if tuple(experts.shape) != (n, topk) or tuple(gates.shape) != (n, topk):
         raise ValueError(f"experts {tuple(experts.shape)} and gates {tuple(gates.shape)} must both be [{n}, k]")
     xb = _bf16(x)
-    ids = experts if experts.dtype == torch.int64 and experts.is_contiguous() else experts.to(torch.int64).contiguous()
-    g = gates if gates.dtype == torch.float32 and gates.is_contiguous() else gates.to(torch.float32).contiguous()
+    ids, g = experts.to(torch.int64).contiguous(), gates.to(torch.float32).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
     rc = lib.groklm_moe(
         bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
