@@ -115,16 +115,14 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
         cdll.groklm_set_tanh8(tanh8)
     ops = _cpu_ops()
     if ops is not None:  # the C++ ops call this library's kernels
-        address = functools.partial(ctypes.cast, typ=ctypes.c_void_p)
-        ops.groklm_ops_set_kernels(
-            address(cdll.groklm_linear).value, address(cdll.groklm_moe).value, address(cdll.groklm_chunk).value
-        )
+        fns = (cdll.groklm_linear, cdll.groklm_moe, cdll.groklm_chunk)
+        ops.groklm_ops_set_kernels(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns))
     return cdll, name
 
 
 def rebuild() -> None:
-    """Forget the loaded library and everything checked against it: the next call builds (or finds in
-    the cache) and loads the library for the current environment, e.g. after setting GROKLM_ISA."""
+    """Forget the loaded library and load (building it, or finding it in the cache) the one for the
+    current environment, e.g. after setting GROKLM_ISA; the C++ ops then call its kernels."""
     _built.cache_clear()
     _built()  # now, so that the C++ ops call the kernels of the library for this environment
 
@@ -225,28 +223,19 @@ def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-def _linear_layout(bits: int, parts: Sequence[Weight]) -> tuple[ctypes.CDLL, int, int]:
-    """The library, input size and scale groups for these weights, once checked."""
+def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
+    """The Python implementation of groklm::linear (see `linear`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_linear(bits, parts):
         raise ValueError(
             f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
         )
-    return lib, _in_features(bits, parts[0][0]), parts[0][1].shape[-1]
-
-
-def _bf16(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.bfloat16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()
-
-
-def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
-    """The Python implementation of groklm::linear (see `linear`), where the C++ one does not build."""
-    lib, k, groups = _linear_layout(bits, parts)
+    k, groups, m = _in_features(bits, parts[0][0]), parts[0][1].shape[-1], x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weights expect [rows, {k}]")
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
-    xb, m = _bf16(x), x.shape[0]
+    xb = x.to(torch.bfloat16).contiguous()
     ys = [torch.empty(m, s.shape[0], dtype=out_dtype) for _, s in parts]
     lib.groklm_linear(
         bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
@@ -392,7 +381,7 @@ def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Ex
     n, topk = x.shape[0], experts.shape[-1]
     if tuple(experts.shape) != (n, topk) or tuple(gates.shape) != (n, topk):
         raise ValueError(f"experts {tuple(experts.shape)} and gates {tuple(gates.shape)} must both be [{n}, k]")
-    xb = _bf16(x)
+    xb = x.to(torch.bfloat16).contiguous()
     ids, g = experts.to(torch.int64).contiguous(), gates.to(torch.float32).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
     rc = lib.groklm_moe(

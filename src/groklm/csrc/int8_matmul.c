@@ -422,6 +422,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
                 int E, int F, const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
                 const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, uint16_t *y) {
     const int P = N * topk;
+    for (int p = 0; p < P; p++)
+        if (experts[p] < 0 || experts[p] >= E) return -2;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
     float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
     float *pairs = malloc(sizeof(float) * (size_t)P * D);
@@ -432,11 +434,6 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
         return -1;
     }
     int *order = idx, *token = idx + P, *count = idx + 2 * P, *start = count + E, *fill = start + E + 1;
-    for (int p = 0; p < P; p++)
-        if (experts[p] < 0 || experts[p] >= E) {
-            free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
-            return -2;
-        }
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
     start[0] = 0;
