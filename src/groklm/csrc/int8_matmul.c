@@ -294,7 +294,12 @@ static inline void thread_span(int n, int *lo, int *hi) {
     *hi = (int)((long)n * (id + 1) / t);
 }
 
-#define BLOCK 256 /* weight rows per span step: STREAMS parts of BLOCK / STREAMS rows */
+/* Weight rows per span step (STREAMS parts of block / STREAMS rows) for m activation rows. A stream runs
+ * on through its part before jumping: at batch sizes up to 16, 4096 rows (2 MB runs at width 2048)
+ * read 0.95 of a plain read's speed where 256 rows (128 KB runs) read 0.88, on a Zen 4 VM whose memory
+ * then gave ~60 GB/s (the same at ~35 GB/s). Larger batches are compute-bound and keep their results
+ * (block * m floats per thread) small. */
+static inline int block_rows(int m) { return m <= 16 ? 4096 : 256; }
 
 /* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scales [count, G]): the rows
  * are taken STREAMS at a time from STREAMS equal parts of the span, then the remainder one by one. */
@@ -338,13 +343,14 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
-        float *res = malloc(sizeof(float) * BLOCK * (size_t)M);
+        const int block = block_rows(M);
+        float *res = malloc(sizeof(float) * block * (size_t)M);
         int lo, hi;
         thread_span(total, &lo, &hi);
         for (int j = 0, base = 0; j < nmat; base += N[j], j++) {
             const int from = lo > base ? lo : base, to = hi < base + N[j] ? hi : base + N[j];
-            for (int n0 = from - base; n0 < to - base; n0 += BLOCK) {
-                const int count = to - base - n0 < BLOCK ? to - base - n0 : BLOCK;
+            for (int n0 = from - base; n0 < to - base; n0 += block) {
+                const int count = to - base - n0 < block ? to - base - n0 : block;
                 span_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, wrow, s[j] + (size_t)n0 * G, G, count, res);
                 for (int r = 0; r < count; r++)
                     for (int m = 0; m < M; m++) store(y[j], y_bf16, (size_t)m * N[j] + n0 + r, res[(size_t)r * M + m]);
@@ -450,7 +456,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
     const acts ax = {xq, xs, D, chunk_d}, ah = {hq, hs, F, chunk_f};
 #pragma omp parallel
     {
-        float *r1 = malloc(sizeof(float) * 2 * BLOCK * (size_t)maxc), *rv = r1 + BLOCK * (size_t)maxc;
+        const int block = block_rows(maxc);
+        float *r1 = malloc(sizeof(float) * 2 * block * (size_t)maxc), *rv = r1 + block * (size_t)maxc;
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++)
             quantize_row(x + (size_t)t * D, D, chunk_d, xq + (size_t)t * D, xs + (size_t)t * (D / chunk_d));
@@ -461,8 +468,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
             const char *w1e = (const char *)w1 + (size_t)e * F * b1, *wve = (const char *)wv + (size_t)e * F * b1;
             int lo, hi;
             thread_span(F, &lo, &hi);
-            for (int n0 = lo; n0 < hi; n0 += BLOCK) {
-                const int cnt = hi - n0 < BLOCK ? hi - n0 : BLOCK;
+            for (int n0 = lo; n0 < hi; n0 += block) {
+                const int cnt = hi - n0 < block ? hi - n0 : block;
                 span_dot(bits, ax, token + start[e], 0, m, w1e + n0 * b1, b1, s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1);
                 span_dot(bits, ax, token + start[e], 0, m, wve + n0 * b1, b1, sv + ((size_t)e * F + n0) * gv, gv, cnt, rv);
                 gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F);
@@ -479,8 +486,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
             const char *w2e = (const char *)w2 + (size_t)e * D * b2;
             int lo, hi;
             thread_span(D, &lo, &hi);
-            for (int n0 = lo; n0 < hi; n0 += BLOCK) {
-                const int cnt = hi - n0 < BLOCK ? hi - n0 : BLOCK;
+            for (int n0 = lo; n0 < hi; n0 += block) {
+                const int cnt = hi - n0 < block ? hi - n0 : block;
                 span_dot(bits, ah, NULL, start[e], m, w2e + n0 * b2, b2, s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1);
                 for (int r = 0; r < cnt; r++)
                     for (int i = 0; i < m; i++) {
