@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -197,6 +198,52 @@ def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.Monk
     assert calls == [3, 1, 1, 1]
 
 
+def _decode_attention_case(batch: int, slots: int, dh: int, seed: int) -> tuple[QuantizedAttention, Tensor, Tensor, Tensor, Tensor]:
+    """A quantized attention (4 kv heads of 2 query heads), one new query per row, a cache prefix of
+    `slots` out of slots + 5 (so rows lie further apart than the prefix), and a mask with holes;
+    the last row of a batch > 1 has every slot masked (the softmax is then uniform)."""
+    torch.manual_seed(seed)
+    config = replace(get_preset("mini"), num_q_heads=8, num_kv_heads=4, key_size=dh)
+    attn = Attention(config, torch.bfloat16)
+    quantize_int8(attn, lambda name: 1, torch.bfloat16)
+    assert type(attn) is QuantizedAttention
+    q = (torch.randn(batch, 1, 4, 2, dh) * 3).bfloat16()
+    k = (torch.randn(batch, slots + 5, 4, dh) * 3).bfloat16()[:, :slots]
+    v = torch.randn(batch, slots + 5, 4, dh).bfloat16()[:, :slots]
+    mask = torch.rand(batch, slots) < 0.8
+    mask[:, -1] = True
+    if batch > 1:
+        mask[-1] = False
+    return attn, q, k, v, mask[:, None, None, None, :]
+
+
+@pytest.mark.parametrize(("batch", "slots", "dh"), [(1, 1, 32), (1, 77, 128), (3, 64, 32), (2, 1000, 128)])
+def test_native_decode_attention_matches_the_torch_path(build: str, batch: int, slots: int, dh: int) -> None:
+    """One call per decode step's attention (soft-capped logits, masked softmax, weighted values) gives
+    the torch path's result: the same roundings; only fp32 summation order and tanh's and exp's last bits
+    may differ."""
+    attn, q, k, v, mask = _decode_attention_case(batch, slots, dh, seed=slots)
+    native = attn.attend(q, k, v, mask)
+    reference = Attention.attend(attn, q, k, v, mask)
+    assert native.shape == reference.shape == (batch, 1, 8 * dh) and native.dtype == torch.bfloat16
+    torch.testing.assert_close(native, reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
+    assert (native != reference).float().mean() < 0.05  # almost everything bit-identical
+
+
+def test_native_attention_declines_prefill_and_refuses_bad_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    attn, q, k, v, mask = _decode_attention_case(2, 16, 32, seed=0)
+    monkeypatch.setattr(kernels, "attend", lambda *a: pytest.fail("prefill must not take the decode kernel"))
+    q2 = torch.cat([q, q], dim=1)  # two new tokens per row: torch's batched matmuls
+    attn.attend(q2, k, v, torch.cat([mask, mask], dim=3))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="mask"):
+        kernels.attend(q[:, 0], k, v, mask[:, 0, 0, 0, :8], 1.0, 30.0, -1e30)
+    with pytest.raises(ValueError, match="mask"):
+        kernels.attend(q[:, 0], k, v, mask[:, 0, 0, 0].int(), 1.0, 30.0, -1e30)
+    with pytest.raises(ValueError):
+        kernels.attend(q[:, 0], k[:, :, :2], v[:, :, :2], mask[:, 0, 0, 0], 1.0, 30.0, -1e30)
+
+
 @pytest.mark.parametrize("shape", [(16, 16), (37, 100), (100, 37), (2048, 320), (5, 3), (1, 64)])
 def test_transpose_into_a_slice_of_a_wider_matrix(shape: tuple[int, int]) -> None:
     """The loader's [in, out] -> [out, in]: tiles, ragged edges, and a destination that is a column
@@ -257,7 +304,7 @@ _PYTHON_OPS = """
 import torch
 from groklm import kernels
 from groklm.config import get_preset
-from groklm.model import MoE
+from groklm.model import Attention, MoE
 from groklm.quant import dequantize_weight, quantize_int8, quantize_weight
 assert kernels.available() and not kernels._NATIVE_OPS
 x = torch.randn(3, 512).bfloat16()
@@ -269,6 +316,11 @@ quantize_int8(moe, lambda name: 1, torch.bfloat16)
 xs = torch.randn(4, 256).bfloat16()
 gates, experts = moe.route(xs)
 torch.testing.assert_close(moe.experts(xs, gates, experts), MoE.experts(moe, xs, gates, experts), rtol=0.02, atol=0.02)
+attn = Attention(get_preset("mini"), torch.bfloat16)
+quantize_int8(attn, lambda name: 1, torch.bfloat16)
+q, k, v = torch.randn(2, 1, 2, 4, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16()
+mask = torch.ones(2, 1, 1, 1, 9, dtype=torch.bool)
+torch.testing.assert_close(attn.attend(q, k, v, mask), Attention.attend(attn, q, k, v, mask), rtol=0.02, atol=0.02)
 print("python ops ok")
 """
 

@@ -5,7 +5,7 @@ The source is `csrc/int8_matmul.c`; the shared library is cached under `$GROKLM_
 CPU has it, else for AVX2 (`isa()` says which). Without a C compiler or AVX2, `available()` is
 False and callers use torch's kernels instead. `GROKLM_NATIVE=0` turns the native path off.
 
-The kernels are exposed as the torch ops groklm::linear and groklm::moe, whose CPU implementations are
+The kernels are exposed as the torch ops groklm::linear, groklm::moe and groklm::attend, whose CPU implementations are
 C++ (`csrc/ops.cpp`, built on first use with torch's extension builder) or, where that does not build,
 Python. torch.compile always calls the ops; eager mode calls the C++ ones too, or else the Python
 functions directly.
@@ -108,14 +108,17 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
     cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, p], i
-    cdll.groklm_set_tanh8.argtypes = [p]
+    f = ctypes.c_float
+    cdll.groklm_attend.argtypes, cdll.groklm_attend.restype = [p, p, p, ctypes.c_long, p, i, i, i, i, i, f, f, f, p], i
+    cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = [p]
     cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
-    tanh8 = _torch_symbol("Sleef_tanhf8_u10")
-    if tanh8 is not None:  # the MoE's GELU then runs 8 lanes at a time, with torch's own tanh
-        cdll.groklm_set_tanh8(tanh8)
+    # The MoE's GELU and the attention's soft-cap and softmax then run 8 lanes at a time, with torch's own functions.
+    for setter, symbol in ((cdll.groklm_set_tanh8, "Sleef_tanhf8_u10"), (cdll.groklm_set_exp8, "Sleef_expf8_u10")):
+        if (fn := _torch_symbol(symbol)) is not None:
+            setter(fn)
     ops = _cpu_ops()
     if ops is not None:  # the C++ ops call this library's kernels
-        fns = (cdll.groklm_linear, cdll.groklm_moe, cdll.groklm_chunk)
+        fns = (cdll.groklm_linear, cdll.groklm_moe, cdll.groklm_chunk, cdll.groklm_attend)
         ops.groklm_ops_set_kernels(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns))
     return cdll, name
 
@@ -255,6 +258,9 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
 _OPS = torch.library.Library("groklm", "DEF")
 _OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor[]")
 _OPS.define("moe(Tensor x, Tensor experts, Tensor gates, int bits, Tensor[] weights) -> Tensor")
+_OPS.define(
+    "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked) -> Tensor"
+)
 
 
 def _linear_op(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
@@ -316,7 +322,7 @@ def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor
 
 @functools.cache
 def _cpu_ops() -> ctypes.CDLL | None:
-    """Registers the CPU implementations of groklm::linear and groklm::moe, once: the C++ ones where
+    """Registers the CPU implementations of the groklm ops, once: the C++ ones where
     they build (`_build_cpp_ops`), else the Python ones (`_linear`, `_moe`); `GROKLM_CPP_OPS=0`
     chooses Python. Returns the C++ library, or None."""
     global _NATIVE_OPS
@@ -324,6 +330,7 @@ def _cpu_ops() -> ctypes.CDLL | None:
     if lib is None:
         _OPS.impl("linear", _linear_op, "CPU")
         _OPS.impl("moe", _moe_op, "CPU")
+        _OPS.impl("attend", _attend, "CPU")
     _NATIVE_OPS = lib is not None
     return lib
 
@@ -346,7 +353,7 @@ def _build_cpp_ops() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build / f"{name}.so"))
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError):  # no ninja, no C++ compiler, ...
         return None
-    lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 3
+    lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 4
     return lib
 
 
@@ -392,3 +399,53 @@ def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Ex
     if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y
+
+
+def supports_attend(q: Tensor, k: Tensor) -> bool:
+    """Whether `attend` takes this query [B, H, G, Dh] and cache [B, S, H, Dh] (or its prefix)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == torch.bfloat16
+        and q.dim() == k.dim() == 4
+        and q.shape[3] % 8 == 0
+        and k.stride()[1:] == (k.shape[2] * k.shape[3], k.shape[3], 1)
+        and available()
+    )
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+    """The attention of one new token per row over its cache, in one native call: q [B, H, G, Dh] (G
+    query heads per kv head, rotated), k and v [B, S, H, Dh] (a prefix of the cache), mask [B, S]
+    bool -> [B, H, G, Dh], all bf16 but the mask (see `groklm_attend`). Nothing is copied: the torch
+    path turns the whole cache into fp32 for two matmuls every step."""
+    if _NATIVE_OPS or torch.compiler.is_compiling():
+        return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked)
+    return _attend(q, k, v, mask, multiplier, softcap, masked)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+    """The Python implementation of groklm::attend (see `attend`), where the C++ one does not build."""
+    lib = _library()
+    if lib is None or not supports_attend(q, k) or k.shape != v.shape or k.stride() != v.stride():
+        raise ValueError(
+            f"the native attention does not take q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    b, h, g, dh = q.shape
+    if k.shape[0] != b or k.shape[2:] != (h, dh):
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
+    if mask.dtype != torch.bool or tuple(mask.shape) != (b, k.shape[1]):
+        raise ValueError(f"mask must be bool [{b}, {k.shape[1]}], not {mask.dtype} {tuple(mask.shape)}")
+    qc, mc = q.contiguous(), mask.contiguous()
+    o = torch.empty_like(qc)
+    rc = lib.groklm_attend(
+        qc.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), mc.data_ptr(), b, k.shape[1], h, g, dh,
+        multiplier, softcap, masked, o.data_ptr(),
+    )  # fmt: skip
+    if rc:
+        raise MemoryError(f"the native attention could not allocate its scores for {k.shape[1]} slots")
+    return o
+
+
+@torch.library.register_fake("groklm::attend")
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

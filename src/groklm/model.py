@@ -140,6 +140,12 @@ class Attention(nn.Module):
             cache_k[where] = k
             cache_v[where] = v
             k, v = cache_k, cache_v  # [B, S, K, Dh]
+        return self.wo(self.attend(q, k, v, mask))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q [B, T, K, G, Dh] and k, v [B, S, K, Dh] (rotated), mask [B, 1, 1, T, S] -> [B, T, H * Dh]."""
+        c = self.config
+        b, t = q.shape[:2]
         # Attention logits, soft-cap, mask and softmax in fp32, as the reference does. The matmuls
         # run in fp32 on the bf16 values (products of bf16 numbers are exact in fp32, and CPU bf16
         # matmuls are slow); their results are rounded to the compute dtype, as the reference's
@@ -148,8 +154,7 @@ class Attention(nn.Module):
         scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
         scores = scores.masked_fill(~mask, MASK_VALUE)
         probs = scores.softmax(dim=-1).to(v.dtype).float()  # [B, K, G, T, S], rounded as the reference
-        out = torch.einsum("bkgts,bskd->btkgd", probs, v.float()).to(v.dtype).reshape(b, t, c.q_size)
-        return self.wo(out)
+        return torch.einsum("bkgts,bskd->btkgd", probs, v.float()).to(v.dtype).reshape(b, t, c.q_size)
 
 
 class ExpertLinear(nn.Module):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.model import Attention, ExpertLinear, Grok, MoE
+from groklm.model import MASK_VALUE, Attention, ExpertLinear, Grok, MoE
 
 
 def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
@@ -315,7 +315,8 @@ def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[n
 
 class QuantizedAttention(Attention):
     """Attention whose q, k and v projections are int8 or int4: on CPU in bf16 they run as one native
-    call (`kernels.linear`: one activation quantization, one pass over the three weights)."""
+    call (`kernels.linear`: one activation quantization, one pass over the three weights), and so does
+    a decode step's attention over the cache (`kernels.attend`)."""
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mods = (self.wq, self.wk, self.wv)
@@ -325,6 +326,15 @@ class QuantizedAttention(Attention):
             return super().qkv(x)
         q, k, v = kernels.linear(bits, x.reshape(-1, x.shape[-1]), parts)
         return q.view(*x.shape[:-1], -1), k.view(*x.shape[:-1], -1), v.view(*x.shape[:-1], -1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        b, t = q.shape[:2]
+        if t != 1 or not kernels.supports_attend(q[:, 0], k):  # prefill: torch's batched matmuls
+            return super().attend(q, k, v, mask)
+        c = self.config
+        q1, mask1 = q[:, 0].contiguous(), mask[:, 0, 0, 0].contiguous()  # [B, K, G, Dh], [B, S]
+        o = kernels.attend(q1, k, v, mask1, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE)
+        return o.view(b, 1, c.q_size)
 
 
 class QuantizedMoE(MoE):

@@ -1,4 +1,4 @@
-// The CPU implementations of the groklm::linear and groklm::moe ops (schemas and fake kernels are
+// The CPU implementations of the groklm::linear, groklm::moe and groklm::attend ops (schemas and fake kernels are
 // defined in kernels.py) as C++ around the C kernels in int8_matmul.c: the checks, the output
 // allocation and the call, with no Python in between.
 //
@@ -22,10 +22,13 @@ using moe_fn = int (*)(int, const void *, int, int, const int64_t *, const float
                        const void *, int, const void *, const void *, int, const void *, const void *, int, int,
                        int, void *);
 using chunk_fn = int (*)(int, int);
+using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
+                          float, float, void *);
 
 linear_fn kernel_linear = nullptr;
 moe_fn kernel_moe = nullptr;
 chunk_fn kernel_chunk = nullptr;
+attend_fn kernel_attend = nullptr;
 
 // A refusal of the weights, as kernels.py words it (ValueError in Python); needs `bits` in scope.
 #define REFUSE_UNLESS(cond, ...) \
@@ -126,15 +129,43 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &experts, const at::Tensor 
     return y;
 }
 
+// q [B, H, G, Dh] (one new token per row), k and v [B, S, H, Dh] (a cache prefix: rows may lie further
+// apart than S * H * Dh), mask [B, S] bool -> [B, H, G, Dh]; all bf16 but the mask. See groklm_attend.
+at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
+                  double multiplier, double softcap, double masked) {
+    TORCH_CHECK_VALUE(kernel_attend, "groklm: the native kernels are not loaded");
+    for (const at::Tensor *t : {&q, &k, &v})
+        TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4,
+                          "groklm: attend takes 4-D bf16 CPU q, k and v, not ", t->sizes(), " ", t->scalar_type());
+    const int64_t b = q.size(0), h = q.size(1), g = q.size(2), dh = q.size(3), s = k.size(1);
+    TORCH_CHECK_VALUE(q.is_contiguous() && dh % 8 == 0, "groklm: attend takes a contiguous q with Dh % 8 == 0, not ",
+                      q.sizes());
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.strides() == v.strides() && k.size(0) == b && k.size(2) == h &&
+                          k.size(3) == dh && k.stride(3) == 1 && k.stride(2) == dh && k.stride(1) == h * dh,
+                      "groklm: attend: k ", k.sizes(), " and v ", v.sizes(), " do not fit q ", q.sizes());
+    TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 &&
+                          mask.size(0) == b && mask.size(1) == s,
+                      "groklm: attend: mask must be a contiguous bool [", b, ", ", s, "], not ", mask.sizes());
+    at::Tensor o = at::empty_like(q);
+    const int rc = kernel_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), (long)k.stride(0), mask.data_ptr(), (int)b,
+                                 (int)s, (int)h, (int)g, (int)dh, (float)multiplier, (float)softcap, (float)masked,
+                                 o.data_ptr());
+    TORCH_CHECK(rc == 0, "groklm: the native attention could not allocate its scores for ", s, " slots");
+    return o;
+}
+
 }  // namespace
 
-extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel) {
+extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
+                                       void *attend_kernel) {
     kernel_linear = reinterpret_cast<linear_fn>(linear_kernel);
     kernel_moe = reinterpret_cast<moe_fn>(moe_kernel);
     kernel_chunk = reinterpret_cast<chunk_fn>(chunk_kernel);
+    kernel_attend = reinterpret_cast<attend_fn>(attend_kernel);
 }
 
 TORCH_LIBRARY_IMPL(groklm, CPU, m) {
     m.impl("linear", &linear);
     m.impl("moe", &moe);
+    m.impl("attend", &attend);
 }
