@@ -198,7 +198,9 @@ def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.Monk
     assert calls == [3, 1, 1, 1]
 
 
-def _decode_attention_case(batch: int, slots: int, dh: int, seed: int) -> tuple[QuantizedAttention, Tensor, Tensor, Tensor, Tensor]:
+def _decode_attention_case(
+    batch: int, slots: int, dh: int, seed: int
+) -> tuple[QuantizedAttention, Tensor, Tensor, Tensor, Tensor]:
     """A quantized attention (4 kv heads of 2 query heads), one new query per row, a cache prefix of
     `slots` out of slots + 5 (so rows lie further apart than the prefix), and a mask with holes;
     the last row of a batch > 1 has every slot masked (the softmax is then uniform)."""
