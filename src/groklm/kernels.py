@@ -5,10 +5,10 @@ The source is `csrc/int8_matmul.c`; the shared library is cached under `$GROKLM_
 CPU has it, else for AVX2 (`isa()` says which). Without a C compiler or AVX2, `available()` is
 False and callers use torch's kernels instead. `GROKLM_NATIVE=0` turns the native path off.
 
-The kernels are exposed as the torch ops groklm::linear, groklm::moe and groklm::attend, whose CPU implementations are
-C++ (`csrc/ops.cpp`, built on first use with torch's extension builder) or, where that does not build,
-Python. torch.compile always calls the ops; eager mode calls the C++ ones too, or else the Python
-functions directly.
+The kernels are exposed as the torch ops groklm::linear, groklm::moe and groklm::attend, whose CPU
+implementations are C++ (`csrc/ops.cpp`, built on first use with torch's extension builder) or, where
+that does not build, Python. torch.compile always calls the ops; eager mode calls the C++ ones too, or
+else the Python functions directly.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
     cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, p], i
-    f = ctypes.c_float
-    cdll.groklm_attend.argtypes, cdll.groklm_attend.restype = [p, p, p, ctypes.c_long, p, i, i, i, i, i, f, f, f, p], i
+    fl = ctypes.c_float
+    cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p]
+    cdll.groklm_attend.restype = i
     cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = [p]
     cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
     # The MoE's GELU and the attention's soft-cap and softmax then run 8 lanes at a time, with torch's own functions.
@@ -323,7 +324,7 @@ def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor
 @functools.cache
 def _cpu_ops() -> ctypes.CDLL | None:
     """Registers the CPU implementations of the groklm ops, once: the C++ ones where
-    they build (`_build_cpp_ops`), else the Python ones (`_linear`, `_moe`); `GROKLM_CPP_OPS=0`
+    they build (`_build_cpp_ops`), else the Python ones (`_linear`, `_moe`, `_attend`); `GROKLM_CPP_OPS=0`
     chooses Python. Returns the C++ library, or None."""
     global _NATIVE_OPS
     lib = _build_cpp_ops() if os.environ.get("GROKLM_CPP_OPS", "1") != "0" else None

@@ -143,7 +143,7 @@ class Attention(nn.Module):
         return self.wo(self.attend(q, k, v, mask))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """q [B, T, K, G, Dh] and k, v [B, S, K, Dh] (rotated), mask [B, 1, 1, T, S] -> [B, T, H * Dh]."""
+        """q [B, T, K, G, Dh] and k, v [B, S, K, Dh] (rotated), mask [B, 1, 1, T, S] -> [B, T, K * G * Dh]."""
         c = self.config
         b, t = q.shape[:2]
         # Attention logits, soft-cap, mask and softmax in fp32, as the reference does. The matmuls

@@ -239,7 +239,7 @@ typedef struct {
 #define MT_STREAMED (VNNI ? 4 : 2) /* activation rows a tile takes against STREAMS weight rows */
 
 /* res[j][0..M) = weight row w[j] (int8, or packed int4, per `bits`) against M activation rows, for
- * nt (1 or STREAMS) weight rows. Activation rows go in tiles of 4 so each weight byte is loaded once
+ * nt (1, 2 or STREAMS) weight rows. Activation rows go in tiles of 4 so each weight byte is loaded once
  * per tile; the STREAMS weight rows go together while NT * MT accumulators fit in the registers
  * (tiles of up to MT_STREAMED rows), one by one otherwise. */
 static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt, const void *const *w,
@@ -273,6 +273,17 @@ static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt,
             }
             continue;
         }
+        if (nt == 2 && mt <= MT_STREAMED) {
+            switch (mt) {
+                case 1: DOT(0, 2, 1)
+#if VNNI
+                case 3: DOT(0, 2, 3)
+                case 4: DOT(0, 2, 4)
+#endif
+                default: DOT(0, 2, 2)
+            }
+            continue;
+        }
         for (int j = 0; j < nt; j++) {
             switch (mt) {
                 case 4: DOT(j, 1, 4)
@@ -301,24 +312,35 @@ static inline void thread_span(int n, int *lo, int *hi) {
  * (block * m floats per thread) small. */
 static inline int block_rows(int m) { return m <= 16 ? 4096 : 256; }
 
+/* Weight streams per thread for int8 rows of K columns: STREAMS, unless that many rows and the int16
+ * activation row (2K bytes) overflow the L1 cache while two would not; then two. Measured on a Zen 4
+ * VM (32 KB L1) whose memory gave ~60 GB/s, against a plain read of the same bytes: at K = 6144, 0.73
+ * with four streams and 0.89 with two; at 2048 four are best (0.93 against 0.91), and where even
+ * two overflow (10240, 32768) four are (0.68 against 0.55). */
+static inline int streams_for(int bits, int K) {
+    const int l1 = 28 * 1024;
+    return bits == 8 && (STREAMS + 2) * K > l1 && 4 * K <= l1 ? 2 : STREAMS;
+}
+
 /* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scales [count, G]): the rows
- * are taken STREAMS at a time from STREAMS equal parts of the span, then the remainder one by one. */
+ * are taken `streams_for` at a time from that many equal parts of the span, then the remainder one by
+ * one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
                      const uint16_t *s, int G, int count, float *res) {
-    const int q = count / STREAMS;
+    const int ns = streams_for(bits, a.K), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
         const uint16_t *sp[STREAMS];
         float *rp[STREAMS];
-        for (int j = 0; j < STREAMS; j++) {
+        for (int j = 0; j < ns; j++) {
             const size_t row = (size_t)j * q + r;
             wp[j] = w + row * wrow;
             sp[j] = s + row * G;
             rp[j] = res + row * M;
         }
-        rows_dot(bits, a, rows, base, M, STREAMS, wp, sp, G, rp);
+        rows_dot(bits, a, rows, base, M, ns, wp, sp, G, rp);
     }
-    for (int r = STREAMS * q; r < count; r++) {
+    for (int r = ns * q; r < count; r++) {
         const void *wp = w + (size_t)r * wrow;
         const uint16_t *sp = s + (size_t)r * G;
         float *rp = res + (size_t)r * M;
