@@ -312,14 +312,15 @@ static inline void thread_span(int n, int *lo, int *hi) {
  * (block * m floats per thread) small. */
 static inline int block_rows(int m) { return m <= 16 ? 4096 : 256; }
 
-/* Weight streams per thread for int8 rows of K columns: STREAMS, unless that many rows and the int16
- * activation row (2K bytes) overflow the L1 cache while two would not; then two. Measured on a Zen 4
- * VM (32 KB L1) whose memory gave ~60 GB/s, against a plain read of the same bytes: at K = 6144, 0.73
- * with four streams and 0.89 with two; at 2048 four are best (0.93 against 0.91), and where even
- * two overflow (10240, 32768) four are (0.68 against 0.55). */
-static inline int streams_for(int bits, int K) {
-    const int l1 = 28 * 1024;
-    return bits == 8 && (STREAMS + 2) * K > l1 && 4 * K <= l1 ? 2 : STREAMS;
+/* Weight streams per thread for int8 rows of K columns against M activation rows: STREAMS, unless
+ * that many rows and the int16 activations (2K bytes a row) overflow the L1 cache while two would not;
+ * then two. Measured on a Zen 4 VM (32 KB L1) whose memory gave ~60 GB/s, one activation row, against
+ * a plain read of the same bytes: at K = 6144, 0.73 with four streams and 0.89 with two; at 2048 four
+ * are best (0.93 against 0.91), and where even two overflow (10240, 32768) four are (0.68 against
+ * 0.55). With more activation rows nothing fits, and four streams share each activation load. */
+static inline int streams_for(int bits, int K, int M) {
+    const long l1 = 28 * 1024;
+    return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
 /* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scales [count, G]): the rows
@@ -327,7 +328,7 @@ static inline int streams_for(int bits, int K) {
  * one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
                      const uint16_t *s, int G, int count, float *res) {
-    const int ns = streams_for(bits, a.K), q = count / ns;
+    const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
         const uint16_t *sp[STREAMS];
