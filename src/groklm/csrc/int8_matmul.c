@@ -417,6 +417,12 @@ static inline __m256 bf16_round8(__m256 v) { /* round to nearest even, as f32_to
                             _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+/* p[0..8) = the bf16 of the 8 lanes of v, rounded as f32_to_bf16. */
+static inline void store_bf16x8(uint16_t *p, __m256 v) {
+    const __m256i y = _mm256_srli_epi32(_mm256_castps_si256(bf16_round8(v)), 16);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08)));
+}
+
 static inline __m256 gelu_tanh8(__m256 x) {
     const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
                                        _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
@@ -435,9 +441,7 @@ static void gelu_product(const float *a, const float *b, int n, int m, uint16_t 
                 const __m256 va = _mm256_i32gather_ps(a + (size_t)r * m + i, at, 4);
                 const __m256 vb = _mm256_i32gather_ps(b + (size_t)r * m + i, at, 4);
                 const __m256 act = bf16_round8(gelu_tanh8(bf16_round8(va)));
-                const __m256i y = _mm256_srli_epi32(_mm256_castps_si256(bf16_round8(_mm256_mul_ps(act, bf16_round8(vb)))), 16);
-                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08);
-                _mm_storeu_si128((__m128i *)(hi + r), _mm256_castsi256_si128(packed));
+                store_bf16x8(hi + r, _mm256_mul_ps(act, bf16_round8(vb)));
             }
         }
         for (; r < n; r++) {
@@ -623,11 +627,7 @@ int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long 
                                 const uint16_t *vr = vb + j * row + d0;
                                 for (int t = 0; t < nv; t++) acc[t] = _mm256_fmadd_ps(pj, load_bf16x8(vr + 8 * t), acc[t]);
                             }
-                            for (int t = 0; t < nv; t++) {
-                                const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(bf16_round8(acc[t])), 16);
-                                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-                                _mm_storeu_si128((__m128i *)(out + d0 + 8 * t), _mm256_castsi256_si128(packed));
-                            }
+                            for (int t = 0; t < nv; t++) store_bf16x8(out + d0 + 8 * t, acc[t]);
                         }
                     }
         }
