@@ -123,24 +123,32 @@ def test_unsupported_shapes_are_declined() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 40])
-def test_fused_moe_matches_expert_by_expert(build: str, bits: int, tokens: int) -> None:
-    """The one-call MoE kernel equals the torch path over the same quantized experts: same routing,
-    same roundings; only tanh's last bits and the fp32 summation order may differ."""
+def test_fused_moe_matches_expert_by_expert(
+    build: str, bits: int, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-call MoE kernel, routing included, equals the torch path over the same quantized experts:
+    same choices, same roundings; only tanh's last bits and the fp32 summation order may differ."""
     torch.manual_seed(tokens)
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
     if bits == 8:
-        quantize_int8(moe, lambda name: 8 if name.endswith("w2") else 1, torch.bfloat16)
+        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else 1, torch.bfloat16)
     else:
         quantize_int4(moe, group_size=32)
     assert type(moe) is QuantizedMoE
     xs = torch.randn(tokens, config.emb_size).bfloat16()
-    gates, experts = moe.route(xs)
-    if tokens == 40:  # skewed: one expert takes most tokens, some take none
-        experts[:30, 0] = 5
-        experts[:30, 1] = torch.where(experts[:30, 1] == 5, 6, experts[:30, 1])
-    fused = moe.experts(xs, gates, experts)
-    reference = MoE.experts(moe, xs, gates, experts)
+    if tokens == 40:  # skewed: expert 5 takes most tokens, some experts none
+        favoured = torch.randn(config.emb_size)
+        with torch.no_grad():
+            moe.router.weight[5] = 8 * favoured / favoured.square().sum()
+        xs[:30] = (favoured + 0.1 * torch.randn(30, config.emb_size)).bfloat16()
+    _, experts = moe.route(xs)
+    if tokens == 40:
+        assert (experts == 5).any(dim=1)[:30].all() and experts.unique().numel() < config.num_experts
+    with monkeypatch.context() as patch:
+        patch.setattr(MoE, "experts", None)  # the native path must not need it
+        fused = moe(xs)
+    reference = MoE.forward(moe, xs)
     assert fused.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(fused, reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
     assert (fused != reference).float().mean() < 0.05  # almost everything bit-identical
@@ -290,16 +298,16 @@ def test_weights_replaced_or_moved_are_checked_again() -> None:
         kernels.int8_matmul(x, w, s)
 
 
-def test_expert_ids_outside_the_layer_are_refused() -> None:
+def test_a_router_that_does_not_fit_is_refused() -> None:
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
-    quantize_int8(moe, lambda name: 1, torch.bfloat16)
+    quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
     xs = torch.randn(2, config.emb_size).bfloat16()
-    gates, experts = moe.route(xs)
-    experts[1, 0] = config.num_experts
     parts = [(m.weight, m.scales) for m in (moe.w1, moe.v, moe.w2)]
-    with pytest.raises(ValueError, match="outside"):
-        kernels.moe(xs, experts, gates, 8, *parts)
+    router = moe.router.weight
+    for bad, topk in ((router[:-1], 2), (router.bfloat16(), 2), (router.T.contiguous().T, 2), (router, 0), (router, 9)):
+        with pytest.raises(ValueError, match=r"router|top-"):
+            kernels.moe(xs, bad, topk, 8, *parts)
 
 
 _PYTHON_OPS = """
@@ -314,10 +322,12 @@ q, s = quantize_weight(torch.randn(64, 512), 8, torch.bfloat16)
 torch.testing.assert_close(kernels.int8_matmul(x, q, s, torch.float32), x.float() @ dequantize_weight(q, s).T,
                            rtol=2e-3, atol=2e-3)
 moe = MoE(get_preset("mini"), torch.bfloat16)
-quantize_int8(moe, lambda name: 1, torch.bfloat16)
+quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
 xs = torch.randn(4, 256).bfloat16()
-gates, experts = moe.route(xs)
-torch.testing.assert_close(moe.experts(xs, gates, experts), MoE.experts(moe, xs, gates, experts), rtol=0.02, atol=0.02)
+experts, MoE.experts = MoE.experts, None  # the native path must not need it
+fused = moe(xs)
+MoE.experts = experts
+torch.testing.assert_close(fused, MoE.forward(moe, xs), rtol=0.02, atol=0.02)
 attn = Attention(get_preset("mini"), torch.bfloat16)
 quantize_int8(attn, lambda name: 1, torch.bfloat16)
 q, k, v = torch.randn(2, 1, 2, 4, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16()

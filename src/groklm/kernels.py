@@ -107,7 +107,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
-    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, p, i, i, i, *[p, p, i] * 3, i, i, p], i
+    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, p], i
     fl = ctypes.c_float
     cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p]
     cdll.groklm_attend.restype = i
@@ -258,7 +258,7 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
 # a call (measured: 396 against 309 us).
 _OPS = torch.library.Library("groklm", "DEF")
 _OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor[]")
-_OPS.define("moe(Tensor x, Tensor experts, Tensor gates, int bits, Tensor[] weights) -> Tensor")
+_OPS.define("moe(Tensor x, Tensor router, int topk, int bits, Tensor[] weights) -> Tensor")
 _OPS.define(
     "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked) -> Tensor"
 )
@@ -311,13 +311,13 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
     )
 
 
-def _moe_op(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
+def _moe_op(x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor]) -> Tensor:
     w1, s1, v, sv, w2, s2 = weights
-    return _moe(x, experts, gates, bits, (w1, s1), (v, sv), (w2, s2))
+    return _moe(x, router, topk, bits, (w1, s1), (v, sv), (w2, s2))
 
 
 @torch.library.register_fake("groklm::moe")
-def _(x: Tensor, experts: Tensor, gates: Tensor, bits: int, weights: list[Tensor]) -> Tensor:
+def _(x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor]) -> Tensor:
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
@@ -361,19 +361,20 @@ def _build_cpp_ops() -> ctypes.CDLL | None:
 _NATIVE_OPS = False  # the ops' CPU implementations are the C++ ones: eager mode calls them too
 
 
-def moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
-    """The experts of one MoE layer in one native call: x [N, D] bf16, experts [N, k] (int64 ids),
-    gates [N, k] fp32 -> bf16 [N, D] = sum over j of gates[:, j] * expert(x) (see `groklm_moe`).
+def moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+    """One MoE layer in one native call, routing included: x [N, D] bf16, router [E, D] fp32 -> bf16
+    [N, D] = sum over the top-k experts e of softmax(router x)[e] * expert_e(x), as `MoE.forward`
+    computes it (see `groklm_moe`).
 
     Reads only the chosen experts' weights, each once for all the tokens that chose it; no host
     synchronisation on the routing.
     """
     if _NATIVE_OPS or torch.compiler.is_compiling():
-        return torch.ops.groklm.moe(x, experts, gates, bits, [*w1, *v, *w2])
-    return _moe(x, experts, gates, bits, w1, v, w2)
+        return torch.ops.groklm.moe(x, router, topk, bits, [*w1, *v, *w2])
+    return _moe(x, router, topk, bits, w1, v, w2)
 
 
-def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
     """The Python implementation of groklm::moe (see `moe`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_moe(bits, w1, v, w2):
@@ -386,17 +387,16 @@ def _moe(x: Tensor, experts: Tensor, gates: Tensor, bits: int, w1: Expert, v: Ex
     weights = [a for w, s in (w1, v, w2) for a in (w.data_ptr(), s.data_ptr(), s.shape[-1])]
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"x has shape {tuple(x.shape)}, the experts expect [tokens, {d}]")
-    n, topk = x.shape[0], experts.shape[-1]
-    if tuple(experts.shape) != (n, topk) or tuple(gates.shape) != (n, topk):
-        raise ValueError(f"experts {tuple(experts.shape)} and gates {tuple(gates.shape)} must both be [{n}, k]")
+    if router.dtype != torch.float32 or tuple(router.shape) != (e, d) or not router.is_contiguous():
+        raise ValueError(f"the router must be a contiguous fp32 [{e}, {d}], not {router.dtype} {tuple(router.shape)}")
+    if not 1 <= topk <= e:
+        raise ValueError(f"top-{topk} of {e} experts")
+    n = x.shape[0]
     xb = x.to(torch.bfloat16).contiguous()
-    ids, g = experts.to(torch.int64).contiguous(), gates.to(torch.float32).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
     rc = lib.groklm_moe(
-        bits, xb.data_ptr(), n, d, ids.data_ptr(), g.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
+        bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
     )
-    if rc == -2:
-        raise ValueError(f"an expert id is outside [0, {e})")
     if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y

@@ -338,16 +338,18 @@ class QuantizedAttention(Attention):
 
 
 class QuantizedMoE(MoE):
-    """An MoE whose experts are int8 or int4: on CPU in bf16, all its experts run in one native call
-    (`kernels.moe`: grouped by expert, no host synchronisation on the routing); elsewhere as MoE."""
+    """An MoE whose experts are int8 or int4: on CPU in bf16, the routing and the chosen experts run in
+    one native call (`kernels.moe`: grouped by expert, no host synchronisation on the routing);
+    elsewhere as MoE."""
 
-    def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         mods = (self.w1, self.v, self.w2)
-        bits = _native_bits(xs, mods, _EXPERT_BITS)
+        bits = _native_bits(x, mods, _EXPERT_BITS)
         parts = [(m.weight, m.scales) for m in mods]
-        if bits is None or not kernels.supports_moe(bits, *parts):
-            return super().experts(xs, gates, experts)
-        return kernels.moe(xs, experts, gates, bits, *parts)
+        router = self.router.weight.contiguous()
+        if bits is None or not kernels.supports_moe(bits, *parts) or router.dtype != torch.float32:
+            return super().forward(x)
+        return kernels.moe(x.reshape(-1, x.shape[-1]), router, self.top_k, bits, *parts).view(x.shape)
 
 
 _QUANTIZED = {MoE: QuantizedMoE, Attention: QuantizedAttention}
@@ -355,7 +357,7 @@ _QUANTIZED = {MoE: QuantizedMoE, Attention: QuantizedAttention}
 
 def _fuse(model: nn.Module) -> nn.Module:
     """Give quantized attention and MoE blocks their fused native paths. Same parameters and state-dict
-    names; only `qkv` / `experts` differ, and they fall back to the plain ones wherever the kernels
+    names; only `qkv`, `attend` and the MoE's `forward` differ, and they fall back to the plain ones wherever the kernels
     do not apply."""
     for module in model.modules():
         if type(module) in _QUANTIZED:

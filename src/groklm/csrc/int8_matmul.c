@@ -385,17 +385,21 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
     free(xs);
 }
 
-/* ---- the experts of one MoE layer in one call ----------------------------------------------------
+/* ---- one MoE layer in one call: routing and the chosen experts -----------------------------------
  *
+ *   probs[t] = softmax(router . x_t) in fp32 (router [E, D] fp32), experts[t] = its topk largest
+ *   (ties: the lower expert first), gates[t] = their probabilities, not renormalised;
  *   y[t] = bf16( sum_j gates[t, j] * bf16( W2_e (bf16( bf16(gelu(bf16(W1_e x_t))) * bf16(V_e x_t) )) ) ),
  *   e = experts[t, j]
  *
- * with the roundings of the reference's bf16 computation (and of the torch path). Pairs (t, j) are
- * grouped by expert (a counting sort, stable), and each chosen expert's weights are read once for
- * all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
- * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Its scratch is allocated
- * here (P = N * topk rows of F and D): the caller allocates only y. Returns 0; -1 if memory ran out,
- * -2 if an expert id is outside [0, E) (y then unwritten). */
+ * with the roundings of the reference's bf16 computation (and of the torch path: the same function,
+ * not the same bits, as sums run in another order). Routing here, not in torch, saves a decode step
+ * three calls per layer (a matmul, a softmax and a top-k), each started with cold caches. Pairs
+ * (t, j) are grouped by expert (a counting sort, stable), and each chosen expert's weights are read
+ * once for all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
+ * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Its scratch is allocated here
+ * (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
+ * (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
@@ -451,22 +455,57 @@ static void gelu_product(const float *a, const float *b, int n, int m, uint16_t 
     }
 }
 
-int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts, const float *gates, int topk,
-                int E, int F, const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
-                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, uint16_t *y) {
+/* experts[t, :topk], gates[t, :topk] for the N tokens x [N, D] (see above). */
+static void route(const uint16_t *x, int N, int D, const float *router, int E, int topk, int *experts, float *gates) {
+#pragma omp parallel for schedule(static) if (N >= 16)
+    for (int t = 0; t < N; t++) {
+        const uint16_t *xt = x + (size_t)t * D;
+        float p[E];
+        for (int e = 0; e < E; e++) {
+            const float *re = router + (size_t)e * D;
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= D; d += 16) {
+                s0 = _mm256_fmadd_ps(load_bf16x8(xt + d), _mm256_loadu_ps(re + d), s0);
+                s1 = _mm256_fmadd_ps(load_bf16x8(xt + d + 8), _mm256_loadu_ps(re + d + 8), s1);
+            }
+            if (d < D) s0 = _mm256_fmadd_ps(load_bf16x8(xt + d), _mm256_loadu_ps(re + d), s0);
+            p[e] = hsum(_mm256_add_ps(s0, s1));
+        }
+        float mx = -INFINITY, sum = 0.f;
+        for (int e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+        for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
+        for (int e = 0; e < E; e++) p[e] /= sum;
+        for (int j = 0; j < topk; j++) { /* a NaN probability is never chosen over a number; ids stay valid */
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= experts[(size_t)t * topk + i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            experts[(size_t)t * topk + j] = best;
+            gates[(size_t)t * topk + j] = p[best];
+        }
+    }
+}
+
+int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, int topk, int E, int F,
+               const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
+               const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, uint16_t *y) {
     const int P = N * topk;
-    for (int p = 0; p < P; p++)
-        if (experts[p] < 0 || experts[p] >= E) return -2;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
     float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
     float *pairs = malloc(sizeof(float) * (size_t)P * D);
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)P * F);
-    int *idx = malloc(sizeof(int) * (size_t)(2 * P + 3 * E + 1));
-    if (!xq || !hq || !xs || !hs || !pairs || !h || !idx) {
-        free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
+    int *idx = malloc(sizeof(int) * (size_t)(3 * P + 3 * E + 1));
+    float *gates = malloc(sizeof(float) * (size_t)P);
+    if (!xq || !hq || !xs || !hs || !pairs || !h || !idx || !gates) {
+        free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx), free(gates);
         return -1;
     }
-    int *order = idx, *token = idx + P, *count = idx + 2 * P, *start = count + E, *fill = start + E + 1;
+    int *order = idx, *token = idx + P, *experts = idx + 2 * P, *count = idx + 3 * P, *start = count + E,
+        *fill = start + E + 1;
+    route(x, N, D, router, E, topk, experts, gates);
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
     start[0] = 0;
@@ -533,7 +572,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const int64_t *experts
             }
         free(r1);
     }
-    free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx);
+    free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx), free(gates);
     return 0;
 }
 

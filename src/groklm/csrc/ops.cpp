@@ -18,9 +18,8 @@ namespace {
 
 using linear_fn = void (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
                            const int *, void *const *, int);
-using moe_fn = int (*)(int, const void *, int, int, const int64_t *, const float *, int, int, int, const void *,
-                       const void *, int, const void *, const void *, int, const void *, const void *, int, int,
-                       int, void *);
+using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
+                       const void *, const void *, int, const void *, const void *, int, int, int, void *);
 using chunk_fn = int (*)(int, int);
 using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
                           float, float, void *);
@@ -100,8 +99,8 @@ std::vector<at::Tensor> linear(int64_t bits, const at::Tensor &x, at::TensorList
     return ys;
 }
 
-at::Tensor moe(const at::Tensor &x, const at::Tensor &experts, const at::Tensor &gates, int64_t bits,
-               at::TensorList weights) {
+// x [N, D] bf16, router [E, D] fp32: one MoE layer, routing included. See groklm_moe.
+at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int64_t bits, at::TensorList weights) {
     TORCH_CHECK_VALUE(kernel_moe, "groklm: the native kernels are not loaded");
     TORCH_CHECK_VALUE(weights.size() == 6, "groklm: moe takes w1, its scales, v, its scales, w2, its scales");
     const at::Tensor &w1 = weights[0], &s1 = weights[1], &v = weights[2], &sv = weights[3], &w2 = weights[4],
@@ -113,18 +112,18 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &experts, const at::Tensor 
     const int64_t e = w1.size(0);
     REFUSE_UNLESS(w2.dim() == 3 && w2.size(0) == e && w2.size(1) == d && w1.size(1) == f, "moe w1 ", w1.sizes(),
                   " and w2 ", w2.sizes(), " do not fit together");
+    TORCH_CHECK_VALUE(router.device().is_cpu() && router.scalar_type() == at::kFloat && router.is_contiguous() &&
+                          router.dim() == 2 && router.size(0) == e && router.size(1) == d,
+                      "groklm: the router must be a contiguous fp32 [", e, ", ", d, "], not ", router.scalar_type(),
+                      " ", router.sizes());
+    TORCH_CHECK_VALUE(topk >= 1 && topk <= e, "groklm: top-", topk, " of ", e, " experts");
     const at::Tensor xb = bf16_rows(x, d);
     const int64_t n = x.size(0);
-    TORCH_CHECK_VALUE(experts.dim() == 2 && experts.size(0) == n && gates.sizes() == experts.sizes(),
-                      "groklm: experts ", experts.sizes(), " and gates ", gates.sizes(), " must both be [", n, ", k]");
-    const at::Tensor ids = experts.to(at::kLong).contiguous(), g = gates.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({n, d}, x.options().dtype(at::kBFloat16));
-    const int rc = kernel_moe((int)bits, xb.data_ptr(), (int)n, (int)d, ids.data_ptr<int64_t>(),
-                              g.data_ptr<float>(), (int)experts.size(1), (int)e, (int)f, w1.data_ptr(),
-                              s1.data_ptr(), (int)s1.size(-1), v.data_ptr(), sv.data_ptr(), (int)sv.size(-1),
-                              w2.data_ptr(), s2.data_ptr(), (int)s2.size(-1), chunk_of(bits, d, s1.size(-1)),
-                              chunk_of(bits, f, s2.size(-1)), y.data_ptr());
-    TORCH_CHECK_VALUE(rc != -2, "groklm: an expert id is outside [0, ", e, ")");
+    const int rc = kernel_moe((int)bits, xb.data_ptr(), (int)n, (int)d, router.data_ptr<float>(), (int)topk, (int)e,
+                              (int)f, w1.data_ptr(), s1.data_ptr(), (int)s1.size(-1), v.data_ptr(), sv.data_ptr(),
+                              (int)sv.size(-1), w2.data_ptr(), s2.data_ptr(), (int)s2.size(-1),
+                              chunk_of(bits, d, s1.size(-1)), chunk_of(bits, f, s2.size(-1)), y.data_ptr());
     TORCH_CHECK(rc == 0, "groklm: the native MoE could not allocate its scratch for ", n, " tokens");
     return y;
 }
