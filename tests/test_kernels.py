@@ -23,6 +23,7 @@ from groklm.model import Attention, MoE
 from groklm.quant import (
     QuantizedAttention,
     QuantizedMoE,
+    block_major,
     dequantize_weight,
     quantize_int4,
     quantize_int8,
@@ -87,18 +88,27 @@ def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize(
-    "groups, in_features, out_features", [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13)]
+    "groups, in_features, out_features",
+    [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13), (4, 32768, 21)],
 )
+@pytest.mark.parametrize("blocked", [False, True])
 def test_native_matches_dequantized_matmul(
-    build: str, rows: int, groups: int, in_features: int, out_features: int
+    build: str, rows: int, groups: int, in_features: int, out_features: int, blocked: bool
 ) -> None:
-    """Out sizes cover the weight-row streams (4 at a time, in blocks of 256 per thread) and every remainder."""
+    """Out sizes cover the weight-row streams (4 at a time, in blocks of 256 per thread) and every remainder;
+    block-major weights cover activation chunks spanning several blocks (512, 6144), one (10240) and
+    part of one (32768: 8192-column blocks, 2048-column chunks)."""
+    if blocked and groups == 1:
+        pytest.skip("one block: the layouts are the same")
     g = torch.Generator().manual_seed(rows * 7 + groups)
     w = torch.randn(out_features, in_features, generator=g)
-    q, s = quantize_weight(w, groups, torch.bfloat16)
+    q_rows, s = quantize_weight(w, groups, torch.bfloat16)
+    q = block_major(q_rows, groups) if blocked else q_rows
+    if blocked:
+        assert q.shape == (groups, out_features, in_features // groups)
     assert kernels.supports(q, s)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
-    expected = x.double() @ dequantize_weight(q, s, torch.float64).T
+    expected = x.double() @ dequantize_weight(q_rows, s, torch.float64).T
     got = kernels.int8_matmul(x, q, s, torch.float32)
     torch.testing.assert_close(kernels.int8_matmul(x, q, s), got.bfloat16(), rtol=0, atol=0)  # bf16 = rounded fp32
     # int16 activations: a 2^-15 step per 2048-column chunk; errors far below bf16's 2^-8

@@ -230,7 +230,7 @@ def test_jax_arrays_and_model_module_quantized_weights_load_without_jax(
 def test_int8_weights_stay_int8_and_model_is_about_its_file_size(golden_config: GrokConfig) -> None:
     m = groklm.load(GOLDEN, golden_config, dtype=torch.bfloat16, progress=False)
     wq = m.layers[0].moe.w2
-    assert wq.weight.dtype == torch.int8 and tuple(wq.weight.shape) == (8, 128, 176)  # [E, out, in]
+    assert wq.weight.dtype == torch.int8 and tuple(wq.weight.shape) == (8, 8, 128, 22)  # [E, G, out, in/G]: block-major
     assert tuple(wq.scales.shape) == (8, 128, 8)  # [E, out, G]: 8 blocks of 22 input rows
     floats = [
         n

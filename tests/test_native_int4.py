@@ -67,6 +67,25 @@ def test_native_int8_is_the_released_model_exactly(tmp_path: Path, golden_config
     assert json.loads((tmp_path / "n8" / "config.json").read_text()) == golden_config.to_dict()
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_native_int8_written_row_major_loads_block_major(tmp_path: Path, golden_config: GrokConfig, mmap: bool) -> None:
+    """Files from before int8 row blocks were held block-major store [.., out, in]: they load, re-laid out."""
+    released = groklm.load(GOLDEN, golden_config, dtype=torch.bfloat16, progress=False)
+    save_native(released, tmp_path / "n8")
+    moved = 0
+    for shard in sorted((tmp_path / "n8").glob("model-*.safetensors")):
+        tensors = load_file(str(shard))
+        for name, t in tensors.items():
+            if t.dtype == torch.int8 and t.dim() == tensors[name[: -len("weight")] + "scales"].dim() + 1:
+                tensors[name] = t.movedim(-3, -2).flatten(-2).contiguous()  # [.., G, out, in/G] -> [.., out, in]
+                moved += 1
+        save_file(tensors, str(shard))
+    assert moved == 2 * golden_config.num_layers  # each layer's attention output and expert down projection
+    native = groklm.load(tmp_path / "n8", dtype=torch.bfloat16, progress=False, mmap=mmap)
+    for name, t in released.state_dict().items():
+        assert torch.equal(native.state_dict()[name], t), name
+
+
 def _fake_int4(model: groklm.Grok, group_size: int) -> None:
     """An independent int4: per-group absmax/7 scales (rounded to bf16), weights rounded in float."""
     from groklm.quant import Int8ExpertLinear, Int8Linear

@@ -106,8 +106,8 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
-    cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i]
-    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, p], i
+    cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i, i]
+    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, p], i
     fl = ctypes.c_float
     cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p]
     cdll.groklm_attend.restype = i
@@ -146,11 +146,26 @@ def available() -> bool:
     return _library() is not None
 
 
+def in_features(weight: Tensor, scales: Tensor) -> int:
+    """The input size K of an int8 weight, row-major [..., N, K] or block-major [..., G, N, K/G], or of a
+    packed int4 one [..., N, K/2] (uint8), with scales [..., N, G]."""
+    if weight.dim() == scales.dim() + 1:
+        return weight.shape[-1] * scales.shape[-1]
+    return weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
+
+
 def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, block: int) -> bool:
-    """CPU, contiguous, bf16 scales [N, G], and each scale group a multiple of `block` columns."""
+    """CPU, contiguous, bf16 scales [N, G] (row-major weight [N, ...], or int8 block-major [G, N, K/G]),
+    and each scale group a multiple of `block` columns."""
     groups = scales.shape[-1]
+    blocked = weight.dim() == scales.dim() + 1
+    lead = scales.dim() - 2
     return (
-        weight.device.type == "cpu"
+        lead >= 0
+        and (weight.dim() == scales.dim() or (blocked and dtype == torch.int8 and weight.shape[lead] == groups))
+        and weight.shape[:lead] == scales.shape[:lead]
+        and weight.shape[-2] == scales.shape[-2]
+        and weight.device.type == "cpu"
         and weight.dtype == dtype
         and scales.dtype == torch.bfloat16
         and weight.is_contiguous()
@@ -162,8 +177,8 @@ def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, 
 
 
 def supports(weight: Tensor, scales: Tensor) -> bool:
-    """Whether int8_matmul takes this weight [N, K] (int8) with bf16 scales [N, G]."""
-    return _fits(weight, scales, torch.int8, weight.shape[-1], 64)
+    """Whether int8_matmul takes this weight [N, K] or [G, N, K/G] (int8) with bf16 scales [N, G]."""
+    return _fits(weight, scales, torch.int8, in_features(weight, scales), 64)
 
 
 def supports_int4(packed: Tensor, scales: Tensor) -> bool:
@@ -202,8 +217,9 @@ def supports_linear(bits: int, parts: Sequence[Weight]) -> bool:
     return (
         bits in (4, 8)
         and all(fits(w, s) for w, s in parts)
-        and len({w.shape[-1] for w, _ in parts}) == 1
+        and len({in_features(w, s) for w, s in parts}) == 1
         and len({s.shape[-1] for _, s in parts}) == 1
+        and len({w.dim() for w, _ in parts}) == 1
     )
 
 
@@ -219,10 +235,6 @@ def _chunk(bits: int, k: int, groups: int) -> int:
     return max(c for c in range(group, min(k, 2048) + 1, group) if k % c == 0)
 
 
-def _in_features(bits: int, weight: Tensor) -> int:
-    return weight.shape[-1] * (1 if bits == 8 else 2)
-
-
 def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
@@ -234,7 +246,7 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
         raise ValueError(
             f"the native int{bits} kernel does not take these weights: {[tuple(w.shape) for w, _ in parts]}"
         )
-    k, groups, m = _in_features(bits, parts[0][0]), parts[0][1].shape[-1], x.shape[0]
+    k, groups, m = in_features(*parts[0]), parts[0][1].shape[-1], x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weights expect [rows, {k}]")
     if out_dtype not in (torch.bfloat16, torch.float32):
@@ -247,6 +259,7 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
         _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
         _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]), int(out_dtype == torch.bfloat16),
+        int(parts[0][0].dim() == 3),
     )  # fmt: skip
     return ys
 
@@ -380,8 +393,8 @@ def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert,
     if lib is None or not supports_moe(bits, w1, v, w2):
         raise ValueError(f"the native int{bits} MoE does not take these experts: {tuple(w1[0].shape)}")
     e, f = w1[1].shape[:2]
-    d = _in_features(bits, w1[0])
-    if _in_features(bits, w2[0]) != f or tuple(w2[1].shape[:2]) != (e, d):
+    d = in_features(*w1)
+    if in_features(*w2) != f or tuple(w2[1].shape[:2]) != (e, d):
         raise ValueError(f"expert shapes {tuple(w1[0].shape)}, {tuple(w2[0].shape)} do not fit together")
     chunk_d, chunk_f = _chunk(bits, d, w1[1].shape[-1]), _chunk(bits, f, w2[1].shape[-1])
     weights = [a for w, s in (w1, v, w2) for a in (w.data_ptr(), s.data_ptr(), s.shape[-1])]
@@ -394,8 +407,9 @@ def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert,
     n = x.shape[0]
     xb = x.to(torch.bfloat16).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
+    blocked = [int(w.dim() == 4) for w, _ in (w1, w2)]
     rc = lib.groklm_moe(
-        bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, y.data_ptr()
+        bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, *blocked, y.data_ptr()
     )
     if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from groklm.checkpoint import CheckpointError, MappedEmbedding, advise_huge_pages, open_released, progress_bar
 from groklm.config import GrokConfig
 from groklm.model import Grok
-from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, quantize_int8
+from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, block_major, quantize_int8
 
 SHARD = "model-{:05d}.safetensors"
 
@@ -181,8 +181,15 @@ def load_native(
         raise CheckpointError(
             f"{path}: tensor names do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
         )
+    # Files written before int8 row blocks were held block-major store them row-major: re-laid out as read.
+    relayout = {
+        name
+        for name, t in expected.items()
+        if t.dim() == len(stored[name][1]) + 1
+        and stored[name][1] == (*t.shape[:-3], t.shape[-2], t.shape[-3] * t.shape[-1])
+    }
     for name, t in expected.items():
-        if tuple(t.shape) != stored[name][1]:
+        if tuple(t.shape) != stored[name][1] and name not in relayout:
             raise CheckpointError(f"{stored[name][0]}: {name} has shape {stored[name][1]}, expected {tuple(t.shape)}")
     if mmap and torch.device(device).type != "cpu":
         raise ValueError("mmap loading is for the CPU")
@@ -199,6 +206,8 @@ def load_native(
             with safe_open(str(shard), framework="pt") as f:  # tensors it hands out keep their map alive
                 for name in names:
                     t = f.get_tensor(name)
+                    if name in relayout:
+                        t = block_major(t, expected[name].shape[-3])
                     if not mmap:
                         targets[name].copy_(t)
                     else:  # a float table stored in another dtype is copied, the rest stays mapped

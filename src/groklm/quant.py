@@ -9,6 +9,12 @@ G equal blocks, one scale per (block, output column). We hold it as nn.Linear do
 is exactly the reference's `x @ (w * scales)`: within a block the scale is a per-column constant.
 G = 1 is ordinary per-output-channel int8.
 
+Row-blocked weights (G > 1: the released attention output and expert down projections) are held
+block-major, [G, out, in/G]: block g of every row together, as the released [in, out] array already
+orders its rows. A matvec then reads each block as one run against only its own in/G activations,
+which stay in the L1 cache however wide the row (see `weight_dot` in csrc/int8_matmul.c). The int8
+output head's many 64-column groups stay row-major (`Int8Linear`'s default).
+
 Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, bf16 activations on CPU); torch's
 `_weight_int8pack_mm` (CPU, bf16, G = 1); otherwise dequantize this one weight for the call.
 """
@@ -38,15 +44,33 @@ def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
     )
 
 
+def is_block_major(weight: Tensor, scales: Tensor) -> bool:
+    """Whether an int8 weight is block-major [..., G, out, in/G] (scales [..., out, G]), not [..., out, in]."""
+    return weight.dim() == scales.dim() + 1
+
+
+def row_major(weight: Tensor, scales: Tensor) -> Tensor:
+    """An int8 weight as [..., out, in]: itself, or a row-major copy of a block-major one."""
+    if not is_block_major(weight, scales):
+        return weight
+    return weight.movedim(-3, -2).flatten(-2)
+
+
+def block_major(weight: Tensor, groups: int) -> Tensor:
+    """A row-major weight [..., out, in] as a block-major copy [..., G, out, in/G]."""
+    return weight.unflatten(-1, (groups, -1)).movedim(-2, -3).contiguous()
+
+
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x [..., in] @ dequant(weight [out, in], scales [out, G]).T -> [..., out] in x's dtype."""
-    out_features, in_features = weight.shape
-    groups = scales.shape[-1]
+    """x [..., in] @ dequant(weight [out, in] or block-major [G, out, in/G], scales [out, G]).T ->
+    [..., out] in x's dtype."""
+    out_features, groups = scales.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(-1, kernels.in_features(weight, scales))
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports(weight, scales):
-        y = kernels.int8_matmul(x2, weight, scales)
-    elif _torch_int8_ok(x2, weight, groups):
+        return kernels.int8_matmul(x2, weight, scales).view(*lead, out_features)
+    weight = row_major(weight, scales)
+    if _torch_int8_ok(x2, weight, groups):
         y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales[:, 0].to(x.dtype))
     elif x.device.type != "cpu":
         y = scaled_int8_matmul(x2, weight, scales)
@@ -87,7 +111,9 @@ def quantize_weight(w: Tensor, groups: int, scale_dtype: torch.dtype) -> tuple[T
 
 
 def dequantize_weight(weight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """weight [..., out, in] int8 with scales [..., out, G] -> [..., out, in] in `dtype`."""
+    """weight [..., out, in] (or block-major [..., G, out, in/G]) int8 with scales [..., out, G] ->
+    [..., out, in] in `dtype`."""
+    weight = row_major(weight, scales)
     *lead, out_features, in_features = weight.shape
     groups = scales.shape[-1]
     w = weight.view(*lead, out_features, groups, in_features // groups).to(dtype) * scales.to(dtype)[..., None]
@@ -95,10 +121,17 @@ def dequantize_weight(weight: Tensor, scales: Tensor, dtype: torch.dtype = torch
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype) -> None:
+    """weight [out, in] int8, or block-major [G, out, in/G] where G > 1 and `block_major`; scales [out, G]."""
+
+    def __init__(
+        self, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype, block_major: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        shape = (
+            (groups, out_features, in_features // groups) if block_major and groups > 1 else (out_features, in_features)
+        )
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,11 +139,14 @@ class Int8Linear(nn.Module):
 
 
 class Int8ExpertLinear(nn.Module):
+    """weight [E, out, in] int8, or block-major [E, G, out, in/G] where G > 1; scales [E, out, G]."""
+
     def __init__(
         self, num_experts: int, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", torch.empty(num_experts, out_features, in_features, dtype=torch.int8))
+        shape = (out_features, in_features) if groups == 1 else (groups, out_features, in_features // groups)
+        self.register_buffer("weight", torch.empty(num_experts, *shape, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(num_experts, out_features, groups, dtype=scale_dtype))
 
     def forward(self, x: Tensor, expert: int) -> Tensor:
@@ -136,14 +172,14 @@ def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | N
         dtype = scale_dtype or module.weight.dtype
         device = module.weight.device
         if isinstance(module, nn.Linear):
-            new: nn.Module = Int8Linear(module.in_features, module.out_features, g, dtype)
+            new: nn.Module = Int8Linear(module.in_features, module.out_features, g, dtype, block_major=True)
         else:
             e, out_features, in_features = module.weight.shape
             new = Int8ExpertLinear(e, in_features, out_features, g, dtype)
         new = new.to(device)
         if device.type != "meta":
             q, s = quantize_weight(module.weight.detach(), g, dtype)
-            new.weight.copy_(q)
+            new.weight.copy_(q if g == 1 else block_major(q, g))
             new.scales.copy_(s)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -280,7 +316,8 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
     for name, module in targets:
         w = module.weight
         out_features = w.shape[-2]
-        in_features = getattr(module, "in_features", w.shape[-1])
+        int8 = isinstance(module, (Int8Linear, Int8ExpertLinear))
+        in_features = kernels.in_features(w, module.scales) if int8 else w.shape[-1]
         stacked = isinstance(module, (ExpertLinear, Int8ExpertLinear))
         new: nn.Module = (
             Int4ExpertLinear(w.shape[0], in_features, out_features, group_size, scale_dtype)

@@ -225,12 +225,14 @@ static inline __attribute__((always_inline)) void dot4(
         for (int i = 0; i < MT; i++) res[j][i] = hsum(out[j][i]);
 }
 
-/* Quantized activations: M rows of K int16 (xq) with K / chunk steps each (xs). Row i of a call is
- * row rows[i] of these, or base + i when rows is NULL. */
+/* Quantized activations: K int16 columns (xq) with their steps (xs, one per chunk of columns) in rows
+ * ldq and lds apart. Row i of a call is row rows[i] of these, or base + i when rows is NULL. K is the
+ * columns a call reads: a block-major weight's panel reads only its own. */
 typedef struct {
     const int16_t *xq;
     const float *xs;
     int K, chunk;
+    size_t ldq, lds;
 } acts;
 
 /* Weight rows processed together: separate streams through memory keep more loads in flight than
@@ -244,15 +246,14 @@ typedef struct {
  * (tiles of up to MT_STREAMED rows), one by one otherwise. */
 static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt, const void *const *w,
                      const uint16_t *const *s, int G, float *const *res) {
-    const int nc = a.K / a.chunk;
     const int16_t *xr[4];
     const float *xsr[4];
     for (int m0 = 0; m0 < M; m0 += 4) {
         const int mt = M - m0 < 4 ? M - m0 : 4;
         for (int i = 0; i < mt; i++) {
             const size_t r = (size_t)(rows ? rows[m0 + i] : base + m0 + i);
-            xr[i] = a.xq + r * a.K;
-            xsr[i] = a.xs + r * nc;
+            xr[i] = a.xq + r * a.ldq;
+            xsr[i] = a.xs + r * a.lds;
         }
         float *rs[STREAMS];
         for (int j = 0; j < nt; j++) rs[j] = res[j] + m0;
@@ -323,11 +324,11 @@ static inline int streams_for(int bits, int K, int M) {
     return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
-/* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scales [count, G]): the rows
- * are taken `streams_for` at a time from that many equal parts of the span, then the remainder one by
- * one. */
+/* res[r * M + i] for weight rows r < count of W (row stride wrow bytes; G scales a row, rows ls apart):
+ * the rows are taken `streams_for` at a time from that many equal parts of the span, then the
+ * remainder one by one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
-                     const uint16_t *s, int G, int count, float *res) {
+                     const uint16_t *s, int G, size_t ls, int count, float *res) {
     const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
@@ -336,16 +337,41 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
         for (int j = 0; j < ns; j++) {
             const size_t row = (size_t)j * q + r;
             wp[j] = w + row * wrow;
-            sp[j] = s + row * G;
+            sp[j] = s + row * ls;
             rp[j] = res + row * M;
         }
         rows_dot(bits, a, rows, base, M, ns, wp, sp, G, rp);
     }
     for (int r = ns * q; r < count; r++) {
         const void *wp = w + (size_t)r * wrow;
-        const uint16_t *sp = s + (size_t)r * G;
+        const uint16_t *sp = s + (size_t)r * ls;
         float *rp = res + (size_t)r * M;
         rows_dot(bits, a, rows, base, M, 1, &wp, &sp, G, &rp);
+    }
+}
+
+/* span_dot over `count` rows of an int8 weight with G scale groups, row-major (panel == 0: rows of K
+ * bytes) or block-major (panel != 0: G panels `panel` bytes apart, each holding K/G columns of every
+ * row, rows K/G bytes apart, w pointing into the first). A panel is read as one contiguous run
+ * against its own K/G activation columns, which stay in the L1 cache however wide the row: at K =
+ * 10240 and 32768 a matvec read 0.78 of a plain read row-major and 0.97 block-major on a Zen 4 VM
+ * whose memory then gave ~55 GB/s (at ~30 GB/s both keep up). Each panel's sums are added into res
+ * (part: scratch for count * M floats). */
+static void weight_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t panel,
+                       const uint16_t *s, int G, int count, float *res, float *part) {
+    if (!panel || G == 1) {
+        span_dot(bits, a, rows, base, M, w, row_bytes(bits, a.K), s, G, G, count, res);
+        return;
+    }
+    const int kg = a.K / G;
+    for (int g = 0; g < G; g++) {
+        acts p = a;
+        p.xq += (size_t)g * kg;
+        p.xs += (size_t)g * kg / a.chunk;
+        p.K = kg;
+        span_dot(bits, p, rows, base, M, w + g * panel, kg, s + g, 1, G, count, g ? part : res);
+        if (g)
+            for (size_t i = 0; i < (size_t)count * M; i++) res[i] += part[i];
     }
 }
 
@@ -353,28 +379,30 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
  * one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
  * `chunk` (groklm_chunk's for int8; a multiple of K/G for int4), and the rows of all the weights, end
  * to end, are split across OpenMP threads (torch's own libgomp when loaded into torch). One call
- * computes e.g. an attention layer's q, k and v. y_j is bf16 or fp32. */
+ * computes e.g. an attention layer's q, k and v. y_j is bf16 or fp32. With `blocked` (int8 only), each
+ * W_j is block-major, [G, N_j, K/G] (see weight_dot). */
 void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
-                   const uint16_t *const *s, int G, const int *N, void *const *y, int y_bf16) {
+                   const uint16_t *const *s, int G, const int *N, void *const *y, int y_bf16, int blocked) {
     int total = 0;
     for (int j = 0; j < nmat; j++) total += N[j];
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)M * K);
     float *xs = malloc(sizeof(float) * (size_t)M * (K / chunk));
-    const acts a = {xq, xs, K, chunk};
-    const size_t wrow = row_bytes(bits, K);
+    const acts a = {xq, xs, K, chunk, (size_t)K, (size_t)(K / chunk)};
+    const size_t wrow = blocked ? (size_t)(K / G) : row_bytes(bits, K); /* from one row to the next */
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
         const int block = block_rows(M);
-        float *res = malloc(sizeof(float) * block * (size_t)M);
+        float *res = malloc(sizeof(float) * 2 * block * (size_t)M), *part = res + block * (size_t)M;
         int lo, hi;
         thread_span(total, &lo, &hi);
         for (int j = 0, base = 0; j < nmat; base += N[j], j++) {
             const int from = lo > base ? lo : base, to = hi < base + N[j] ? hi : base + N[j];
             for (int n0 = from - base; n0 < to - base; n0 += block) {
                 const int count = to - base - n0 < block ? to - base - n0 : block;
-                span_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, wrow, s[j] + (size_t)n0 * G, G, count, res);
+                weight_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, blocked ? (size_t)N[j] * wrow : 0,
+                           s[j] + (size_t)n0 * G, G, count, res, part);
                 for (int r = 0; r < count; r++)
                     for (int m = 0; m < M; m++) store(y[j], y_bf16, (size_t)m * N[j] + n0 + r, res[(size_t)r * M + m]);
             }
@@ -397,7 +425,8 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
  * three calls per layer (a matmul, a softmax and a top-k), each started with cold caches. Pairs
  * (t, j) are grouped by expert (a counting sort, stable), and each chosen expert's weights are read
  * once for all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
- * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]. Its scratch is allocated here
+ * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]; int8 W1 and V with `blocked1`, W2
+ * with `blocked2`, are block-major, [E, G, rows, cols / G] (see weight_dot). Its scratch is allocated here
  * (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
  * (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
 static inline float gelu_tanh(float x) {
@@ -491,7 +520,8 @@ static void route(const uint16_t *x, int N, int D, const float *router, int E, i
 
 int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, int topk, int E, int F,
                const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
-               const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, uint16_t *y) {
+               const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int blocked1, int blocked2,
+               uint16_t *y) {
     const int P = N * topk;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
     float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
@@ -518,12 +548,15 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     }
     int maxc = 0;
     for (int e = 0; e < E; e++) maxc = count[e] > maxc ? count[e] : maxc;
-    const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F);
-    const acts ax = {xq, xs, D, chunk_d}, ah = {hq, hs, F, chunk_f};
+    const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F); /* bytes a row */
+    const size_t step1 = blocked1 ? (size_t)(D / g1) : b1, step2 = blocked2 ? (size_t)(F / g2) : b2; /* row to row */
+    const acts ax = {xq, xs, D, chunk_d, (size_t)D, (size_t)(D / chunk_d)};
+    const acts ah = {hq, hs, F, chunk_f, (size_t)F, (size_t)(F / chunk_f)};
 #pragma omp parallel
     {
         const int block = block_rows(maxc);
-        float *r1 = malloc(sizeof(float) * 2 * block * (size_t)maxc), *rv = r1 + block * (size_t)maxc;
+        float *r1 = malloc(sizeof(float) * 3 * block * (size_t)maxc), *rv = r1 + block * (size_t)maxc;
+        float *part = rv + block * (size_t)maxc;
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++)
             quantize_row(x + (size_t)t * D, D, chunk_d, xq + (size_t)t * D, xs + (size_t)t * (D / chunk_d));
@@ -536,8 +569,10 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             thread_span(F, &lo, &hi);
             for (int n0 = lo; n0 < hi; n0 += block) {
                 const int cnt = hi - n0 < block ? hi - n0 : block;
-                span_dot(bits, ax, token + start[e], 0, m, w1e + n0 * b1, b1, s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1);
-                span_dot(bits, ax, token + start[e], 0, m, wve + n0 * b1, b1, sv + ((size_t)e * F + n0) * gv, gv, cnt, rv);
+                weight_dot(bits, ax, token + start[e], 0, m, w1e + n0 * step1, blocked1 ? F * step1 : 0,
+                           s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1, part);
+                weight_dot(bits, ax, token + start[e], 0, m, wve + n0 * step1, blocked1 ? F * step1 : 0,
+                           sv + ((size_t)e * F + n0) * gv, gv, cnt, rv, part);
                 gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F);
             }
         }
@@ -554,7 +589,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             thread_span(D, &lo, &hi);
             for (int n0 = lo; n0 < hi; n0 += block) {
                 const int cnt = hi - n0 < block ? hi - n0 : block;
-                span_dot(bits, ah, NULL, start[e], m, w2e + n0 * b2, b2, s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1);
+                weight_dot(bits, ah, NULL, start[e], m, w2e + n0 * step2, blocked2 ? D * step2 : 0,
+                           s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1, part);
                 for (int r = 0; r < cnt; r++)
                     for (int i = 0; i < m; i++) {
                         const int p = order[start[e] + i];

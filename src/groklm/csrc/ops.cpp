@@ -17,9 +17,9 @@
 namespace {
 
 using linear_fn = void (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
-                           const int *, void *const *, int);
+                           const int *, void *const *, int, int);
 using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
-                       const void *, const void *, int, const void *, const void *, int, int, int, void *);
+                       const void *, const void *, int, const void *, const void *, int, int, int, int, int, void *);
 using chunk_fn = int (*)(int, int);
 using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
                           float, float, void *);
@@ -33,18 +33,24 @@ attend_fn kernel_attend = nullptr;
 #define REFUSE_UNLESS(cond, ...) \
     TORCH_CHECK_VALUE(cond, "groklm: the native int", bits, " kernel does not take these weights: ", __VA_ARGS__)
 
-// One weight [N, K] (int8) or packed [N, K/2] (uint8, bits 4) with bf16 scales [N, G]: the same
-// conditions as kernels.supports / supports_int4. Returns K.
-int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, const char *what) {
+// One weight with bf16 scales [*L, N, G]: row-major [*L, N, K] (int8) or packed [*L, N, K/2] (uint8,
+// bits 4), or block-major int8 [*L, G, N, K/G] (then *blocked): the conditions of kernels._fits.
+// Returns K.
+int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, const char *what, bool *blocked) {
     TORCH_CHECK_VALUE(bits == 8 || bits == 4, "groklm: bits must be 8 or 4, not ", bits);
     REFUSE_UNLESS(w.device().is_cpu() && s.device().is_cpu(), what, " must be on the CPU");
     REFUSE_UNLESS(w.scalar_type() == (bits == 8 ? at::kChar : at::kByte), what, " weight is ", w.scalar_type());
     REFUSE_UNLESS(s.scalar_type() == at::kBFloat16, what, " scales must be bf16, not ", s.scalar_type());
     REFUSE_UNLESS(w.is_contiguous() && s.is_contiguous(), what, " weight and scales must be contiguous");
-    REFUSE_UNLESS(w.dim() == s.dim() && w.dim() >= 2, what, " weight ", w.sizes(), ", scales ", s.sizes());
-    for (int64_t d = 0; d < w.dim() - 1; d++)
+    *blocked = w.dim() == s.dim() + 1;
+    REFUSE_UNLESS(s.dim() >= 2 && (w.dim() == s.dim() || (*blocked && bits == 8)), what, " weight ", w.sizes(),
+                  ", scales ", s.sizes());
+    const int64_t g = s.size(-1), lead = s.dim() - 2;
+    for (int64_t d = 0; d < lead; d++)
         REFUSE_UNLESS(w.size(d) == s.size(d), what, " weight ", w.sizes(), ", scales ", s.sizes());
-    const int64_t k = w.size(-1) * (bits == 8 ? 1 : 2), g = s.size(-1);
+    REFUSE_UNLESS(w.size(-2) == s.size(-2) && (!*blocked || w.size(lead) == g), what, " weight ", w.sizes(),
+                  ", scales ", s.sizes());
+    const int64_t k = *blocked ? g * w.size(-1) : w.size(-1) * (bits == 8 ? 1 : 2);
     REFUSE_UNLESS(g > 0 && k % g == 0 && (k / g) % (bits == 8 ? 64 : 32) == 0, what, ": ", g, " scale groups over ",
                   k, " columns");
     return k;
@@ -76,15 +82,18 @@ std::vector<at::Tensor> linear(int64_t bits, const at::Tensor &x, at::TensorList
     TORCH_CHECK_VALUE(!weights.empty() && weights.size() % 2 == 0, "groklm: weights must be (weight, scales) pairs");
     const size_t n = weights.size() / 2;
     int64_t k = -1, groups = -1;
+    bool blocked = false;
     std::vector<const void *> w(n), s(n);
     std::vector<int> sizes(n);
     for (size_t j = 0; j < n; j++) {
         const at::Tensor &wj = weights[2 * j], &sj = weights[2 * j + 1];
-        const int64_t kj = check_weight(bits, wj, sj, "linear");
-        REFUSE_UNLESS(wj.dim() == 2, "linear weight ", wj.sizes(), " is not 2-D");
-        REFUSE_UNLESS(j == 0 || (kj == k && sj.size(-1) == groups), "they must share input size and scale groups");
-        k = kj, groups = sj.size(-1);
-        w[j] = wj.data_ptr(), s[j] = sj.data_ptr(), sizes[j] = (int)wj.size(0);
+        bool bj = false;
+        const int64_t kj = check_weight(bits, wj, sj, "linear", &bj);
+        REFUSE_UNLESS(sj.dim() == 2, "linear weight ", wj.sizes(), " with scales ", sj.sizes(), " is not one matrix");
+        REFUSE_UNLESS(j == 0 || (kj == k && sj.size(-1) == groups && bj == blocked),
+                      "they must share input size, scale groups and layout");
+        k = kj, groups = sj.size(-1), blocked = bj;
+        w[j] = wj.data_ptr(), s[j] = sj.data_ptr(), sizes[j] = (int)sj.size(0);
     }
     const at::Tensor xb = bf16_rows(x, k);
     const int64_t m = x.size(0);
@@ -95,7 +104,7 @@ std::vector<at::Tensor> linear(int64_t bits, const at::Tensor &x, at::TensorList
         y[j] = ys.back().data_ptr();
     }
     kernel_linear((int)bits, xb.data_ptr(), (int)m, (int)k, chunk_of(bits, k, groups), (int)n, w.data(), s.data(),
-                  (int)groups, sizes.data(), y.data(), fp32 ? 0 : 1);
+                  (int)groups, sizes.data(), y.data(), fp32 ? 0 : 1, blocked ? 1 : 0);
     return ys;
 }
 
@@ -105,12 +114,13 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int6
     TORCH_CHECK_VALUE(weights.size() == 6, "groklm: moe takes w1, its scales, v, its scales, w2, its scales");
     const at::Tensor &w1 = weights[0], &s1 = weights[1], &v = weights[2], &sv = weights[3], &w2 = weights[4],
                      &s2 = weights[5];
-    const int64_t d = check_weight(bits, w1, s1, "moe w1"), f = check_weight(bits, w2, s2, "moe w2");
-    check_weight(bits, v, sv, "moe v");
-    REFUSE_UNLESS(w1.dim() == 3 && w1.sizes() == v.sizes() && s1.sizes() == sv.sizes(), "moe w1 ", w1.sizes(),
+    bool blocked1 = false, blocked2 = false, blocked_v = false;
+    const int64_t d = check_weight(bits, w1, s1, "moe w1", &blocked1), f = check_weight(bits, w2, s2, "moe w2", &blocked2);
+    check_weight(bits, v, sv, "moe v", &blocked_v);
+    REFUSE_UNLESS(s1.dim() == 3 && w1.sizes() == v.sizes() && s1.sizes() == sv.sizes(), "moe w1 ", w1.sizes(),
                   " and v ", v.sizes(), " must match, scales too");
-    const int64_t e = w1.size(0);
-    REFUSE_UNLESS(w2.dim() == 3 && w2.size(0) == e && w2.size(1) == d && w1.size(1) == f, "moe w1 ", w1.sizes(),
+    const int64_t e = s1.size(0);
+    REFUSE_UNLESS(s2.dim() == 3 && s2.size(0) == e && s2.size(1) == d && s1.size(1) == f, "moe w1 ", w1.sizes(),
                   " and w2 ", w2.sizes(), " do not fit together");
     TORCH_CHECK_VALUE(router.device().is_cpu() && router.scalar_type() == at::kFloat && router.is_contiguous() &&
                           router.dim() == 2 && router.size(0) == e && router.size(1) == d,
@@ -123,7 +133,8 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int6
     const int rc = kernel_moe((int)bits, xb.data_ptr(), (int)n, (int)d, router.data_ptr<float>(), (int)topk, (int)e,
                               (int)f, w1.data_ptr(), s1.data_ptr(), (int)s1.size(-1), v.data_ptr(), sv.data_ptr(),
                               (int)sv.size(-1), w2.data_ptr(), s2.data_ptr(), (int)s2.size(-1),
-                              chunk_of(bits, d, s1.size(-1)), chunk_of(bits, f, s2.size(-1)), y.data_ptr());
+                              chunk_of(bits, d, s1.size(-1)), chunk_of(bits, f, s2.size(-1)), blocked1 ? 1 : 0,
+                              blocked2 ? 1 : 0, y.data_ptr());
     TORCH_CHECK(rc == 0, "groklm: the native MoE could not allocate its scratch for ", n, " tokens");
     return y;
 }
