@@ -484,23 +484,30 @@ static void gelu_product(const float *a, const float *b, int n, int m, uint16_t 
     }
 }
 
+/* 8 lanes of b from element `at`: fp32, or bf16 widened. */
+static inline __attribute__((always_inline)) __m256 load8(const void *b, int b_f32, int at) {
+    return b_f32 ? _mm256_loadu_ps((const float *)b + at) : load_bf16x8((const uint16_t *)b + at);
+}
+
+/* The fp32 dot product of bf16 a [n] and b [n] (bf16, or fp32 with b_f32); n % 8 == 0. */
+static inline __attribute__((always_inline)) float dot_with(const uint16_t *a, const void *b, int b_f32, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int d = 0;
+    for (; d + 16 <= n; d += 16) {
+        s0 = _mm256_fmadd_ps(load_bf16x8(a + d), load8(b, b_f32, d), s0);
+        s1 = _mm256_fmadd_ps(load_bf16x8(a + d + 8), load8(b, b_f32, d + 8), s1);
+    }
+    if (d < n) s0 = _mm256_fmadd_ps(load_bf16x8(a + d), load8(b, b_f32, d), s0);
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
 /* experts[t, :topk], gates[t, :topk] for the N tokens x [N, D] (see above). */
 static void route(const uint16_t *x, int N, int D, const float *router, int E, int topk, int *experts, float *gates) {
 #pragma omp parallel for schedule(static) if (N >= 16)
     for (int t = 0; t < N; t++) {
         const uint16_t *xt = x + (size_t)t * D;
         float p[E];
-        for (int e = 0; e < E; e++) {
-            const float *re = router + (size_t)e * D;
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            int d = 0;
-            for (; d + 16 <= D; d += 16) {
-                s0 = _mm256_fmadd_ps(load_bf16x8(xt + d), _mm256_loadu_ps(re + d), s0);
-                s1 = _mm256_fmadd_ps(load_bf16x8(xt + d + 8), _mm256_loadu_ps(re + d + 8), s1);
-            }
-            if (d < D) s0 = _mm256_fmadd_ps(load_bf16x8(xt + d), _mm256_loadu_ps(re + d), s0);
-            p[e] = hsum(_mm256_add_ps(s0, s1));
-        }
+        for (int e = 0; e < E; e++) p[e] = dot_with(xt, router + (size_t)e * D, 1, D);
         float mx = -INFINITY, sum = 0.f;
         for (int e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
         for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
@@ -627,16 +634,6 @@ typedef __m256 (*exp8_fn)(__m256);
 static exp8_fn exp8;
 void groklm_set_exp8(exp8_fn f) { exp8 = f; }
 
-static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int d = 0;
-    for (; d + 16 <= n; d += 16) {
-        s0 = _mm256_fmadd_ps(load_bf16x8(a + d), load_bf16x8(b + d), s0);
-        s1 = _mm256_fmadd_ps(load_bf16x8(a + d + 8), load_bf16x8(b + d + 8), s1);
-    }
-    if (d < n) s0 = _mm256_fmadd_ps(load_bf16x8(a + d), load_bf16x8(b + d), s0);
-    return hsum(_mm256_add_ps(s0, s1));
-}
 
 /* s[0..n) = cap * tanh(s / cap), in place. */
 static void soft_cap(float *s, int n, float cap) {
@@ -686,7 +683,7 @@ int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long 
                         const uint16_t *kb = k + (size_t)b * stride + (size_t)h * Dh, *vb = v + (size_t)b * stride + (size_t)h * Dh;
                         const uint8_t *mb = mask + (size_t)b * S;
                         const size_t row = (size_t)H * Dh; /* between slots */
-                        for (int j = 0; j < S; j++) s[j] = mb[j] ? bf16_round(dot_bf16(qr, kb + j * row, Dh)) * mult : 0.f;
+                        for (int j = 0; j < S; j++) s[j] = mb[j] ? bf16_round(dot_with(qr, kb + j * row, 0, Dh)) * mult : 0.f;
                         soft_cap(s, S, cap);
                         for (int j = 0; j < S; j++)
                             if (!mb[j]) s[j] = masked;
