@@ -86,20 +86,20 @@ def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
     assert torch.equal(outs[0][1], outs[1][1])
 
 
+_SHAPES = [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13), (4, 32768, 21)]
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize(
-    "groups, in_features, out_features",
-    [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13), (4, 32768, 21)],
+    "groups, in_features, out_features, blocked",
+    [(*shape, blocked) for shape in _SHAPES for blocked in ((False, True) if shape[0] > 1 else (False,))],
 )
-@pytest.mark.parametrize("blocked", [False, True])
 def test_native_matches_dequantized_matmul(
     build: str, rows: int, groups: int, in_features: int, out_features: int, blocked: bool
 ) -> None:
     """Out sizes cover the weight-row streams (4 at a time, in blocks of 256 per thread) and every remainder;
     block-major weights cover activation chunks spanning several blocks (512, 6144), one (10240) and
     part of one (32768: 8192-column blocks, 2048-column chunks)."""
-    if blocked and groups == 1:
-        pytest.skip("one block: the layouts are the same")
     g = torch.Generator().manual_seed(rows * 7 + groups)
     w = torch.randn(out_features, in_features, generator=g)
     q_rows, s = quantize_weight(w, groups, torch.bfloat16)
