@@ -239,7 +239,7 @@ def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> list[Tensor]:
+def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype) -> Tensor:
     """The Python implementation of groklm::linear (see `linear`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_linear(bits, parts):
@@ -252,16 +252,15 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
     xb = x.to(torch.bfloat16).contiguous()
-    ys = [torch.empty(m, s.shape[0], dtype=out_dtype) for _, s in parts]
+    y = torch.empty(m, sum(s.shape[0] for _, s in parts), dtype=out_dtype)
     lib.groklm_linear(
         bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
         _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
         _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
-        _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]), int(out_dtype == torch.bfloat16),
-        int(parts[0][0].dim() == 3),
+        y.data_ptr(), int(out_dtype == torch.bfloat16), int(parts[0][0].dim() == 3),
     )  # fmt: skip
-    return ys
+    return y
 
 
 # The kernels are torch ops, opaque to torch.compile (which fuses what lies between them). Decode calls
@@ -270,33 +269,37 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
 # they are defined with a plain torch.library.Library, not custom_op, whose Python wrapping cost 90 us
 # a call (measured: 396 against 309 us).
 _OPS = torch.library.Library("groklm", "DEF")
-_OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor[]")
+_OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor")
 _OPS.define("moe(Tensor x, Tensor router, int topk, int bits, Tensor[] weights) -> Tensor")
 _OPS.define(
     "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked) -> Tensor"
 )
 
 
-def _linear_op(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
+def _linear_op(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> Tensor:
     return _linear(
         bits, x, list(zip(weights[::2], weights[1::2], strict=True)), torch.float32 if fp32 else torch.bfloat16
     )
 
 
 @torch.library.register_fake("groklm::linear")
-def _(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> list[Tensor]:
+def _(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> Tensor:
     dtype = torch.float32 if fp32 else torch.bfloat16
-    return [x.new_empty(x.shape[0], s.shape[0], dtype=dtype) for s in weights[1::2]]
+    return x.new_empty(x.shape[0], sum(s.shape[0] for s in weights[1::2]), dtype=dtype)
 
 
 def linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype = torch.bfloat16) -> list[Tensor]:
     """x [M, K] @ dequant(W_j).T for each int8 (bits 8) or packed int4 (bits 4) weight W_j with its
     scales, all sharing K and the scale layout, in one native call -> [M, N_j] each, in `out_dtype`
-    (bf16 or fp32). x is read as bf16; accumulation is fp32, rounded once at the end. One pass over
-    all the weights: an attention layer's q, k and v together cost one call, not three."""
+    (bf16 or fp32): views of one [M, N_0 + N_1 + ...] result. x is read as bf16; accumulation is fp32,
+    rounded once at the end. One pass over all the weights: an attention layer's q, k and v together
+    cost one call, not three. (The op returns one tensor, not a list: inductor's C++ wrapper, which
+    `generate.compile_decode` uses, takes ops that return one.)"""
     if _NATIVE_OPS or torch.compiler.is_compiling():
-        return torch.ops.groklm.linear(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
-    return _linear(bits, x, parts, out_dtype)
+        y = torch.ops.groklm.linear(bits, x, [t for part in parts for t in part], out_dtype == torch.float32)
+    else:
+        y = _linear(bits, x, parts, out_dtype)
+    return list(y.split([s.shape[0] for _, s in parts], dim=1))
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:

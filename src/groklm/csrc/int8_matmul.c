@@ -375,14 +375,14 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
     }
 }
 
-/* y_j [M, N_j] = x @ W_j.T for nmat weights W_j [N_j, K] (int8, or packed int4 [N_j, K/2]) sharing
- * one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
+/* y [M, N_0 + N_1 + ...] = x @ W_j.T, side by side, for nmat weights W_j [N_j, K] (int8, or packed int4
+ * [N_j, K/2]) sharing one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
  * `chunk` (groklm_chunk's for int8; a multiple of K/G for int4), and the rows of all the weights, end
  * to end, are split across OpenMP threads (torch's own libgomp when loaded into torch). One call
- * computes e.g. an attention layer's q, k and v. y_j is bf16 or fp32. With `blocked` (int8 only), each
+ * computes e.g. an attention layer's q, k and v. y is bf16 or fp32. With `blocked` (int8 only), each
  * W_j is block-major, [G, N_j, K/G] (see weight_dot). */
 void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
-                   const uint16_t *const *s, int G, const int *N, void *const *y, int y_bf16, int blocked) {
+                   const uint16_t *const *s, int G, const int *N, void *y, int y_bf16, int blocked) {
     int total = 0;
     for (int j = 0; j < nmat; j++) total += N[j];
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)M * K);
@@ -404,7 +404,7 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
                 weight_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, blocked ? (size_t)N[j] * wrow : 0,
                            s[j] + (size_t)n0 * G, G, count, res, part);
                 for (int r = 0; r < count; r++)
-                    for (int m = 0; m < M; m++) store(y[j], y_bf16, (size_t)m * N[j] + n0 + r, res[(size_t)r * M + m]);
+                    for (int m = 0; m < M; m++) store(y, y_bf16, (size_t)m * total + base + n0 + r, res[(size_t)r * M + m]);
             }
         }
         free(res);

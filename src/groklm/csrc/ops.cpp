@@ -17,7 +17,7 @@
 namespace {
 
 using linear_fn = void (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
-                           const int *, void *const *, int, int);
+                           const int *, void *, int, int);
 using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
                        const void *, const void *, int, const void *, const void *, int, int, int, int, int, void *);
 using chunk_fn = int (*)(int, int);
@@ -77,7 +77,7 @@ at::Tensor bf16_rows(const at::Tensor &x, int64_t k) {
     return x.scalar_type() == at::kBFloat16 && x.is_contiguous() ? x : x.to(at::kBFloat16).contiguous();
 }
 
-std::vector<at::Tensor> linear(int64_t bits, const at::Tensor &x, at::TensorList weights, bool fp32) {
+at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, bool fp32) {
     TORCH_CHECK_VALUE(kernel_linear, "groklm: the native kernels are not loaded");
     TORCH_CHECK_VALUE(!weights.empty() && weights.size() % 2 == 0, "groklm: weights must be (weight, scales) pairs");
     const size_t n = weights.size() / 2;
@@ -97,15 +97,12 @@ std::vector<at::Tensor> linear(int64_t bits, const at::Tensor &x, at::TensorList
     }
     const at::Tensor xb = bf16_rows(x, k);
     const int64_t m = x.size(0);
-    std::vector<at::Tensor> ys;
-    std::vector<void *> y(n);
-    for (size_t j = 0; j < n; j++) {
-        ys.push_back(at::empty({m, sizes[j]}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16)));
-        y[j] = ys.back().data_ptr();
-    }
+    int64_t total = 0;
+    for (size_t j = 0; j < n; j++) total += sizes[j];
+    at::Tensor y = at::empty({m, total}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
     kernel_linear((int)bits, xb.data_ptr(), (int)m, (int)k, chunk_of(bits, k, groups), (int)n, w.data(), s.data(),
-                  (int)groups, sizes.data(), y.data(), fp32 ? 0 : 1, blocked ? 1 : 0);
-    return ys;
+                  (int)groups, sizes.data(), y.data_ptr(), fp32 ? 0 : 1, blocked ? 1 : 0);
+    return y;
 }
 
 // x [N, D] bf16, router [E, D] fp32: one MoE layer, routing included. See groklm_moe.
