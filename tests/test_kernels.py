@@ -89,7 +89,7 @@ def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
 _SHAPES = [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13), (4, 32768, 21)]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 21])
 @pytest.mark.parametrize(
     "groups, in_features, out_features, blocked",
     [(*shape, blocked) for shape in _SHAPES for blocked in ((False, True) if shape[0] > 1 else (False,))],

@@ -110,17 +110,19 @@ static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float
 /* res[j][i] = int8 weight row w[j] [K] (scales s[j] [G]) against activation row xr[i] (int16, K)
  * with chunk steps xsr[i] (K / chunk), for NT weight rows and MT activation rows at once. Rows
  * are walked in segments of min(K/G, chunk) columns, each under one weight scale and one activation
- * step: an int32 dot product per segment, folded into fp32 with scale * step. NT and MT are
+ * step: an int32 dot product per segment, folded into fp32 with scale * step. A row's scale groups
+ * lie gstride bytes apart (K/G in a row-major weight; a block-major one's block size). NT and MT are
  * compile-time constants at each call site, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot8(
-    const int16_t *const *xr, const float *const *xsr, int K, const int8_t *const *w, const uint16_t *const *s,
-    int G, int chunk, float *const *res, const int NT, const int MT) {
+    const int16_t *const *xr, const float *const *xsr, int K, const int8_t *const *w, size_t gstride,
+    const uint16_t *const *s, int G, int chunk, float *const *res, const int NT, const int MT) {
     const int kg = K / G, seg = kg < chunk ? kg : chunk;
     const int per_g = kg / seg, per_c = chunk / seg; /* segments per scale group, per chunk: one is 1 */
     __m256 out[4][4];
     for (int j = 0; j < NT; j++)
         for (int i = 0; i < MT; i++) out[j][i] = _mm256_setzero_ps();
     int g = 0, gn = 0, c = 0, cn = 0; /* scale group and chunk of this segment (counters: no division) */
+    size_t skip = 0;                  /* bytes between this group's columns and where a row-major row has them */
     for (int c0 = 0; c0 < K; c0 += seg) {
         __m256i acc[4][4];
         for (int j = 0; j < NT; j++)
@@ -138,7 +140,7 @@ static inline __attribute__((always_inline)) void dot8(
                 __m512i xv[4];
                 for (int i = 0; i < MT; i++) xv[i] = _mm512_loadu_si512((const void *)(xr[i] + c0 + k));
                 for (int j = 0; j < NT; j++) {
-                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + c0 + k)));
+                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + skip + c0 + k)));
                     for (int i = 0; i < MT; i++) a5[j][i] = _mm512_dpwssd_epi32(a5[j][i], wv, xv[i]);
                 }
             }
@@ -149,7 +151,7 @@ static inline __attribute__((always_inline)) void dot8(
 #else
         for (int k = 0; k < seg; k += 64) {
             for (int j = 0; j < NT; j++) {
-                const int8_t *wc = w[j] + c0 + k;
+                const int8_t *wc = w[j] + skip + c0 + k;
                 __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wc));
                 __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16)));
                 __m256i wc3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 32)));
@@ -170,7 +172,7 @@ static inline __attribute__((always_inline)) void dot8(
             for (int i = 0; i < MT; i++)
                 out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), _mm256_set1_ps(sc * xsr[i][c]), out[j][i]);
         }
-        if (++gn == per_g) gn = 0, g++;
+        if (++gn == per_g) gn = 0, g++, skip += gstride - kg;
         if (++cn == per_c) cn = 0, c++;
     }
     for (int j = 0; j < NT; j++)
@@ -245,7 +247,7 @@ typedef struct {
  * per tile; the STREAMS weight rows go together while NT * MT accumulators fit in the registers
  * (tiles of up to MT_STREAMED rows), one by one otherwise. */
 static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt, const void *const *w,
-                     const uint16_t *const *s, int G, float *const *res) {
+                     size_t gstride, const uint16_t *const *s, int G, float *const *res) {
     const int16_t *xr[4];
     const float *xsr[4];
     for (int m0 = 0; m0 < M; m0 += 4) {
@@ -259,7 +261,7 @@ static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt,
         for (int j = 0; j < nt; j++) rs[j] = res[j] + m0;
 #define DOT(J, NT, MT)                                                                                              \
     if (bits == 8)                                                                                                  \
-        dot8(xr, xsr, a.K, (const int8_t *const *)w + (J), s + (J), G, a.chunk, rs + (J), NT, MT);                  \
+        dot8(xr, xsr, a.K, (const int8_t *const *)w + (J), gstride, s + (J), G, a.chunk, rs + (J), NT, MT);         \
     else                                                                                                            \
         dot4(xr, xsr, a.K, (const uint8_t *const *)w + (J), s + (J), G, a.chunk, rs + (J), NT, MT);                 \
     break;
@@ -324,11 +326,11 @@ static inline int streams_for(int bits, int K, int M) {
     return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
-/* res[r * M + i] for weight rows r < count of W (row stride wrow bytes; G scales a row, rows ls apart):
- * the rows are taken `streams_for` at a time from that many equal parts of the span, then the
- * remainder one by one. */
+/* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scale groups gstride bytes apart
+ * within a row; G scales a row, rows ls apart): the rows are taken `streams_for` at a time from that
+ * many equal parts of the span, then the remainder one by one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
-                     const uint16_t *s, int G, size_t ls, int count, float *res) {
+                     size_t gstride, const uint16_t *s, int G, size_t ls, int count, float *res) {
     const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
@@ -340,13 +342,13 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
             sp[j] = s + row * ls;
             rp[j] = res + row * M;
         }
-        rows_dot(bits, a, rows, base, M, ns, wp, sp, G, rp);
+        rows_dot(bits, a, rows, base, M, ns, wp, gstride, sp, G, rp);
     }
     for (int r = ns * q; r < count; r++) {
         const void *wp = w + (size_t)r * wrow;
         const uint16_t *sp = s + (size_t)r * ls;
         float *rp = res + (size_t)r * M;
-        rows_dot(bits, a, rows, base, M, 1, &wp, &sp, G, &rp);
+        rows_dot(bits, a, rows, base, M, 1, &wp, gstride, &sp, G, &rp);
     }
 }
 
@@ -356,20 +358,25 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
  * against its own K/G activation columns, which stay in the L1 cache however wide the row: at K =
  * 10240 and 32768 a matvec read 0.78 of a plain read row-major and 0.97 block-major on a Zen 4 VM
  * whose memory then gave ~55 GB/s (at ~30 GB/s both keep up). Each panel's sums are added into res
- * (part: scratch for count * M floats). */
+ * (part: scratch for count * M floats). Above 16 activation rows (prefill), where arithmetic is the
+ * limit, rows are read whole, block after block: per-block calls cost bench-mid's prefill 4%. */
 static void weight_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t panel,
                        const uint16_t *s, int G, int count, float *res, float *part) {
+    const int kg = a.K / G;
     if (!panel || G == 1) {
-        span_dot(bits, a, rows, base, M, w, row_bytes(bits, a.K), s, G, G, count, res);
+        span_dot(bits, a, rows, base, M, w, row_bytes(bits, a.K), kg, s, G, G, count, res);
         return;
     }
-    const int kg = a.K / G;
+    if (M > 16) { /* compute-bound: whole rows (their blocks `panel` apart), so each call runs all of K */
+        span_dot(bits, a, rows, base, M, w, kg, panel, s, G, G, count, res);
+        return;
+    }
     for (int g = 0; g < G; g++) {
         acts p = a;
         p.xq += (size_t)g * kg;
         p.xs += (size_t)g * kg / a.chunk;
         p.K = kg;
-        span_dot(bits, p, rows, base, M, w + g * panel, kg, s + g, 1, G, count, g ? part : res);
+        span_dot(bits, p, rows, base, M, w + g * panel, kg, kg, s + g, 1, G, count, g ? part : res);
         if (g)
             for (size_t i = 0; i < (size_t)count * M; i++) res[i] += part[i];
     }
