@@ -167,10 +167,12 @@ static inline __attribute__((always_inline)) void dot8(
             }
         }
 #endif
+        __m256 step[4]; /* the activation steps, broadcast once a segment: scale * step is then one vector product */
+        for (int i = 0; i < MT; i++) step[i] = _mm256_set1_ps(xsr[i][c]);
         for (int j = 0; j < NT; j++) {
-            const float sc = bf16_to_f32(s[j][g]);
+            const __m256 sc = _mm256_set1_ps(bf16_to_f32(s[j][g]));
             for (int i = 0; i < MT; i++)
-                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), _mm256_set1_ps(sc * xsr[i][c]), out[j][i]);
+                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), _mm256_mul_ps(sc, step[i]), out[j][i]);
         }
         if (++gn == per_g) gn = 0, g++, skip += gstride - kg;
         if (++cn == per_c) cn = 0, c++;
