@@ -131,18 +131,20 @@ def test_unsupported_shapes_are_declined() -> None:
     assert not kernels.supports(q, s)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits, up_groups", [(8, 1), (8, 4), (4, None)])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 40])
 def test_fused_moe_matches_expert_by_expert(
-    build: str, bits: int, tokens: int, monkeypatch: pytest.MonkeyPatch
+    build: str, bits: int, up_groups: int | None, tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The one-call MoE kernel, routing included, equals the torch path over the same quantized experts:
-    same choices, same roundings; only tanh's last bits and the fp32 summation order may differ."""
+    same choices, same roundings; only tanh's last bits and the fp32 summation order may differ. int8
+    down projections are block-major (8 blocks, as released); the up projections too with 4 blocks."""
     torch.manual_seed(tokens)
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
     if bits == 8:
-        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else 1, torch.bfloat16)
+        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16)
+        assert moe.w2.weight.dim() == 4 and moe.w1.weight.dim() == (4 if up_groups == 4 else 3)
     else:
         quantize_int4(moe, group_size=32)
     assert type(moe) is QuantizedMoE
