@@ -118,37 +118,58 @@ static inline __attribute__((always_inline)) void dot8(
     const uint16_t *const *s, int G, int chunk, float *const *res, const int NT, const int MT) {
     const int kg = K / G, seg = kg < chunk ? kg : chunk;
     const int per_g = kg / seg, per_c = chunk / seg; /* segments per scale group, per chunk: one is 1 */
+#if VNNI
+    /* Accumulator n = j * MT + i; pairs (2p, 2p + 1) fold together in one 512-bit register, the
+     * first's 8 lanes low, the second's high: the same lane arithmetic as one 256-bit fold each. */
+    const int P = NT * MT, pairs = P / 2;
+    __m512 outz[8];
+    for (int p = 0; p < pairs; p++) outz[p] = _mm512_setzero_ps();
+#endif
     __m256 out[4][4];
     for (int j = 0; j < NT; j++)
         for (int i = 0; i < MT; i++) out[j][i] = _mm256_setzero_ps();
     int g = 0, gn = 0, c = 0, cn = 0; /* scale group and chunk of this segment (counters: no division) */
     size_t skip = 0;                  /* bytes between this group's columns and where a row-major row has them */
     for (int c0 = 0; c0 < K; c0 += seg) {
-        __m256i acc[4][4];
-        for (int j = 0; j < NT; j++)
-            for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
+        __m256 step[4], sc[4]; /* broadcast once a segment: scale * step is then one vector product */
+        for (int i = 0; i < MT; i++) step[i] = _mm256_set1_ps(xsr[i][c]);
+        for (int j = 0; j < NT; j++) sc[j] = _mm256_set1_ps(bf16_to_f32(s[j][g]));
 #if VNNI
         /* 32 columns a step in 512-bit registers: MT activation loads and NT weight loads feed
          * NT * MT fused multiply-adds (vpdpwssd), each accumulator a chain of its own. Halves of a
          * 512-bit accumulator hold the same column pairs as two 256-bit steps: added, they are
          * the AVX2 path's lanes exactly. */
-        {
-            __m512i a5[4][4];
-            for (int j = 0; j < NT; j++)
-                for (int i = 0; i < MT; i++) a5[j][i] = _mm512_setzero_si512();
-            for (int k = 0; k < seg; k += 32) {
-                __m512i xv[4];
-                for (int i = 0; i < MT; i++) xv[i] = _mm512_loadu_si512((const void *)(xr[i] + c0 + k));
-                for (int j = 0; j < NT; j++) {
-                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + skip + c0 + k)));
-                    for (int i = 0; i < MT; i++) a5[j][i] = _mm512_dpwssd_epi32(a5[j][i], wv, xv[i]);
-                }
+        __m512i a5[4][4];
+        for (int j = 0; j < NT; j++)
+            for (int i = 0; i < MT; i++) a5[j][i] = _mm512_setzero_si512();
+        for (int k = 0; k < seg; k += 32) {
+            __m512i xv[4];
+            for (int i = 0; i < MT; i++) xv[i] = _mm512_loadu_si512((const void *)(xr[i] + c0 + k));
+            for (int j = 0; j < NT; j++) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + skip + c0 + k)));
+                for (int i = 0; i < MT; i++) a5[j][i] = _mm512_dpwssd_epi32(a5[j][i], wv, xv[i]);
             }
-            for (int j = 0; j < NT; j++)
-                for (int i = 0; i < MT; i++)
-                    acc[j][i] = _mm256_add_epi32(_mm512_castsi512_si256(a5[j][i]), _mm512_extracti64x4_epi64(a5[j][i], 1));
+        }
+        for (int p = 0; p < pairs; p++) {
+            const int j0 = 2 * p / MT, i0 = 2 * p % MT, j1 = (2 * p + 1) / MT, i1 = (2 * p + 1) % MT;
+            const __m512i a = a5[j0][i0], b = a5[j1][i1];
+            /* [a.lo + a.hi, b.lo + b.hi]: 128-bit lanes (0, 1) and (2, 3) of each, side by side */
+            const __m512i sum = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xee));
+            const __m512 f = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_mul_ps(sc[j0], step[i0]))),
+                _mm256_castps_pd(_mm256_mul_ps(sc[j1], step[i1])), 1));
+            outz[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), f, outz[p]);
+        }
+        if (P % 2) {
+            const __m512i a = a5[NT - 1][MT - 1];
+            const __m256i sum = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+            out[NT - 1][MT - 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc[NT - 1], step[MT - 1]),
+                                                  out[NT - 1][MT - 1]);
         }
 #else
+        __m256i acc[4][4];
+        for (int j = 0; j < NT; j++)
+            for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
         for (int k = 0; k < seg; k += 64) {
             for (int j = 0; j < NT; j++) {
                 const int8_t *wc = w[j] + skip + c0 + k;
@@ -166,17 +187,19 @@ static inline __attribute__((always_inline)) void dot8(
                 }
             }
         }
-#endif
-        __m256 step[4]; /* the activation steps, broadcast once a segment: scale * step is then one vector product */
-        for (int i = 0; i < MT; i++) step[i] = _mm256_set1_ps(xsr[i][c]);
-        for (int j = 0; j < NT; j++) {
-            const __m256 sc = _mm256_set1_ps(bf16_to_f32(s[j][g]));
+        for (int j = 0; j < NT; j++)
             for (int i = 0; i < MT; i++)
-                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), _mm256_mul_ps(sc, step[i]), out[j][i]);
-        }
+                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), _mm256_mul_ps(sc[j], step[i]), out[j][i]);
+#endif
         if (++gn == per_g) gn = 0, g++, skip += gstride - kg;
         if (++cn == per_c) cn = 0, c++;
     }
+#if VNNI
+    for (int p = 0; p < pairs; p++) {
+        out[2 * p / MT][2 * p % MT] = _mm512_castps512_ps256(outz[p]);
+        out[(2 * p + 1) / MT][(2 * p + 1) % MT] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(outz[p]), 1));
+    }
+#endif
     for (int j = 0; j < NT; j++)
         for (int i = 0; i < MT; i++) res[j][i] = hsum(out[j][i]);
 }
