@@ -146,10 +146,15 @@ def available() -> bool:
     return _library() is not None
 
 
+def is_block_major(weight: Tensor, scales: Tensor) -> bool:
+    """Whether an int8 weight is block-major [..., G, N, K/G] (scales [..., N, G]), not [..., N, K]."""
+    return weight.dim() == scales.dim() + 1
+
+
 def in_features(weight: Tensor, scales: Tensor) -> int:
     """The input size K of an int8 weight, row-major [..., N, K] or block-major [..., G, N, K/G], or of a
     packed int4 one [..., N, K/2] (uint8), with scales [..., N, G]."""
-    if weight.dim() == scales.dim() + 1:
+    if is_block_major(weight, scales):
         return weight.shape[-1] * scales.shape[-1]
     return weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
 
@@ -158,7 +163,7 @@ def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, 
     """CPU, contiguous, bf16 scales [N, G] (row-major weight [N, ...], or int8 block-major [G, N, K/G]),
     and each scale group a multiple of `block` columns."""
     groups = scales.shape[-1]
-    blocked = weight.dim() == scales.dim() + 1
+    blocked = is_block_major(weight, scales)
     lead = scales.dim() - 2
     return (
         lead >= 0
@@ -219,7 +224,7 @@ def supports_linear(bits: int, parts: Sequence[Weight]) -> bool:
         and all(fits(w, s) for w, s in parts)
         and len({in_features(w, s) for w, s in parts}) == 1
         and len({s.shape[-1] for _, s in parts}) == 1
-        and len({w.dim() for w, _ in parts}) == 1
+        and len({is_block_major(w, s) for w, s in parts}) == 1
     )
 
 
@@ -258,7 +263,7 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
         _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
         _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
-        y.data_ptr(), int(out_dtype == torch.bfloat16), int(parts[0][0].dim() == 3),
+        y.data_ptr(), int(out_dtype == torch.bfloat16), int(is_block_major(*parts[0])),
     )  # fmt: skip
     return y
 
@@ -410,7 +415,7 @@ def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert,
     n = x.shape[0]
     xb = x.to(torch.bfloat16).contiguous()
     y = torch.empty(n, d, dtype=torch.bfloat16)
-    blocked = [int(w.dim() == 4) for w, _ in (w1, w2)]
+    blocked = [int(is_block_major(*part)) for part in (w1, w2)]
     rc = lib.groklm_moe(
         bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, *blocked, y.data_ptr()
     )

@@ -7,9 +7,9 @@
 
 int8 tensors are [out, in] with bf16 scales [out, G]; the layers' row-blocked ones (G > 1) are
 block-major, [G, out, in/G] (see `quant`; files written row-major before that are re-laid out as they
-load), the output head is not. int4 tensors are packed
-uint8 [out, in/2] with scales [out, in/group] (see `quant.quantize_weight_int4`). The loader infers
-each module's kind from the stored dtypes and checks every name and shape against the model it builds.
+load), the output head is not. int4 tensors are packed uint8 [out, in/2] with scales [out, in/group]
+(see `quant.quantize_weight_int4`). The loader infers each module's kind from the stored dtypes and
+checks every name and shape against the model it builds.
 """
 
 from __future__ import annotations

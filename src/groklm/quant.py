@@ -44,14 +44,9 @@ def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
     )
 
 
-def is_block_major(weight: Tensor, scales: Tensor) -> bool:
-    """Whether an int8 weight is block-major [..., G, out, in/G] (scales [..., out, G]), not [..., out, in]."""
-    return weight.dim() == scales.dim() + 1
-
-
 def row_major(weight: Tensor, scales: Tensor) -> Tensor:
     """An int8 weight as [..., out, in]: itself, or a row-major copy of a block-major one."""
-    if not is_block_major(weight, scales):
+    if not kernels.is_block_major(weight, scales):
         return weight
     return weight.movedim(-3, -2).flatten(-2)
 
