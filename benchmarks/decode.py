@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 import groklm
 from groklm import kernels
-from groklm.checkpoint import advise_huge_pages
 from groklm.config import get_preset
+from groklm.formats.common import advise_huge_pages
 from groklm.generate import Decode, compile_decode, decode_one, prefill
 from groklm.model import Grok, KVCache, MoE
 

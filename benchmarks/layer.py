@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.decode import experts_touched, read_bandwidth, step_fraction, weight_bytes
-from groklm.checkpoint import advise_huge_pages
 from groklm.config import get_preset
+from groklm.formats.common import advise_huge_pages
 from groklm.model import Block, KVCache, rope_tables
 from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8
 

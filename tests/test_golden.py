@@ -11,8 +11,8 @@ import torch
 
 import groklm
 from groklm import kernels
-from groklm.checkpoint import reference_params
 from groklm.config import GrokConfig
+from groklm.formats.released import reference_params
 from tests.conftest import GOLDEN
 
 

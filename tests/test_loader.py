@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import groklm
-from groklm.checkpoint import CheckpointError, advise_huge_pages, read_record, reference_params
 from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, advise_huge_pages
+from groklm.formats.released import reference_params
+from groklm.formats.safe_pickle import read_record
 from tests.conftest import GOLDEN
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import groklm
-from groklm.checkpoint import SafeUnpickler, reference_params
 from groklm.config import GrokConfig
+from groklm.formats.released import reference_params
+from groklm.formats.safe_pickle import SafeUnpickler
 from groklm.quant import dequantize_weight
 from tests.conftest import GOLDEN
 

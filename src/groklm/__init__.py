@@ -1,8 +1,10 @@
 """groklm: xAI's Grok-1 in PyTorch. Load the released checkpoint as it is, and run it faithfully."""
 
-from groklm.checkpoint import CheckpointError, load, write_random_checkpoint
 from groklm.config import PRESETS, GrokConfig, get_preset
+from groklm.formats.common import CheckpointError
+from groklm.formats.released import write_random_checkpoint
 from groklm.generate import generate, generate_stream
+from groklm.load import load
 from groklm.model import Grok, KVCache
 from groklm.tokenizer import Tokenizer, find_tokenizer
 

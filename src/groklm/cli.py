@@ -11,16 +11,11 @@ from pathlib import Path
 
 import torch
 
-from groklm.checkpoint import (
-    CheckpointError,
-    find_ckpt_dir,
-    find_config,
-    load,
-    parameter_bytes,
-    write_random_checkpoint,
-)
 from groklm.config import PRESETS, GrokConfig, get_preset
+from groklm.formats.common import CheckpointError, parameter_bytes
+from groklm.formats.released import find_ckpt_dir, find_config, write_random_checkpoint
 from groklm.generate import compile_decode, decode_one, generate_stream, stream_text
+from groklm.load import load
 from groklm.tokenizer import find_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -88,7 +83,7 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from groklm.native import convert
+    from groklm.formats.native import convert
 
     convert(args.input, args.output, args.bits, args.group_size, _config_from_args(args), progress=not args.quiet)
     src = Path(args.input)

@@ -1,11 +1,10 @@
-"""The released Grok-1 checkpoint format (`ckpt-0/tensorNNNNN_000`): a safe reader, a streaming loader, a writer.
+"""The released Grok-1 checkpoint format (`ckpt-0/tensorNNNNN_000`): its parameter table, a streaming
+loader, a writer.
 
 Each file is one pickle of one parameter: a numpy array, or a `QuantizedWeight8bit` holding an int8
-array and its bf16 scales. Pickle runs code, and these files come from strangers, so we never let
-pickle build anything itself: `SafeUnpickler` maps the handful of globals such a file may name to
-inert stand-ins that only record shape, dtype and where the bytes are, and refuses every other
-global. Tensor bytes stay on disk until the loader copies them, a bounded chunk at a time, straight
-into a model built on the meta device: no /dev/shm copy and no second copy of the model.
+array and its bf16 scales, read without running anything (`safe_pickle`). Tensor bytes stay on disk
+until the loader copies them, a bounded chunk at a time, straight into a model built on the meta
+device: no /dev/shm copy and no second copy of the model.
 
 File order is the flattened parameter tree, dict keys sorted as strings (so layers go 0, 1, 10, 11,
 ..., 2, 20, ...). `reference_params` derives the whole table from a config.
@@ -13,31 +12,26 @@ File order is the flattened parameter tree, dict keys sorted as strings (so laye
 
 from __future__ import annotations
 
-import ctypes
-import io
 import json
 import mmap
 import os
 import pickle
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, advise_huge_pages, progress_bar
+from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
 from groklm.model import Grok
 from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, truncated, corrupt, mis-shaped or unsafe."""
-
 
 # ---------------------------------------------------------------------------------------------
 # The parameter table of the released format.
@@ -116,229 +110,6 @@ def reference_params(config: GrokConfig) -> list[RefParam]:
             )
     entries.sort(key=lambda x: (x[0], x[1]))  # the flattened tree's order
     return [RefParam(i, f"{m}/{p}", ours, kind, shape, g) for i, (m, p, ours, kind, shape, g) in enumerate(entries)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading one file without running it.
-
-_DTYPES: dict[str, torch.dtype] = {
-    "f4": torch.float32,
-    "f2": torch.float16,
-    "f8": torch.float64,
-    "i1": torch.int8,
-    "u1": torch.uint8,
-    "i2": torch.int16,
-    "i4": torch.int32,
-    "i8": torch.int64,
-    "b1": torch.bool,
-}
-
-
-@dataclass
-class FileSlice:
-    """Bytes of a pickle that stay on disk: `length` bytes at `offset`."""
-
-    offset: int
-    length: int
-
-
-class _BFloat16:
-    """Stands in for `ml_dtypes.bfloat16`; never instantiated."""
-
-
-class _DType:
-    """Stands in for `numpy.dtype(code, align, copy)` and its BUILD state."""
-
-    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
-        if code is _BFloat16:
-            self.torch_dtype = torch.bfloat16
-        elif isinstance(code, str) and code in _DTYPES:
-            self.torch_dtype = _DTYPES[code]
-        else:
-            raise pickle.UnpicklingError(f"unsupported array dtype {code!r}")
-        self.byteorder = "="
-
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, tuple) or len(state) < 2:
-            raise pickle.UnpicklingError("malformed dtype state")
-        self.byteorder = state[1]
-        if self.byteorder == ">":
-            raise pickle.UnpicklingError("big-endian arrays are not supported")
-
-
-class _ArrayStub:
-    """Stands in for `numpy.ndarray`; records shape, dtype and the data's location."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    data: bytes | FileSlice
-
-    def __setstate__(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise pickle.UnpicklingError("malformed ndarray state")
-        _version, shape, dtype, fortran, data = state
-        if not isinstance(dtype, _DType):
-            raise pickle.UnpicklingError("ndarray state without a dtype")
-        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
-            raise pickle.UnpicklingError(f"malformed ndarray shape {shape!r}")
-        if fortran:
-            raise pickle.UnpicklingError("Fortran-ordered arrays are not supported")
-        if not isinstance(data, (bytes, FileSlice)):
-            raise pickle.UnpicklingError("ndarray data is not raw bytes (object arrays are refused)")
-        self.shape, self.dtype, self.data = shape, dtype.torch_dtype, data
-        expected = self.numel * self.dtype.itemsize
-        got = data.length if isinstance(data, FileSlice) else len(data)
-        if got != expected:
-            raise pickle.UnpicklingError(f"array {shape} {self.dtype} needs {expected} bytes, has {got}")
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayStub:
-    if cls is not _ArrayStub:
-        raise pickle.UnpicklingError("numpy _reconstruct called on something other than ndarray")
-    return _ArrayStub()
-
-
-def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any = None) -> _ArrayStub:
-    # jax pickles an Array as (_reconstruct_array, (numpy's reconstruct, its args, ndarray state, aval)).
-    if fun is not _reconstruct or not isinstance(args, tuple):
-        raise pickle.UnpicklingError("jax array reconstruction with an unexpected function")
-    arr = fun(*args)
-    arr.__setstate__(arr_state)
-    return arr
-
-
-class QuantizedWeight8bit:
-    """Stands in for the reference's dataclass: int8 `weight` and its `scales`."""
-
-    weight: _ArrayStub
-    scales: _ArrayStub
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
-            state = state[0]
-        if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
-            raise pickle.UnpicklingError("QuantizedWeight8bit without exactly weight and scales")
-        if not all(isinstance(v, _ArrayStub) for v in state.values()):
-            raise pickle.UnpicklingError("QuantizedWeight8bit fields must be arrays")
-        self.weight, self.scales = state["weight"], state["scales"]
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): _ArrayStub,
-    ("numpy", "dtype"): _DType,
-    ("ml_dtypes", "bfloat16"): _BFloat16,
-    ("__main__", "QuantizedWeight8bit"): QuantizedWeight8bit,
-    ("model", "QuantizedWeight8bit"): QuantizedWeight8bit,
-    ("jax._src.array", "_reconstruct_array"): _jax_reconstruct_array,
-}
-
-
-class _BoundedFile:
-    """A file that refuses to read past its end: a corrupt length in a pickle (an 8-byte string
-    length, say) then fails at once instead of asking for exabytes of memory."""
-
-    def __init__(self, file: BinaryIO, size: int) -> None:
-        self._file, self._size = file, size
-
-    def check(self, n: int, what: str = "bytes asked for") -> None:
-        """Raise unless `n` more bytes lie between the position and the end."""
-        at = self._file.tell()
-        if n > self._size - at:
-            raise CheckpointError(f"truncated or corrupt: {n} {what} at offset {at}, but the file has {self._size}")
-
-    def read(self, n: int = -1) -> bytes:
-        if n is not None and n >= 0:
-            self.check(n)
-        return self._file.read(n)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        self.check(len(buffer))
-        return self._file.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
-
-    def readline(self) -> bytes:
-        return self._file.readline()
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._file.seek(offset, whence)
-
-
-class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    """Pure-Python unpickler that resolves only the globals in `_ALLOWED`, to inert stand-ins.
-
-    Byte strings written outside a pickle frame (numpy's array data, by size) are not read: they
-    become a `FileSlice` and the file position skips past them.
-    """
-
-    def __init__(self, file: BinaryIO, size: int) -> None:
-        self._fileobj = _BoundedFile(file, size)  # a corrupt length fails here, before any allocation
-        super().__init__(self._fileobj)
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refusing persistent ids")
-
-    def _bytes(self, fmt: str) -> None:
-        (length,) = struct.unpack(fmt, self.read(struct.calcsize(fmt)))
-        if self._unframer.current_frame is not None:  # small, inside a frame: it is in memory already
-            self.append(self.read(length))
-            return
-        offset = self._fileobj.tell()
-        self._fileobj.check(length, "bytes of data")
-        self._fileobj.seek(length, io.SEEK_CUR)
-        self.append(FileSlice(offset, length))
-
-    def _bytearray8(self) -> None:
-        # The stock handler allocates the length it reads before reading: bound it by the file first.
-        (length,) = struct.unpack("<Q", self.read(8))
-        self._fileobj.check(length, "bytes of bytearray")
-        buffer = bytearray(length)
-        self.readinto(buffer)
-        self.append(buffer)
-
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
-    dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
-    dispatch[pickle.BINBYTES[0]] = lambda self: self._bytes("<I")
-    dispatch[pickle.SHORT_BINBYTES[0]] = lambda self: self._bytes("<B")
-    dispatch[pickle.BINBYTES8[0]] = lambda self: self._bytes("<Q")
-
-
-Record = _ArrayStub | QuantizedWeight8bit
-
-
-def read_record(path: Path) -> Record:
-    """Parse one tensor file's pickle; array bytes stay on disk. Raises CheckpointError naming the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            obj = SafeUnpickler(f, size).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, (_ArrayStub, QuantizedWeight8bit)):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not an array or QuantizedWeight8bit")
-    return obj
 
 
 class _Reader:
@@ -478,49 +249,6 @@ class MappedEmbedding(nn.Module):
         return self.table[tokens.cpu()].to(self.out_dtype)
 
 
-def load(
-    path: str | Path,
-    config: GrokConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    quantize_head: bool | None = None,
-    mmap: bool = False,
-) -> Grok:
-    """Load a checkpoint into a Grok model: the released format, or groklm's own (`native.py`).
-
-    Released format: int8 weights stay int8.
-
-    Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
-    given uninitialised storage, and every tensor is copied from its file straight into place.
-    `mmap` (groklm's layout only) leaves the weights in the files' memory maps, paged in on use.
-    `quantize_head` (default: when dtype is bf16, the fast dtype, on CPU) gives the output
-    projection an int8 copy of the embedding table (see `quant.quantize_output_head`), made from the
-    file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
-    no float copy of the table is held at all.
-    """
-    from groklm.native import is_native, load_native  # the other on-disk format; imports this module
-
-    if is_native(path):
-        model = load_native(path, dtype, device, mmap=mmap)
-        if config is not None and config != model.config:
-            raise CheckpointError(f"{path}: its config.json differs from the config given")
-        return model
-    if mmap:
-        raise ValueError(
-            f"{path}: mmap loading needs groklm's own layout (the released files store [in, out]); "
-            "write it once with `groklm quantize --bits 8 IN OUT`"
-        )
-    if quantize_head is None:
-        quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-    released = open_released(path, config, dtype, quantize_head)
-    bar = progress_bar(len(released.params), f"loading {released.ckpt}", progress)
-    for part in released.parts():
-        released.fill(part, device, bar)
-    bar.close()
-    return released.model.eval().requires_grad_(False)
-
-
 @dataclass
 class Released:
     """A released checkpoint, parsed and checked, its model laid out on the meta device; `fill` gives
@@ -572,29 +300,6 @@ class Released:
                 _fill_rows(file, rec, module.weight)
         except CheckpointError as e:
             raise CheckpointError(f"{e} [parameter {p.name}]") from None
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def advise_huge_pages(tensors: Iterable[Tensor]) -> None:
-    """Ask Linux to back these tensors (large, on the CPU, not yet written) with 2 MB pages: madvise
-    MADV_HUGEPAGE, for kernels where transparent huge pages are "madvise" only, as is common.
-    Decoding streams every weight per token: on a 2-core Zen 4 VM a large reduction read huge-page
-    memory 3-4% faster (57 of 60 alternating trials). A no-op off Linux and for tensors under 2 MB."""
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for t in tensors:
-        if t.device.type != "cpu":
-            continue
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
-        if hi > lo:
-            madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice: a refusal changes nothing
 
 
 def _part_of(module: str) -> str:
@@ -650,19 +355,6 @@ def open_released(
     if map_embedding:
         del model.embed.weight  # replaced by MappedEmbedding when filled: never allocated
     return Released(ckpt, model, params, records, quantize_head, map_embedding)
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -809,7 +501,3 @@ def write_random_checkpoint(out: str | Path, config: GrokConfig, seed: int = 0, 
         bar.update(1)
     bar.close()
     return ckpt
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -14,7 +14,6 @@ checks every name and shape against the model it builds.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 from pathlib import Path
@@ -24,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from groklm.checkpoint import CheckpointError, MappedEmbedding, advise_huge_pages, open_released, progress_bar
 from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, advise_huge_pages, progress_bar, return_freed_memory
+from groklm.formats.released import MappedEmbedding, open_released
 from groklm.model import Grok
 from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, block_major, quantize_int8
 
@@ -111,7 +111,7 @@ def convert(
             quantize_int4(layer, group_size)
         _save_shard(out, i + 1, _state(layer, f"layers.{i}."))
         layer.to("meta")  # frees it (or drops its maps)
-        _return_freed_memory()
+        return_freed_memory()
         bar.update(1)
     fill("")
     if bits == 4:
@@ -120,15 +120,6 @@ def convert(
     bar.update(1)
     bar.close()
     return out
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps tens of MB chunks it has freed, so without
-    this a conversion's footprint creeps up layer by layer: measured 5 layers' worth after 6)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _stored(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:

@@ -1,0 +1,67 @@
+"""What every on-disk format shares: the error type, memory placement, progress, sizes."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, corrupt, mis-shaped or unsafe. The message names
+    the file, and the tensor or parameter where there is one."""
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensors: Iterable[Tensor]) -> None:
+    """Ask Linux to back these tensors (large, on the CPU, not yet written) with 2 MB pages: madvise
+    MADV_HUGEPAGE, for kernels where transparent huge pages are "madvise" only, as is common.
+    Decoding streams every weight per token: on a 2-core Zen 4 VM a large reduction read huge-page
+    memory 3-4% faster (57 of 60 alternating trials). A no-op off Linux and for tensors under 2 MB."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo:
+            madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice: a refusal changes nothing
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps tens of MB chunks it has freed, so without
+    this a conversion's footprint creeps up layer by layer: measured 5 layers' worth after 6)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
+    """A tqdm bar on stderr (bytes get B/s and an ETA with unit="B"), or one that does nothing."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    scale = unit == "B"
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+                leave=False, file=sys.stderr)  # fmt: skip
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -1,0 +1,95 @@
+"""`load(path, ...)`: find out which format a checkpoint is in, build the model on the meta device,
+stream its tensors into place, and apply the transforms the caller asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, progress_bar
+from groklm.model import Grok
+
+ConfigLike = GrokConfig | dict[str, Any] | str | Path | None
+
+
+def as_config(config: ConfigLike) -> GrokConfig | None:
+    """A GrokConfig from a GrokConfig, a dict (our field names or the reference's, as `case.json`'s
+    `config` object), or the path of a JSON file holding one."""
+    if config is None or isinstance(config, GrokConfig):
+        return config
+    if isinstance(config, dict):
+        return GrokConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return GrokConfig.from_json(config)
+    raise TypeError(f"config must be a GrokConfig, a dict or a JSON path, not {type(config).__name__}")
+
+
+def detect_format(path: str | Path) -> str:
+    """ "native" (groklm's safetensors layout) or "released" (the Grok-1 pickles, `ckpt-0/`)."""
+    from groklm.formats.native import is_native
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory (give the checkpoint's directory)")
+    if is_native(p):
+        return "native"
+    if (p / "ckpt-0").is_dir() or any(p.glob("tensor*_000")):
+        return "released"
+    raise CheckpointError(
+        f"{p}: no checkpoint found: expected the released ckpt-0/tensorNNNNN_000 files or groklm's "
+        "model-NNNNN.safetensors shards"
+    )
+
+
+def load(
+    path: str | Path,
+    config: ConfigLike = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    quantize_head: bool | None = None,
+    mmap: bool = False,
+) -> Grok:
+    """Load a checkpoint into a Grok model, in whichever format it is (`detect_format`).
+
+    `config` (a GrokConfig, a dict, or a JSON path) is needed only where the checkpoint has no
+    config.json; where it has one, a different config is an error. Released format: int8 weights
+    stay int8.
+
+    Peak memory is the model plus one bounded read chunk: the model is built on the meta device,
+    given uninitialised storage, and every tensor is copied from its file straight into place.
+    `mmap` (groklm's layout only) leaves the weights in the files' memory maps, paged in on use.
+    `quantize_head` (default: when dtype is bf16, the fast dtype, on CPU) gives the output
+    projection an int8 copy of the embedding table (see `quant.quantize_output_head`), made from the
+    file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
+    no float copy of the table is held at all.
+    """
+    config = as_config(config)
+    fmt = detect_format(path)
+    if fmt == "native":
+        from groklm.formats.native import load_native
+
+        model = load_native(path, dtype, device, mmap=mmap)
+        if config is not None and config != model.config:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+        return model
+    from groklm.formats.released import open_released
+
+    if mmap:
+        raise ValueError(
+            f"{path}: mmap loading needs groklm's own layout (the released files store [in, out]); "
+            "write it once with `groklm quantize --bits 8 IN OUT`"
+        )
+    if quantize_head is None:
+        quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    released = open_released(path, config, dtype, quantize_head)
+    bar = progress_bar(len(released.params), f"loading {released.ckpt}", progress)
+    for part in released.parts():
+        released.fill(part, device, bar)
+    bar.close()
+    return released.model.eval().requires_grad_(False)
