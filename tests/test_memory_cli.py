@@ -58,11 +58,16 @@ def test_cli_init_random_generate_info(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (out / "ckpt-0" / "tensor00049_000").is_file() and (out / "tokenizer.model").is_file()
 
-    r = _cli("generate", "--checkpoint", str(out), "--prompt-ids", "422,3033,356", "--max-new-tokens", "8", "--quiet")
+    r = _cli("generate", "--checkpoint", str(out), "--prompt-ids", "422,3033,356", "--max-new-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
-    ids = [int(t) for t in r.stdout.split()]
+    result = json.loads(r.stdout)
     model = groklm.load(out, progress=False)
-    assert ids == groklm.generate(model, [[422, 3033, 356]], max_new_tokens=8)[0]
+    want = groklm.generate(model, [[422, 3033, 356]], max_new_tokens=8)[0]
+    assert result["token_ids"] == want and result["usage"]["completion_tokens"] == len(want)
+    assert result["finish_reason"] == "length" and result["timing"]["decode_tokens_per_s"] > 0
+    # With the tokenizer beside the checkpoint, --prompt-ids prints text: the decoded prompt and new tokens.
+    r = _cli("generate", "--checkpoint", str(out), "--prompt-ids", "422,3033,356", "--max-new-tokens", "8", "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith("The answer to"), r.stdout
 
     r = _cli("generate", "--checkpoint", str(out), "The answer to life", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -130,14 +130,15 @@ def test_native_checkpoint_with_wrong_names_or_shapes_is_refused(tmp_path: Path,
     tensors["layers.0.attn.wq.weightt"] = tensors.pop("layers.0.attn.wq.weight")
     save_file(tensors, str(shard))
     with pytest.raises(
-        CheckpointError, match=r"missing \['layers.0.attn.wq.weight'\].*unexpected \[.*'layers.0.attn.wq.weightt'\]"
+        CheckpointError,
+        match=r"missing \['layers.0.attn.wq.weight'\].*unexpected \[.*'layers.0.attn.wq.weightt \(in model-00001.safetensors\)'\]",
     ):
         groklm.load(tmp_path, progress=False)
     tensors["layers.0.attn.wq.weight"] = tensors.pop("layers.0.attn.wq.weightt")[:, :64].contiguous()
     save_file(tensors, str(shard))
     with pytest.raises(
         CheckpointError,
-        match=r"model-00001.safetensors: layers.0.attn.wq.weight has shape \(128, 64\), expected \(128, 128\)",
+        match=r"model-00001.safetensors: tensor layers.0.attn.wq.weight: shape \(128, 64\), expected \(128, 128\)",
     ):
         groklm.load(tmp_path, progress=False)
 

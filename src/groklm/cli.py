@@ -1,27 +1,41 @@
-"""The `groklm` command: generate, init-random, info."""
+"""groklm: run xAI's Grok models from their released checkpoints (`groklm COMMAND --help` for each
+command). Every argument and the checkpoint's config are checked before any weights are read."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from groklm.config import PRESETS, GrokConfig, get_preset
-from groklm.formats.common import CheckpointError, parameter_bytes
-from groklm.formats.released import find_ckpt_dir, find_config, write_random_checkpoint
-from groklm.generate import compile_decode, decode_one, generate_stream, stream_text
-from groklm.load import load
-from groklm.tokenizer import find_tokenizer
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp32")
 
 
-def _config_from_args(args: argparse.Namespace) -> GrokConfig | None:
+class UsageError(ValueError):
+    """A bad command line: reported as `groklm: error: ...`, exit status 2."""
+
+
+def _version() -> str:
+    try:
+        return version("groklm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _config_arg(args: argparse.Namespace) -> Any:
+    from groklm.config import GrokConfig, get_preset
+
     if getattr(args, "config", None):
         return GrokConfig.from_json(args.config)
     if getattr(args, "preset", None):
@@ -29,52 +43,182 @@ def _config_from_args(args: argparse.Namespace) -> GrokConfig | None:
     return None
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available to this torch (a CPU build?)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: groklm runs on cpu or cuda")
+
+
+def _set_threads(requested: int | None) -> int:
+    import torch
+
+    from groklm import kernels
+
+    threads = requested or kernels.choose_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    given = [name for name, v in (("PROMPT", args.prompt), ("--prompt-file", args.prompt_file),
+                                  ("--prompt-ids", args.prompt_ids)) if v is not None]  # fmt: skip
+    if len(given) != 1:
+        raise UsageError(
+            "give one prompt: a text PROMPT, --prompt-file FILE (- for stdin) or --prompt-ids"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
+    if args.prompt_file is not None:
+        try:
+            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+            return raw.decode("utf-8")
+        except OSError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
+    return args.prompt
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--prompt-ids {text[:60]!r}: not a comma-separated list of integers") from None
+    if not ids:
+        raise UsageError("--prompt-ids: no token ids given")
+    return ids
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
+
+    from groklm.generate import check_sampling, compile_decode, decode_one, generate_stream
+    from groklm.load import checkpoint_config, detect_format, load
+    from groklm.tokenizer import TextStream, find_tokenizer
+
+    # Everything that can be wrong with the request is found before the weights are read.
+    text = _read_prompt(args)
+    try:
+        check_sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    if any(s == "" for s in args.stop):
+        raise UsageError("--stop: a stop string must not be empty")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {args.threads}")
+    _check_device(args.device)
+    config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    if args.mmap and detect_format(args.checkpoint) != "native":
+        raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
+                         "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
+    tokenizer = None
+    if text is not None or args.stop:
+        try:
+            tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+        except FileNotFoundError as e:
+            need = "--stop" if text is None else "a text prompt"
+            raise UsageError(f"{e} (--tokenizer PATH); {need} needs it") from None
+    elif args.tokenizer or not args.json:  # --prompt-ids: decode the output where a tokenizer is at hand
+        try:
+            tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+        except FileNotFoundError:
+            if args.tokenizer:
+                raise
+    ids = tokenizer.encode(text) if text is not None else _parse_ids(args.prompt_ids)  # type: ignore[union-attr]
+    if not ids:
+        raise UsageError("the prompt is empty: it encodes to no tokens")
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(f"--prompt-ids: token ids {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+    if len(ids) + args.max_new_tokens > config.sequence_len:
+        raise UsageError(
+            f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the context of "
+            f"{config.sequence_len} tokens"
+        )
+    threads = _set_threads(args.threads)
+
     t0 = time.perf_counter()
-    model = load(
-        args.checkpoint, config, dtype=DTYPES[args.dtype], device=args.device, progress=not args.quiet, mmap=args.mmap
-    )
+    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
+                 progress=not args.quiet, mmap=args.mmap)  # fmt: skip
     load_s = time.perf_counter() - t0
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop_at_eos=not args.ignore_eos,
+    if args.compile and not args.quiet:
+        print("groklm: compiling the decode step (the first token waits tens of seconds)", file=sys.stderr)
+    stream = TextStream(tokenizer, ids, args.stop) if tokenizer is not None else None
+    show = not args.json
+    if show and not args.no_echo:
+        print(text if text is not None else (tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids))),
+              end="" if tokenizer else " ", flush=True)  # fmt: skip
+    new: list[int] = []
+    pieces: list[str] = []
+
+    def should_stop(_row: int, produced: list[int]) -> bool:
+        if stream is None:
+            return False
+        pieces.append(stream.add(produced[-1]))
+        return stream.stopped
+
+    steps = generate_stream(
+        model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop_at_eos=not args.ignore_eos, should_stop=should_stop,
         decode=compile_decode() if args.compile else decode_one,
-    )
+    )  # fmt: skip
     t1 = time.perf_counter()
-    count = 0
-    if args.prompt_ids is not None:
-        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        for step in generate_stream(model, [ids], **sampling):  # type: ignore[arg-type]
-            if step[0] is None:
-                break
-            count += 1
-            print(step[0], end=" ", flush=True)
-        print()
-    else:
-        if args.prompt is None:
-            print("error: give a text prompt or --prompt-ids", file=sys.stderr)
-            return 2
-        tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
-        ids = tokenizer.encode(args.prompt)
-        print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, ids, stop=args.stop, **sampling):
-            count += 1
-            print(piece, end="", flush=True)
-        print()
-    if not args.quiet:
-        dt = time.perf_counter() - t1
-        print(f"[load {load_s:.1f} s, {count} pieces in {dt:.2f} s]", file=sys.stderr)
+    first_s = None
+    for step in steps:
+        if step[0] is None:
+            break
+        first_s = first_s or time.perf_counter() - t1
+        new.append(step[0])
+        if show:
+            piece = pieces.pop() if pieces else ""
+            print(piece if stream else step[0], end="" if stream else " ", flush=True)
+    tail = stream.finish() if stream else ""
+    total_s = time.perf_counter() - t1
+    if show:
+        print(tail)
+    stopped = (stream is not None and stream.stopped) or (new and new[-1] == config.eos_token and not args.ignore_eos)
+    finish = "stop" if stopped else "length"
+    decode_s = total_s - (first_s or 0.0)
+    rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None
+    if args.json:
+        result = {
+            "prompt": text,
+            "prompt_ids": ids,
+            "text": stream.text if stream else None,
+            "token_ids": new,
+            "finish_reason": finish,
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)},
+            "timing": {"load_s": round(load_s, 3), "first_token_s": round(first_s or 0.0, 3),
+                       "total_s": round(total_s, 3), "decode_tokens_per_s": rate and round(rate, 2)},
+            "threads": threads,
+        }  # fmt: skip
+        print(json.dumps(result, ensure_ascii=False))
+    elif not args.quiet:
+        speed = f", {rate:.1f} tok/s after the first" if rate else ""
+        print(
+            f"[load {load_s:.1f} s · prompt {len(ids)} tokens, first token after {first_s or 0:.2f} s · "
+            f"{len(new)} tokens in {total_s:.2f} s{speed} · {finish} · {threads} threads]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
-    config = _config_from_args(args) or get_preset("mini")
-    ckpt = write_random_checkpoint(args.out, config, seed=args.seed, progress=not args.quiet)
+    from groklm.config import get_preset
+    from groklm.formats.released import write_random_checkpoint
+
+    config = _config_arg(args) or get_preset("mini")
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+    ckpt = write_random_checkpoint(args.out, config, seed=args.seed, progress=not args.quiet, force=args.force)
     if args.tokenizer:
         shutil.copy(args.tokenizer, Path(args.out) / "tokenizer.model")
     size = sum(f.stat().st_size for f in ckpt.iterdir())
@@ -85,7 +229,10 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from groklm.formats.native import convert
 
-    convert(args.input, args.output, args.bits, args.group_size, _config_from_args(args), progress=not args.quiet)
+    if args.bits == 8 and args.group_size != 64:
+        raise UsageError("--group-size is for --bits 4 (int8 keeps the released scale groups)")
+    convert(args.input, args.output, args.bits, args.group_size, _config_arg(args), progress=not args.quiet,
+            force=args.force)  # fmt: skip
     src = Path(args.input)
     for tok in (src / "tokenizer.model", src.parent / "tokenizer.model"):
         if tok.is_file():
@@ -101,19 +248,22 @@ def _gib(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    source = args.preset or args.config
-    if config is None:
-        if not args.checkpoint:
-            config, source = get_preset("grok-1"), "grok-1"
-        else:
-            config = find_config(find_ckpt_dir(args.checkpoint)) or get_preset("grok-1")
-            source = args.checkpoint
+    import torch
+
+    from groklm.config import get_preset
+    from groklm.formats.common import parameter_bytes
+    from groklm.load import checkpoint_config
+    from groklm.model import Grok
+    from groklm.quant import quantize_int8
+
+    if args.checkpoint:
+        config, source = checkpoint_config(args.checkpoint, _config_arg(args))
+    elif args.preset or args.config:
+        config, source = _config_arg(args), f"preset {args.preset}" if args.preset else args.config
+    else:
+        config, source = get_preset("grok-1"), "preset grok-1"
     total, active = config.param_counts()
     with torch.device("meta"):
-        from groklm.model import Grok
-        from groklm.quant import quantize_int8
-
         bf16 = parameter_bytes(Grok(config, torch.bfloat16))
         int8 = parameter_bytes(
             quantize_int8(Grok(config, torch.bfloat16), lambda name: None if name.endswith("router") else 1)
@@ -141,75 +291,105 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="groklm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default, and descriptions keep their line breaks."""
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint, streamed to stdout")
-    g.add_argument("prompt", nargs="?", help="text prompt (needs tokenizer.model)")
-    g.add_argument("--checkpoint", required=True, help="directory with ckpt-0/ (or ckpt-0/ itself)")
+
+def _presets() -> list[str]:
+    from groklm.config import PRESETS
+
+    return sorted(PRESETS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groklm", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"groklm {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    def config_options(p: argparse.ArgumentParser, what: str) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--config", help=f"config JSON (reference field names) {what}")
+        group.add_argument("--preset", choices=_presets(), help=f"a named config {what}")
+
+    g = command("generate", "generate text from a checkpoint, streamed to stdout")
+    g.add_argument("prompt", nargs="?", help="text prompt (needs the tokenizer)")
+    g.add_argument("--checkpoint", required=True, help="checkpoint directory (with ckpt-0/, or groklm's layout)")
+    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
     g.add_argument("--prompt-ids", help="comma-separated token ids instead of a text prompt")
-    g.add_argument("--tokenizer", help="tokenizer.model (default: found next to the checkpoint)")
-    g.add_argument("--config", help="config JSON (reference field names); default: config.json in the checkpoint")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="named config instead of config.json")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus p, the reference's semantics")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
+    config_options(g, "for a checkpoint without config.json (default: Grok-1's)")
+    g.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus p in (0, 1], the reference's semantics; 1 is off")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
+    g.add_argument("--seed", type=int, default=None, help="fixes the sampling (0..2^63-1)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS, as the reference does")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    g.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, default=None,
+                   help="compute threads (default: the CPUs not kept busy by other processes)")  # fmt: skip
     g.add_argument(
         "--mmap", action="store_true", help="page weights in from disk on use (groklm's layout: see quantize)"
     )
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (pays off after the first ~30 s)"
     )
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or statistics on stderr")
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("init-random", help="write a random-weight checkpoint in the released format")
-    r.add_argument("out", help="output directory (gets ckpt-0/ and config.json)")
-    r.add_argument("--preset", choices=sorted(PRESETS), default="mini")
-    r.add_argument("--config", help="config JSON instead of a preset")
+    r = command("init-random", "write a random-weight checkpoint in the released format")
+    r.add_argument("out", help="output directory (gets ckpt-0/ and config.json); must be new or empty")
+    config_options(r, "(default: the mini preset)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tokenizer", help="copy this tokenizer.model into the output directory")
+    r.add_argument("--force", action="store_true", help="replace an existing output directory")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_init_random)
 
-    q = sub.add_parser("quantize", help="write a checkpoint in groklm's safetensors layout, int8 or int4")
+    q = command("quantize", "write a checkpoint in groklm's safetensors layout, int8 or int4")
     q.add_argument("input", help="a released-format or groklm checkpoint")
-    q.add_argument("output", help="output directory")
+    q.add_argument("output", help="output directory; must be new or empty")
     q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="8 keeps the released int8 weights as they are")
-    q.add_argument(
-        "--group-size",
-        type=int,
-        default=64,
-        help="int4: input columns per scale (multiple of 16; 32 for the fast kernel)",
-    )
-    q.add_argument("--config", help="config JSON, if the input has none")
-    q.add_argument("--preset", choices=sorted(PRESETS))
+    q.add_argument("--group-size", type=int, default=64,
+                   help="int4: input columns per scale (a multiple of 16; of 32 for the fast kernel)")  # fmt: skip
+    config_options(q, "if the input has no config.json")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
-    i = sub.add_parser("info", help="config, parameter counts, memory needed, licence")
-    i.add_argument("--checkpoint", help="read config.json from this checkpoint")
-    i.add_argument("--preset", choices=sorted(PRESETS))
-    i.add_argument("--config")
+    i = command("info", "config, parameter counts, memory needed, licence")
+    i.add_argument("--checkpoint", help="read the config of this checkpoint")
+    config_options(i, "(default: grok-1)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from groklm.formats.common import CheckpointError
+
     try:
         return int(args.func(args))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"groklm: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"groklm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, MemoryError) as e:
+        print(f"groklm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ngroklm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `groklm generate ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ _IGNORED_REFERENCE_FIELDS = frozenset(
 )
 
 
+# Values the reference fixes in its code rather than its config: a config file may leave them out.
+_FIXED_IN_REFERENCE = frozenset({"rope_base", "norm_eps", "attn_softcap"})
+
+
 @dataclass(frozen=True)
 class GrokConfig:
     """Field names are the reference implementation's, so its config dicts load unchanged."""
@@ -56,12 +61,37 @@ class GrokConfig:
     attn_softcap: float = 30.0
 
     def __post_init__(self) -> None:
+        """Every field checked for type and range, so that a bad config fails here, by name, and
+        not as a shape error (or a silently wrong model) after a long load."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if type(value) is not int:
+                    raise ValueError(f"config field {f.name} must be an integer, not {value!r}")
+            elif f.type == "float":
+                if type(value) is int:
+                    object.__setattr__(self, f.name, float(value))
+                elif type(value) is not float or not math.isfinite(value):
+                    raise ValueError(f"config field {f.name} must be a finite number, not {value!r}")
+        positive = [f.name for f in dataclasses.fields(self) if f.name not in ("pad_token", "eos_token")]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config field {name} must be positive, not {getattr(self, name)}")
+        for name in ("pad_token", "eos_token"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"config field {name} = {getattr(self, name)} is outside the vocabulary 0..{self.vocab_size - 1}"
+                )
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads {self.num_q_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.key_size % 2:
             raise ValueError(f"key_size {self.key_size} must be even for rotate-half RoPE")
         if not 0 < self.num_selected_experts <= self.num_experts:
             raise ValueError(f"num_selected_experts {self.num_selected_experts} not in 1..{self.num_experts}")
+        if self.ffn_size <= 0:
+            raise ValueError(
+                f"widening_factor {self.widening_factor} gives no expert hidden units at width {self.emb_size}"
+            )
 
     @property
     def ffn_size(self) -> int:
@@ -93,18 +123,45 @@ class GrokConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GrokConfig:
-        """Accepts our fields, or the reference's `config` object (as in the golden case.json)."""
+        """Accepts our fields, or the reference's `config` object (as in the golden case.json).
+
+        Every field the reference's config carries must be there: a missing one is an error, not
+        Grok-1's value (the reference's own defaults are not Grok-1's either). Only the values the
+        reference fixes in code (`rope_base`, `norm_eps`, `attn_softcap`) may be left out."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, not {type(d).__name__}")
         if "config" in d and isinstance(d["config"], dict):
             d = d["config"]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known - _IGNORED_REFERENCE_FIELDS
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        missing = sorted(known - set(d) - _FIXED_IN_REFERENCE)
+        if missing:
+            raise ValueError(
+                f"config fields missing: {missing} (no defaults are assumed; `groklm info --preset grok-1 --json` "
+                "prints a complete one)"
+            )
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_json(cls, path: str | Path) -> GrokConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config file; every error names the file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the config ({e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> GrokConfig:
         return dataclasses.replace(self, **changes)

@@ -6,12 +6,58 @@ Prompts of different lengths run together, right-padded; each row keeps its own 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from groklm.model import Grok, KVCache
+from groklm.tokenizer import TextStream, Tokenizer
+
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling(
+    temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int | None = None
+) -> None:
+    """Raise ValueError naming the setting that is out of range. The checks vLLM makes: temperature
+    finite and >= 0 (0 is greedy), top_p in (0, 1] (1 is off; 0 would keep no token), top_k >= 0 or
+    -1 (both off), a seed in 0..2^63-1, at least one new token."""
+
+    def number(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, not {value!r}")
+        return float(value)
+
+    def integer(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, not {value!r}")
+        return value
+
+    if number("temperature", temperature) < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+    if not 0 < number("top_p", top_p) <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), not {top_p}")
+    if integer("top_k", top_k) < -1:
+        raise ValueError(f"top_k must be >= 0, or -1 (0 and -1 keep every token), not {top_k}")
+    if seed is not None and not 0 <= integer("seed", seed) <= MAX_SEED:
+        raise ValueError(f"seed must be in 0..{MAX_SEED}, not {seed}")
+    if max_new_tokens is not None and integer("max_new_tokens", max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raise ValueError unless every prompt is a non-empty list of token ids inside the vocabulary."""
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or len(p) == 0:
+            raise ValueError(f"prompt {i} is empty or not a list of token ids: every prompt needs at least one token")
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -27,7 +73,7 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 
 
 def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
-    if top_k <= 0 or top_k >= logits.shape[-1]:
+    if top_k <= 0 or top_k >= logits.shape[-1]:  # 0 and -1 (vLLM's word for it) are off
         return logits
     kth = logits.topk(top_k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -79,7 +125,6 @@ def compile_decode() -> Decode:
     return torch.compile(decode_one, options=options)  # type: ignore[return-value]
 
 
-@torch.inference_mode()
 def generate_stream(
     model: Grok,
     prompts: Sequence[Sequence[int]],
@@ -96,25 +141,38 @@ def generate_stream(
 
     A row finishes at EOS (if `stop_at_eos`; the reference never stops early), when
     `should_stop(row, its new tokens)` says so, or after `max_new_tokens`. `decode` runs each step
-    (e.g. `compile_decode()`).
+    (e.g. `compile_decode()`). The prompts and settings are checked here, before anything runs.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     config = model.config
-    vocab = config.vocab_size
-    for p in prompts:
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-    if max_new_tokens <= 0:
-        return
-    longest = max(len(p) for p in prompts)
-    slots = longest + max_new_tokens
+    check_prompts(prompts, config.vocab_size)
+    check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
+    slots = max(len(p) for p in prompts) + max_new_tokens
     if slots > config.sequence_len:
-        raise ValueError(f"prompt + max_new_tokens = {slots} exceeds the context length {config.sequence_len}")
+        raise ValueError(
+            f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) = {slots} "
+            f"exceeds the context length {config.sequence_len}"
+        )
+    return _stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, should_stop, decode)
+
+
+@torch.inference_mode()
+def _stream(
+    model: Grok,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop_at_eos: bool,
+    should_stop: Callable[[int, list[int]], bool] | None,
+    decode: Decode,
+) -> Iterator[list[int | None]]:
+    config = model.config
+    longest = max(len(p) for p in prompts)
     batch = len(prompts)
     device = model.device
-    cache = KVCache.allocate(config, batch, slots, model.dtype, device)
+    cache = KVCache.allocate(config, batch, longest + max_new_tokens, model.dtype, device)
     generators = None if seed is None else [torch.Generator(device=device).manual_seed(seed) for _ in range(batch)]
     done = [False] * batch
     produced: list[list[int]] = [[] for _ in range(batch)]
@@ -163,47 +221,24 @@ def generate(
 
 def stream_text(
     model: Grok,
-    tokenizer: object,
+    tokenizer: Tokenizer,
     prompt_ids: list[int],
     stop: Sequence[str] = (),
-    **kwargs: object,
+    **kwargs: Any,
 ) -> Iterator[str]:
-    """Yield decoded text as it comes for one prompt, ending before the first stop string.
-
-    Text that could still turn into a stop string is held back until it cannot.
-    """
-    ids: list[int] = []
-    sent = 0
-    hit: list[bool] = [False]
-
-    def text_of(new: list[int]) -> str:
-        return tokenizer.decode(new)  # type: ignore[attr-defined, no-any-return]
+    """Yield decoded text as it comes for one prompt, ending before the first stop string (see
+    `tokenizer.TextStream`: text that could still become a stop string is held back until it cannot)."""
+    text = TextStream(tokenizer, prompt_ids, stop)
+    pieces: list[str] = []
 
     def should_stop(_row: int, new: list[int]) -> bool:
-        hit[0] = any(s in text_of(new) for s in stop)
-        return hit[0]
+        pieces.append(text.add(new[-1]))
+        return text.stopped
 
-    for step in generate_stream(model, [prompt_ids], should_stop=should_stop if stop else None, **kwargs):  # type: ignore[arg-type]
-        token = step[0]
-        if token is None:
-            break
-        ids.append(token)
-        text = text_of(ids)
-        if hit[0]:
-            cut = min(text.find(s) for s in stop if s in text)
-            if cut > sent:
-                yield text[sent:cut]
-            return
-        # Hold back an incomplete UTF-8 character and any tail that is a prefix of a stop string.
-        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
-        for s in stop:
-            for k in range(min(len(s) - 1, safe - sent), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-    text = text_of(ids)
-    if len(text) > sent:
-        yield text[sent:]
+    for _ in generate_stream(model, [prompt_ids], should_stop=should_stop, **kwargs):
+        piece = pieces.pop() if pieces else ""
+        if piece:
+            yield piece
+    rest = text.finish()
+    if rest:
+        yield rest

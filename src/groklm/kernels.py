@@ -13,7 +13,9 @@ else the Python functions directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -21,7 +23,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -48,6 +51,7 @@ def _compile(compiler: str, flags: list[str]) -> Path | None:
     lib = _cache_dir() / f"int8_matmul-{digest}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
+        print(f"groklm: compiling the native CPU kernels, once (a few seconds), into {lib.parent}", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
             result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
@@ -113,6 +117,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     cdll.groklm_attend.restype = i
     cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = [p]
     cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
+    cdll.groklm_guard_sigbus.argtypes = [ctypes.c_char_p]
     # The MoE's GELU and the attention's soft-cap and softmax then run 8 lanes at a time, with torch's own functions.
     for setter, symbol in ((cdll.groklm_set_tanh8, "Sleef_tanhf8_u10"), (cdll.groklm_set_exp8, "Sleef_expf8_u10")):
         if (fn := _torch_symbol(symbol)) is not None:
@@ -210,6 +215,64 @@ def transpose_into(dst: Tensor, src: Tensor) -> bool:
         return False
     lib.groklm_transpose8(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
     return True
+
+
+def guard_mapped_files(what: str) -> None:
+    """From now on, a bus error (a memory-mapped file that shrank under us) ends the process with a
+    message naming `what` instead of a bare crash (see `groklm_guard_sigbus`). Without the native
+    library, Python's faulthandler prints where it happened."""
+    lib = _library()
+    message = (
+        f"groklm: error: a memory-mapped checkpoint file shrank while in use (bus error): {what}. "
+        "The weights read from it are gone; do not change checkpoint files while a model runs from them "
+        "with --mmap (load without --mmap to copy them into memory).\n"
+    )
+    if lib is not None:
+        lib.groklm_guard_sigbus(message.encode())
+    else:
+        import faulthandler
+
+        faulthandler.enable()
+
+
+def busy_cores(seconds: float = 0.2) -> float:
+    """How many of the CPUs this process may use other processes keep busy: their non-idle time in
+    /proc/stat over `seconds`, while this process sleeps. 0.0 where /proc/stat is not there."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                values = [int(v) for v in fields[:8]]
+                total += sum(values)
+                idle += values[3] + values[4]  # idle, iowait
+        return total, idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    return len(cpus) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def choose_threads() -> int:
+    """The number of compute threads to use: the CPUs this process may use, less those other
+    processes keep busy (`busy_cores`), at least 1; `OMP_NUM_THREADS`, where set, decides instead.
+
+    Every kernel splits its work evenly across its threads and waits for the last, so a thread that
+    shares its core with a busy process holds all of them back: with one of two cores busy, two
+    threads decoded `mini` at 60-140 tok/s and one thread at 185-205 (this machine, a loop in
+    another process). `benchmarks/threads.py` measures it."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus - round(busy_cores()))
 
 
 Weight = tuple[Tensor, Tensor]
@@ -359,24 +422,54 @@ def _cpu_ops() -> ctypes.CDLL | None:
 
 def _build_cpp_ops() -> ctypes.CDLL | None:
     """`csrc/ops.cpp` built with torch's extension builder (needs ninja and a C++ compiler) into
-    `$GROKLM_CACHE`, keyed by the source's hash and torch's version, and loaded; None if it does not build."""
-    source = _SOURCE.parent / "ops.cpp"
-    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    build, name = _cache_dir() / f"ops-{digest}", f"groklm_ops_{digest}"
-    try:
-        from torch.utils import cpp_extension
+    `$GROKLM_CACHE`, and loaded; None if it does not build.
 
-        if not (build / f"{name}.so").exists():
-            print(f"groklm: building the C++ kernel ops, once (~20 s), into {build}", file=sys.stderr)
-        build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name, [str(source)], extra_cflags=["-O2"], build_directory=str(build), is_python_module=False, verbose=False
-        )
-        lib = ctypes.CDLL(str(build / f"{name}.so"))
+    The build directory is keyed by the source's hash, torch's version and where this torch is
+    installed: torch's builder rebuilds whenever its include paths change, so two virtual
+    environments sharing a directory would rebuild each other's ops at every start. A built library
+    is loaded as it is, without asking the builder (or waiting on its lock). A build holds an
+    advisory lock (`flock`), which the kernel drops when its process dies: torch's own lock file,
+    left behind by a build that was killed, made every later process wait on it forever; holding
+    ours, any such file is stale and is removed."""
+    source = _SOURCE.parent / "ops.cpp"
+    key = source.read_bytes() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    build, name = _cache_dir() / f"ops-{digest}", f"groklm_ops_{digest}"
+    built = build / f"{name}.so"
+    try:
+        if not built.exists():
+            from torch.utils import cpp_extension
+
+            build.mkdir(parents=True, exist_ok=True)
+            with _build_lock(build):
+                if not built.exists():
+                    print(f"groklm: building the C++ kernel ops, once (~20 s), into {build}", file=sys.stderr)
+                    (build / "lock").unlink(missing_ok=True)  # torch's, stale: we hold the only build lock
+                    cpp_extension.load(
+                        name, [str(source)], extra_cflags=["-O2"], build_directory=str(build),
+                        is_python_module=False, verbose=False,
+                    )  # fmt: skip
+        lib = ctypes.CDLL(str(built))
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError):  # no ninja, no C++ compiler, ...
         return None
     lib.groklm_ops_set_kernels.argtypes = [ctypes.c_void_p] * 4
     return lib
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `directory`/groklm.lock, held while building there: a second
+    process waits for the first build (saying so), and a process that dies drops its lock."""
+    with open(directory / "groklm.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"groklm: waiting for another process building in {directory}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _NATIVE_OPS = False  # the ops' CPU implementations are the C++ ones: eager mode calls them too

@@ -46,6 +46,26 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[GrokConfig, str]:
+    """The config a checkpoint will be loaded with, and where it comes from, without reading any
+    weights: what a command checks its settings against before the expensive part."""
+    config = as_config(config)
+    fmt = detect_format(path)
+    if fmt == "native":
+        found = GrokConfig.from_json(Path(path) / "config.json")
+        if config is not None and config != found:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+        return found, f"{Path(path) / 'config.json'}"
+    from groklm.formats.released import checkpoint_config as released_config
+    from groklm.formats.released import find_ckpt_dir, find_config
+
+    ckpt = find_ckpt_dir(path)
+    found = find_config(ckpt)
+    chosen = released_config(ckpt, config)
+    source = "config.json" if found else "the config given" if config else "Grok-1's (assumed: no config.json)"
+    return chosen, f"{ckpt} with {source}"
+
+
 def load(
     path: str | Path,
     config: ConfigLike = None,

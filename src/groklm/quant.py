@@ -222,6 +222,20 @@ def quantize_output_head(model: Grok, group_size: int = 64) -> Grok:
 # and one shift), else 16 (small models, dequantized per call).
 
 
+def check_int4_group(config: GrokConfig, group_size: int) -> None:
+    """Raise ValueError unless `group_size` fits every matrix of this config (checked before any work):
+    a multiple of 16 that divides every input size."""
+    inputs = {config.emb_size, config.q_size, config.ffn_size}
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"int4 group size must be a positive integer, not {group_size!r}")
+    if group_size % 16 or any(n % group_size for n in inputs):
+        fits = [g for g in (256, 128, 64, 32, 16) if all(n % g == 0 for n in inputs)]
+        raise ValueError(
+            f"int4 group size {group_size} must be a multiple of 16 dividing every input size {sorted(inputs)}; "
+            f"these fit: {fits}"
+        )
+
+
 def _int4_block(group_size: int) -> int:
     if group_size % 32 == 0:
         return 32

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
+
+
+class AnyTokenizer(Protocol):
+    """What generation and the server need of a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class Tokenizer:
@@ -44,5 +57,67 @@ def find_tokenizer(checkpoint: str | Path | None, explicit: str | Path | None = 
             if candidate.is_file():
                 return Tokenizer(candidate)
     raise FileNotFoundError(
-        f"no tokenizer.model found next to {checkpoint}; pass --tokenizer PATH (it comes with the checkpoint download)"
+        f"no tokenizer.model found in or next to {checkpoint}; give its path (it comes with the checkpoint download)"
     )
+
+
+class TextStream:
+    """The text of a stream of new token ids, as it becomes final, and stop strings in it.
+
+    Decoding token by token is wrong for SentencePiece (a piece's leading space is dropped at the
+    start of a decode) and for byte-level pieces (a character may span tokens), and decoding the
+    whole list each time costs O(n) a token. So each step decodes a short window that starts a few
+    tokens back (the prompt's last ones at first) and emits what the new token added, once it is
+    not a partial character (vLLM's incremental detokenization). Text that could still grow into
+    a stop string is held back; at a stop string the text ends before it and `stopped` is set.
+    """
+
+    WINDOW = 5
+
+    def __init__(self, tokenizer: AnyTokenizer, prompt_ids: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids = list(prompt_ids[-self.WINDOW :])
+        self.prefix = 0  # the window starts here in self.ids
+        self.read = len(self.ids)  # what lies before this has been emitted (or held)
+        self.text = ""  # all final text so far, held-back tail included
+        self.sent = 0  # how much of self.text has been handed out
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one new token; return the text that is now final (may be "")."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest, held-back text and an unfinished character included (at the end of a stream)."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+            self.text += self.tokenizer.decode(self.ids[self.prefix :])[len(before) :]
+            self.read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[: min(hits)]
+            final = True
+        safe = len(self.text)
+        if not final:  # hold back a tail that is the start of a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
+                    if self.text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        out = self.text[self.sent : safe]
+        self.sent = max(self.sent, safe)
+        return out

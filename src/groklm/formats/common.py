@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -65,3 +69,27 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> 
 
 def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@contextlib.contextmanager
+def output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """A directory to write a checkpoint into that becomes `out` only once everything is written:
+    a failure or Ctrl-C leaves nothing half-written behind. An existing, non-empty `out` is refused
+    unless `force` (then it is replaced, at the end)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty (--force, or force=True, replaces it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

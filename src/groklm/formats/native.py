@@ -19,13 +19,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, advise_huge_pages, progress_bar, return_freed_memory
+from groklm.formats.common import CheckpointError, advise_huge_pages, output_dir, progress_bar, return_freed_memory
 from groklm.formats.released import MappedEmbedding, open_released
+from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file
 from groklm.model import Grok
 from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, block_major, quantize_int8
 
@@ -62,11 +62,8 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
 
 
 def _save_shard(out: Path, index: int, tensors: dict[str, Tensor]) -> None:
-    save_file(
-        {name: t.contiguous() for name, t in tensors.items()},
-        str(out / SHARD.format(index)),
-        metadata={"format": "pt", "groklm": "1"},
-    )
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    write_file(out / SHARD.format(index), layout, iter(tensors.values()), metadata={"format": "pt", "groklm": "1"})
 
 
 def convert(
@@ -76,19 +73,21 @@ def convert(
     group_size: int = 64,
     config: GrokConfig | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write a checkpoint (released or groklm's) in groklm's layout, int8 as it is or int4, one
     decoder layer at a time: memory holds 1-3 layers' worth for int8 (the layer and safetensors'
     serialized copy of it) and about 3 for int4 (float temporaries and the result), plus the int8
     output head, never the model. For the released Grok-1 that is under 16 GB rather than 300.
 
-    The result equals loading the whole model, quantizing it and `save_native`, bit for bit."""
-    from groklm.quant import quantize_int4
+    The result equals loading the whole model, quantizing it and `save_native`, bit for bit. It is
+    written beside `out` and moved there at the end (`common.output_dir`): nothing half-written is left."""
+    from groklm.load import detect_format
+    from groklm.quant import check_int4_group, quantize_int4
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    out = Path(out)
-    if is_native(src):
+    if detect_format(src) == "native":
         model = load_native(src, torch.bfloat16, mmap=True)  # weights stay on disk until read
         if config is not None and config != model.config:
             raise CheckpointError(f"{src}: its config.json differs from the config given")
@@ -102,35 +101,55 @@ def convert(
         released = open_released(src, config, torch.bfloat16, quantize_head=True)
         model = released.model
         fill = released.fill
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    bar = progress_bar(model.config.num_layers + 1, f"converting to int{bits}", progress, unit="part")
-    for i, layer in enumerate(model.layers):
-        fill(f"layers.{i}")
-        if bits == 4:
-            quantize_int4(layer, group_size)
-        _save_shard(out, i + 1, _state(layer, f"layers.{i}."))
-        layer.to("meta")  # frees it (or drops its maps)
-        return_freed_memory()
-        bar.update(1)
-    fill("")
     if bits == 4:
-        quantize_int4(model, group_size)  # the output head; the layers, on meta by now, are only laid out
-    _save_shard(out, 0, {name: t for name, t in _state(model).items() if not name.startswith("layers.")})
-    bar.update(1)
-    bar.close()
-    return out
+        check_int4_group(model.config, group_size)
+    with output_dir(out, force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+        bar = progress_bar(model.config.num_layers + 1, f"converting to int{bits}", progress, unit="part")
+        for i, layer in enumerate(model.layers):
+            fill(f"layers.{i}")
+            if bits == 4:
+                quantize_int4(layer, group_size)
+            _save_shard(tmp, i + 1, _state(layer, f"layers.{i}."))
+            layer.to("meta")  # frees it (or drops its maps)
+            return_freed_memory()
+            bar.update(1)
+        fill("")
+        if bits == 4:
+            quantize_int4(model, group_size)  # the output head; the layers, on meta by now, are only laid out
+        _save_shard(tmp, 0, {name: t for name, t in _state(model).items() if not name.startswith("layers.")})
+        bar.update(1)
+        bar.close()
+    return Path(out)
 
 
-def _stored(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """name -> (shard, shape, dtype string) for every tensor in the checkpoint."""
-    found: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-    for shard in sorted(path.glob("model-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                found[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
+def _stored(path: Path, num_layers: int) -> dict[str, Entry]:
+    """name -> where it lies, for every tensor of the checkpoint's shards (all there, headers checked)."""
+    shards = [path / SHARD.format(i) for i in range(num_layers + 1)]
+    missing = [f.name for f in shards if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: shard files missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    found: dict[str, Entry] = {}
+    for shard in shards:
+        entries, _ = read_header(shard)
+        for name, entry in entries.items():
+            if name in found:
+                raise CheckpointError(f"{shard}: tensor {name} is also in {found[name].file.name}")
+            found[name] = entry
     return found
+
+
+# What a stored tensor's dtype may be, by what it is in the model: integer tensors exactly as held,
+# float ones any float (widened or narrowed to the compute dtype as the model holds them).
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(entry: Entry, expected: torch.dtype) -> None:
+    ok = entry.dtype == expected or (expected.is_floating_point and entry.dtype in _FLOATS)
+    if not ok:
+        raise CheckpointError(f"{entry.where()}: stored as {entry.dtype_name}, expected {NAMES[expected]}")
 
 
 def load_native(
@@ -138,27 +157,38 @@ def load_native(
 ) -> Grok:
     """Load groklm's layout. With `mmap`, tensors stay in the files' (copy-on-write) memory maps and
     are paged in as they are first used: start-up is immediate and a model larger than RAM still
-    runs, at the speed of the disk. Otherwise they are copied into freshly allocated memory."""
+    runs, at the speed of the disk. Otherwise they are read into freshly allocated memory.
+
+    Every shard's header is checked, and every tensor's name, shape and dtype against the model,
+    before any weight is read."""
     path = Path(path)
     config = GrokConfig.from_json(path / "config.json")
-    stored = _stored(path)
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap loading is for the CPU")
+    stored = _stored(path, config.num_layers)
+    shape_of = {n: e.shape for n, e in stored.items()}
     with torch.device("meta"):
         model = Grok(config, dtype)
         # Lay out each quantized module as stored: int8 (I8 weight) or int4 (U8 packed weight).
         # (A tensor without its scales is left alone here; the name check below reports it.)
         quantized = {
-            n[: -len(".weight")]: dt
-            for n, (_, _, dt) in stored.items()
+            n[: -len(".weight")]: e.dtype
+            for n, e in stored.items()
             if n.endswith(".weight") and n[: -len("weight")] + "scales" in stored
         }
-        int8_groups = {m: stored[m + ".scales"][1][-1] for m, dt in quantized.items() if dt == "I8" and m != "head"}
+        int8_groups = {
+            m: shape_of[m + ".scales"][-1] for m, dt in quantized.items() if dt == torch.int8 and m != "head"
+        }
         quantize_int8(model, lambda name: int8_groups.get(name))
         for module_name, dt in quantized.items():
-            if dt != "U8":
+            if dt != torch.uint8:
                 continue
-            shape = stored[module_name + ".weight"][1]
-            scales = stored[module_name + ".scales"][1]
+            shape, scales = shape_of[module_name + ".weight"], shape_of[module_name + ".scales"]
             in_features = shape[-1] * 2
+            if not scales or not scales[-1] or in_features % scales[-1]:
+                raise CheckpointError(
+                    f"{stored[module_name + '.scales'].where()}: shape {scales} does not fit weight {shape}"
+                )
             group = in_features // scales[-1]
             new: nn.Module = (
                 Int4ExpertLinear(shape[0], in_features, shape[1], group, dtype)
@@ -166,47 +196,50 @@ def load_native(
                 else Int4Linear(in_features, shape[0], group, dtype)
             )
             _set(model, module_name, new)
-        if "head.weight" in stored and stored["head.weight"][2] == "I8":
-            _set(model, "head", Int8Linear(config.emb_size, config.vocab_size, stored["head.scales"][1][-1], dtype))
+        if "head.weight" in stored and stored["head.weight"].dtype == torch.int8:
+            _set(model, "head", Int8Linear(config.emb_size, config.vocab_size, shape_of["head.scales"][-1], dtype))
     expected = dict(model.state_dict())
     if set(expected) != set(stored):
         missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         raise CheckpointError(
-            f"{path}: tensor names do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            f"{path}: tensor names do not match the model: missing {missing[:5]}, unexpected "
+            f"{[f'{n} (in {stored[n].file.name})' for n in extra[:5]]}"
         )
     # Files written before int8 row blocks were held block-major store them row-major: re-laid out as read.
     relayout = {
         name
         for name, t in expected.items()
-        if t.dim() == len(stored[name][1]) + 1
-        and stored[name][1] == (*t.shape[:-3], t.shape[-2], t.shape[-3] * t.shape[-1])
+        if t.dim() == len(shape_of[name]) + 1
+        and shape_of[name] == (*t.shape[:-3], t.shape[-2], t.shape[-3] * t.shape[-1])
     }
     for name, t in expected.items():
-        if tuple(t.shape) != stored[name][1] and name not in relayout:
-            raise CheckpointError(f"{stored[name][0]}: {name} has shape {stored[name][1]}, expected {tuple(t.shape)}")
-    if mmap and torch.device(device).type != "cpu":
-        raise ValueError("mmap loading is for the CPU")
-    if not mmap:
-        model.to_empty(device=device)
-        advise_huge_pages([*model.parameters(), *model.buffers()])
-    targets = dict(model.state_dict(keep_vars=True))
-    by_shard: dict[Path, list[str]] = {}
-    for name, (shard, _, _) in stored.items():
-        by_shard.setdefault(shard, []).append(name)
-    mapped: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for shard, names in sorted(by_shard.items()):
-            with safe_open(str(shard), framework="pt") as f:  # tensors it hands out keep their map alive
-                for name in names:
-                    t = f.get_tensor(name)
-                    if name in relayout:
-                        t = block_major(t, expected[name].shape[-3])
-                    if not mmap:
-                        targets[name].copy_(t)
-                    else:  # a float table stored in another dtype is copied, the rest stays mapped
-                        mapped[name] = t if t.dtype == expected[name].dtype else t.to(expected[name].dtype)
+        if tuple(t.shape) != shape_of[name] and name not in relayout:
+            raise CheckpointError(f"{stored[name].where()}: shape {shape_of[name]}, expected {tuple(t.shape)}")
+        _check_dtype(stored[name], t.dtype)
     if mmap:
+        maps = {e.file: None for e in stored.values()}
+        files = {f: MappedFile(f) for f in maps}
+        kernels.guard_mapped_files(f"the shards of {path}")
+        mapped = {}
+        for name, entry in stored.items():
+            t = files[entry.file].tensor(entry)
+            if name in relayout:
+                t = block_major(t, expected[name].shape[-3])
+            mapped[name] = t if t.dtype == expected[name].dtype else t.to(expected[name].dtype)  # a float table: copied
         model.load_state_dict(mapped, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+    model.to_empty(device=device)
+    advise_huge_pages([*model.parameters(), *model.buffers()])
+    targets = dict(model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for name, entry in sorted(stored.items(), key=lambda item: (str(item[1].file), item[1].offset)):
+            target = targets[name]
+            if name in relayout:
+                target.copy_(block_major(read_tensor(entry), expected[name].shape[-3]))
+            elif entry.dtype != target.dtype:
+                target.copy_(read_tensor(entry))
+            else:
+                read_into(entry, target)
     return model.eval().requires_grad_(False)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import pickle
 import struct
 import warnings
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, advise_huge_pages, progress_bar
+from groklm.formats.common import CheckpointError, advise_huge_pages, output_dir, progress_bar
 from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
 from groklm.model import Grok
 from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight
@@ -171,6 +170,15 @@ def find_config(ckpt_dir: Path) -> GrokConfig | None:
     return None
 
 
+def checkpoint_config(ckpt_dir: Path, given: GrokConfig | None) -> GrokConfig:
+    """The config a released checkpoint is read with: its config.json (written beside it by
+    groklm), else the one given, else Grok-1's (the download has none). Both, differing: an error."""
+    found = find_config(ckpt_dir)
+    if found is not None and given is not None and found != given:
+        raise CheckpointError(f"{ckpt_dir}: its config.json differs from the config given")
+    return found or given or GrokConfig()
+
+
 def _check_shape(path: Path, param: RefParam, what: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(got) != tuple(expected):
         raise CheckpointError(f"{path}: {param.name} {what} has shape {tuple(got)}, expected {tuple(expected)}")
@@ -182,6 +190,8 @@ def _scale_groups(path: Path, param: RefParam, rec: QuantizedWeight8bit) -> int:
     if w.dtype != torch.int8:
         raise CheckpointError(f"{path}: {param.name} quantized weight is {w.dtype}, expected int8")
     lead, in_features, out_features = param.shape[:-2], param.shape[-2], param.shape[-1]
+    if not s.dtype.is_floating_point:
+        raise CheckpointError(f"{path}: {param.name} scales are {s.dtype}, expected bf16 (or another float)")
     if (
         len(s.shape) != len(param.shape)
         or tuple(s.shape[:-2]) != lead
@@ -315,15 +325,18 @@ def open_released(
     shapes against the config (default: config.json beside it, else Grok-1), and lay out the model
     on the meta device, int8 where the files are."""
     ckpt = find_ckpt_dir(path)
-    if config is None:
-        config = find_config(ckpt) or GrokConfig()
+    config = checkpoint_config(ckpt, config)
     params = reference_params(config)
-    present = sorted(p.name for p in ckpt.glob("tensor*_000"))
-    if len(present) != len(params):
-        raise CheckpointError(
-            f"{ckpt}: {len(present)} tensor files, but the config ({config.num_layers} layers) needs "
-            f"{len(params)}: wrong config or incomplete download"
-        )
+    present = {p.name for p in ckpt.glob("tensor*_000")}
+    missing = [f"{p.file} ({p.name})" for p in params if p.file not in present]
+    unexpected = sorted(present - {p.file for p in params})
+    if missing or unexpected:
+        problems = [f"{len(present)} tensor files, but the config ({config.num_layers} layers) needs {len(params)}"]
+        if missing:
+            problems.append(f"{', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''} missing")
+        if unexpected:
+            problems.append(f"unexpected {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{ckpt}: {'; '.join(problems)}: wrong config or incomplete download")
     records: list[Record] = []
     groups: dict[str, int] = {}
     for p in params:
@@ -482,22 +495,24 @@ def _splits(n: int, step: int) -> Iterator[int]:
         yield min(step, n - start)
 
 
-def write_random_checkpoint(out: str | Path, config: GrokConfig, seed: int = 0, progress: bool = True) -> Path:
-    """Write a random-weight checkpoint in the released format, with `config.json`; returns ckpt-0/."""
-    ckpt = Path(out) / "ckpt-0"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (Path(out) / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    gen = torch.Generator().manual_seed(seed)
-    params = reference_params(config)
-    bar = progress_bar(len(params), f"writing {ckpt}", progress)
-    for p in params:
-        chunks, scales = _random_param(p, config, gen)
-        tmp = ckpt / (p.file + ".tmp")
-        stacked = None
-        if p.kind == "linear":
-            stacked = (lambda s=scales: torch.stack(s)) if len(p.shape) == 3 else (lambda s=scales: s[0])
-        write_tensor_file(tmp, p.shape, chunks, stacked)
-        os.replace(tmp, ckpt / p.file)
-        bar.update(1)
-    bar.close()
-    return ckpt
+def write_random_checkpoint(
+    out: str | Path, config: GrokConfig, seed: int = 0, progress: bool = True, force: bool = False
+) -> Path:
+    """Write a random-weight checkpoint in the released format, with `config.json`; returns ckpt-0/.
+    `out` must be empty or new (or `force`, to replace it); nothing is left half-written."""
+    with output_dir(out, force) as tmp:
+        ckpt = tmp / "ckpt-0"
+        ckpt.mkdir()
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        gen = torch.Generator().manual_seed(seed)
+        params = reference_params(config)
+        bar = progress_bar(len(params), f"writing {Path(out) / 'ckpt-0'}", progress)
+        for p in params:
+            chunks, scales = _random_param(p, config, gen)
+            stacked = None
+            if p.kind == "linear":
+                stacked = (lambda s=scales: torch.stack(s)) if len(p.shape) == 3 else (lambda s=scales: s[0])
+            write_tensor_file(ckpt / p.file, p.shape, chunks, stacked)
+            bar.update(1)
+        bar.close()
+    return Path(out) / "ckpt-0"
