@@ -187,6 +187,46 @@ def test_linear_of_several_weights_equals_one_call_each(build: str, bits: int, r
         assert torch.equal(y, kernels.linear(bits, x, [(w, s)], torch.float32)[0])
 
 
+@pytest.mark.parametrize("bits, groups, blocked", [(8, 1, False), (8, 8, False), (8, 8, True), (4, 32, False)])
+def test_each_row_gets_the_bits_it_gets_alone(build: str, bits: int, groups: int, blocked: bool) -> None:
+    """Batch invariance: a row's result does not depend on how many rows share the call (1 to 40,
+    across every tile and path boundary), nor does an MoE token's on the tokens routed with it. A
+    server prefills prompts in chunks and decodes them in batches that change every step; each still
+    gets exactly what it gets alone."""
+    g = torch.Generator().manual_seed(bits + groups)
+    w, sc = (quantize_weight if bits == 8 else quantize_weight_int4)(torch.randn(300, 1024, generator=g),
+                                                                      groups if bits == 8 else 1024 // groups,
+                                                                      torch.bfloat16)  # fmt: skip
+    if blocked:
+        w = block_major(w, groups)
+    x = torch.randn(40, 1024, generator=g).bfloat16()
+    alone = torch.cat([kernels.linear(bits, x[i : i + 1], [(w, sc)], torch.float32)[0] for i in range(40)])
+    for rows in (2, 5, 16, 17, 40):
+        assert torch.equal(kernels.linear(bits, x[:rows], [(w, sc)], torch.float32)[0], alone[:rows]), rows
+    config = get_preset("mini")
+    moe = MoE(config, torch.bfloat16)
+    quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else 1, torch.bfloat16)
+    xs = torch.randn(48, config.emb_size, generator=g).bfloat16()  # up to 48 tokens an expert
+    together = moe(xs)
+    assert torch.equal(together, torch.cat([moe(xs[i : i + 1]) for i in range(48)]))
+    assert torch.equal(together[:20], moe(xs[:20]))
+
+
+@pytest.mark.parametrize("slots", [1, 7, 8, 13, 30])
+def test_decode_attention_does_not_depend_on_slots_beyond_the_row(build: str, slots: int) -> None:
+    """A row attends over the cache up to the longest row of its batch; the slots past its own end are
+    masked, and its result must be what it is when it attends over its own slots only."""
+    torch.manual_seed(slots)
+    q = torch.randn(1, 4, 2, 64).bfloat16()
+    k, v = torch.randn(1, slots + 19, 4, 64).bfloat16(), torch.randn(1, slots + 19, 4, 64).bfloat16()
+    mask = torch.zeros(1, slots + 19, dtype=torch.bool)
+    mask[0, :slots] = True
+    own = kernels.attend(q, k[:, :slots], v[:, :slots], mask[:, :slots], 0.125, 30.0, -1e30)
+    for more in (1, 8, 19):
+        assert torch.equal(kernels.attend(q, k[:, : slots + more], v[:, : slots + more], mask[:, : slots + more],
+                                          0.125, 30.0, -1e30), own), more  # fmt: skip
+
+
 def test_linear_refuses_weights_that_do_not_share_a_layout() -> None:
     a = quantize_weight(torch.randn(8, 256), 1, torch.bfloat16)
     b = quantize_weight(torch.randn(8, 256), 2, torch.bfloat16)

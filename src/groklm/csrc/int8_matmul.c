@@ -383,17 +383,15 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
  * against its own K/G activation columns, which stay in the L1 cache however wide the row: at K =
  * 10240 and 32768 a matvec read 0.78 of a plain read row-major and 0.97 block-major on a Zen 4 VM
  * whose memory then gave ~55 GB/s (at ~30 GB/s both keep up). Each panel's sums are added into res
- * (part: scratch for count * M floats). Above 16 activation rows (prefill), where arithmetic is the
- * limit, rows are read whole, block after block: per-block calls cost bench-mid's prefill 4%. */
+ * (part: scratch for count * M floats). Prefill reads them block by block too, although whole rows
+ * were 4% faster there (bench-mid, 512 tokens): a row's sums then add up in the same order whatever
+ * the number of activation rows, so a prompt prefilled in chunks (a server's) or with other tokens
+ * routed to the same expert gets the bits it gets alone. */
 static void weight_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t panel,
                        const uint16_t *s, int G, int count, float *res, float *part) {
     const int kg = a.K / G;
     if (!panel || G == 1) {
         span_dot(bits, a, rows, base, M, w, row_bytes(bits, a.K), kg, s, G, G, count, res);
-        return;
-    }
-    if (M > 16) { /* compute-bound: whole rows (their blocks `panel` apart), so each call runs all of K */
-        span_dot(bits, a, rows, base, M, w, kg, panel, s, G, G, count, res);
         return;
     }
     for (int g = 0; g < G; g++) {
@@ -698,9 +696,13 @@ static void softmax_bf16(float *s, int n) {
 int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long stride, const uint8_t *mask, int B,
                   int S, int H, int G, int Dh, float mult, float cap, float masked, uint16_t *o) {
     int failed = 0;
+    /* Scores run over S rounded up to 8, the extra slots masked: each slot then always takes the same
+     * lane of the 8-wide tanh, exp and sum, so a row's result does not depend on how many slots the
+     * call covers (a batch attends up to its longest row; alone, a row attends up to its own end). */
+    const int S8 = (S + 7) / 8 * 8;
 #pragma omp parallel
     {
-        float *s = malloc(sizeof(float) * (size_t)S);
+        float *s = malloc(sizeof(float) * (size_t)S8);
         if (!s) {
 #pragma omp atomic write
             failed = 1;
@@ -715,11 +717,11 @@ int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long 
                         const uint16_t *kb = k + (size_t)b * stride + (size_t)h * Dh, *vb = v + (size_t)b * stride + (size_t)h * Dh;
                         const uint8_t *mb = mask + (size_t)b * S;
                         const size_t row = (size_t)H * Dh; /* between slots */
-                        for (int j = 0; j < S; j++) s[j] = mb[j] ? bf16_round(dot_with(qr, kb + j * row, 0, Dh)) * mult : 0.f;
-                        soft_cap(s, S, cap);
-                        for (int j = 0; j < S; j++)
-                            if (!mb[j]) s[j] = masked;
-                        softmax_bf16(s, S);
+                        for (int j = 0; j < S8; j++) s[j] = j < S && mb[j] ? bf16_round(dot_with(qr, kb + j * row, 0, Dh)) * mult : 0.f;
+                        soft_cap(s, S8, cap);
+                        for (int j = 0; j < S8; j++)
+                            if (j >= S || !mb[j]) s[j] = masked;
+                        softmax_bf16(s, S8);
                         uint16_t *out = o + (((size_t)b * H + h) * G + g) * Dh;
                         for (int d0 = 0; d0 < Dh; d0 += 64) {
                             const int nv = (Dh - d0) / 8 < 8 ? (Dh - d0) / 8 : 8;
