@@ -291,6 +291,55 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from groklm.generate import compile_decode, decode_one
+    from groklm.load import checkpoint_config, detect_format, load
+    from groklm.serve import run
+    from groklm.serve.chat import ChatTemplate
+    from groklm.serve.engine import Engine
+    from groklm.tokenizer import find_tokenizer
+
+    for name in ("max_batch", "prefill_chunk", "port", "max_waiting"):
+        low = 0 if name in ("port", "max_waiting") else 1
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}")
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port}: not a port")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, not {args.threads}")
+    _check_device(args.device)
+    config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    if args.mmap and detect_format(args.checkpoint) != "native":
+        raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
+    max_model_len = args.max_model_len or config.sequence_len
+    if not 2 <= max_model_len <= config.sequence_len:
+        raise UsageError(
+            f"--max-model-len must be in 2..{config.sequence_len} (the model's context), not {max_model_len}"
+        )
+    chat = ChatTemplate.from_file(args.chat_template) if args.chat_template else ChatTemplate()
+    try:
+        tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+    except FileNotFoundError as e:
+        if args.tokenizer:
+            raise
+        print(f"groklm serve: warning: {e}; serving token ids only (no text prompts, chat or stop strings)",
+              file=sys.stderr)  # fmt: skip
+        tokenizer = None
+    api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
+    name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
+    threads = _set_threads(args.threads)
+    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
+                 progress=not args.quiet, mmap=args.mmap)  # fmt: skip
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                    prefill_chunk=args.prefill_chunk, max_model_len=max_model_len,
+                    decode=compile_decode() if args.compile else decode_one)  # fmt: skip
+    if not args.quiet:
+        print(f"groklm serve: {args.max_batch} rows of {max_model_len} tokens, {threads} threads"
+              + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
+    run(engine, name, args.host, args.port, api_key, chat)
+    return 0
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default, and descriptions keep their line breaks."""
 
@@ -362,6 +411,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    s = command("serve", "an OpenAI-compatible HTTP server with continuous batching and a playground")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache rows)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a row; more get 503")
+    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    s.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
+    s.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint's directory)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set GROKLM_API_KEY)")
+    s.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (default: Grok's Human/Assistant)")
+    s.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
+    config_options(s, "for a checkpoint without config.json (default: Grok-1's)")
+    s.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
+    s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_serve)
 
     i = command("info", "config, parameter counts, memory needed, licence")
     i.add_argument("--checkpoint", help="read the config of this checkpoint")

@@ -62,6 +62,17 @@ class KVCache:
         allocation (under torch.compile the length is a dynamic dimension: one graph serves all)."""
         return KVCache([k[:, :slots] for k in self.k], [v[:, :slots] for v in self.v], self.key_ok[:, :slots])
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Batch rows start..stop-1, as views (a server keeps one row per request)."""
+        return KVCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v], self.key_ok[start:stop])
+
+    def copy_rows(self, src: list[int], dst: list[int], slots: int) -> None:
+        """Row dst[i] takes row src[i]'s first `slots` slots (all sources read before any write, so
+        src = [a, b], dst = [b, a] swaps two rows)."""
+        s, d = torch.tensor(src), torch.tensor(dst)
+        for t in (*self.k, *self.v, self.key_ok):
+            t[d, :slots] = t[s, :slots]
+
 
 def _scaled(x: Tensor, multiplier: float) -> Tensor:
     # The reference multiplies a bf16 activation by a weakly-typed Python float, which JAX rounds to

@@ -18,6 +18,7 @@ class AnyTokenizer(Protocol):
     def eos_id(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
 
 
 class Tokenizer:
@@ -41,6 +42,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.sp.decode(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes, for logprobs: a byte piece's byte, a word piece with its space, a
+        control piece's name ("[EOS]")."""
+        piece = str(self.sp.id_to_piece(token))
+        if self.sp.is_byte(token):
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.is_control(token) or self.sp.is_unknown(token):
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()
 
 
 def find_tokenizer(checkpoint: str | Path | None, explicit: str | Path | None = None) -> Tokenizer:

@@ -1,0 +1,162 @@
+"""`groklm serve` on bench-mid over real HTTP: N concurrent streaming clients against the plain batched
+decode measured in the same run, and the time to first token with a cached 512-token prefix, as JSON.
+
+    .venv/bin/python benchmarks/serve.py [--clients 1 4 8 16] [--tokens 64] [--runs 2]
+
+For each N, N clients start together, each with a prompt of its own length (16-128 tokens, greedy,
+`--tokens` new tokens, EOS ignored), streaming. Reported per N:
+- `output_tokens_per_s`: all tokens over the wall time (prefill included);
+- `decode_tokens_per_s`: tokens received from the moment every client has its first token until the
+  first client finishes, over that time: the engine's steady state, all N decoding;
+- `plain_decode_tokens_per_s`: `decode_one` at batch N in this process (no HTTP, no scheduler), the
+  same model, measured right before; `engine_over_plain` = decode / plain: the engine's own cost;
+- time to first token and inter-token latency (p50, p99; one reading per token received).
+The plain decode is scored against the read bandwidth measured around it (`roofline_fraction`).
+Prefix: the time to first token of a 512-token prompt prefilled from nothing, then of one sharing its
+first 512 tokens (cached by the first) with 8 more, each alone on the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+import groklm
+from benchmarks.decode import CACHE, decode_steps, experts_touched, read_bandwidth, step_fraction, weight_bytes
+from groklm.config import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT.parent / "shared" / "tokenizer" / "grok-1" / "tokenizer.model"
+
+
+def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "groklm", "serve", "--checkpoint", str(ckpt), "--port", "0", "--quiet",
+           "--max-batch", str(max_batch), "--max-model-len", "1024"]  # fmt: skip
+    if TOKENIZER.is_file():
+        cmd += ["--tokenizer", str(TOKENIZER)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        m = re.search(r"at (http://[\d.]+:\d+)", proc.stdout.readline())
+        if m:
+            return proc, m.group(1)
+    raise RuntimeError("the server did not start")
+
+
+def stream(url: str, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:
+    """(request start, arrival time of every streamed chunk, completion tokens)."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    start, arrivals, used = time.perf_counter(), [], 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+    return start, arrivals, used
+
+
+def concurrent(url: str, n: int, tokens: int, rng: random.Random) -> dict[str, Any]:
+    prompts = [[rng.randrange(3, 100_000) for _ in range(rng.randint(16, 128))] for _ in range(n)]
+    results: list[Any] = [None] * n
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, prompts[i], tokens))) for i in range(n)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    firsts = [arr[0] for _, arr, _ in results]
+    lasts = [arr[-1] for _, arr, _ in results]
+    window = (max(firsts), min(lasts))
+    in_window = sum(sum(window[0] < a <= window[1] for a in arr) for _, arr, _ in results)
+    ttft = [arr[0] - start for start, arr, _ in results]
+    itl = [b - a for _, arr, _ in results for a, b in itertools.pairwise(arr)]
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
+    return {
+        "output_tokens_per_s": round(sum(u for _, _, u in results) / wall, 2),
+        "decode_tokens_per_s": round(in_window / (window[1] - window[0]), 2) if window[1] > window[0] else None,
+        "ttft_s": {"p50": round(q(ttft, 50), 3), "p99": round(q(ttft, 99), 3)},
+        "itl_s": {"p50": round(q(itl, 50), 4), "p99": round(q(itl, 99), 4)},
+    }
+
+
+def plain_decode(model: groklm.Grok, n: int, steps: int) -> dict[str, float]:
+    with experts_touched([layer.moe for layer in model.layers]) as touched:  # experts a step of n tokens reads
+        decode_steps(model, n, 2, context=100)
+    seconds, probes = decode_steps(model, n, steps, context=100, probe=lambda: read_bandwidth(0.5, 3))
+    per_step = weight_bytes(model, statistics.mean(touched))
+    return {"plain_decode_tokens_per_s": round(n * len(seconds) / sum(seconds), 2),
+            "roofline_fraction": round(step_fraction(per_step, seconds, probes), 3),
+            "read_bandwidth_GBps": round(statistics.median(probes) / 1e9, 1)}  # fmt: skip
+
+
+def ttft_of(url: str, prompt: list[int]) -> float:
+    start, arrivals, _ = stream(url, prompt, 2)
+    return arrivals[0] - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    ckpt = CACHE / "bench-mid"
+    if not (ckpt / "ckpt-0").is_dir():
+        groklm.write_random_checkpoint(ckpt, get_preset("bench-mid"), seed=0, progress=False)
+    model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
+    proc, url = start_server(ckpt, max(args.clients))
+    report: dict[str, Any] = {"threads": torch.get_num_threads()}
+    rng = random.Random(0)
+    try:
+        stream(url, [5, 6, 7], 4)  # warm up
+        for n in args.clients:
+            runs = []
+            for _ in range(args.runs):
+                plain = plain_decode(model, n, 8)
+                served = concurrent(url, n, args.tokens, rng)
+                ratio = (
+                    served["decode_tokens_per_s"] / plain["plain_decode_tokens_per_s"]
+                    if served["decode_tokens_per_s"]
+                    else None
+                )
+                runs.append({**served, **plain, "engine_over_plain": ratio and round(ratio, 3)})
+            report[f"clients_{n}"] = runs
+            print(json.dumps({f"clients_{n}": runs}), file=sys.stderr)
+        ttfts = []
+        for _ in range(args.runs):
+            fresh = [rng.randrange(3, 100_000) for _ in range(512)]
+            uncached = ttft_of(url, fresh)
+            cached = ttft_of(url, fresh + [rng.randrange(3, 100_000) for _ in range(8)])
+            ttfts.append({"uncached_512_s": round(uncached, 3), "cached_512_plus_8_s": round(cached, 3),
+                          "speedup": round(uncached / cached, 1)})  # fmt: skip
+        report["prefix_cache_ttft"] = ttfts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,576 @@
+"""The OpenAI-compatible HTTP API over an `Engine`: FastAPI routes, Server-Sent Events for streams.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+POST /tokenize, POST /detokenize, GET /metrics (Prometheus), GET / (the playground). Request and
+response shapes are the OpenAI API's, with vLLM's extensions (`top_k`, `ignore_eos`,
+`stop_token_ids`). Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400
+with the field named for a bad request, 401 for a wrong API key, 404 for an unknown model, 413 for a
+body over the limit, 503 with Retry-After when the wait queue is full or the server is stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from groklm.serve.chat import ChatTemplate
+from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
+
+MAX_BODY = 8 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind, self.headers = (
+            status, message, param, code, kind, headers)  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _bad(e: ValueError) -> ApiError:
+    """A ValueError from the checks, whose message starts with the setting's name, as a 400 naming it."""
+    message = str(e).replace("max_new_tokens", "max_tokens")
+    param = message.split(":")[0].split(" ")[0]
+    return ApiError(400, message, param=param if param.isidentifier() else None)
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+class Server:
+    """Everything a request handler needs: the engine, the tokenizer, the names."""
+
+    def __init__(self, engine: Engine, model_name: str, api_key: str | None, chat: ChatTemplate) -> None:
+        self.engine, self.model_name, self.api_key, self.chat = engine, model_name, api_key, chat
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+
+    def encode(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError(400, f"{param}: text needs a tokenizer and this server has none; send token ids", param)
+        return self.tokenizer.encode(text)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
+                           "model", "model_not_found")  # fmt: skip
+
+    def params(
+        self, req: Sampling, logprobs: int | None, prompt_logprobs: bool, chat: bool, default_max: int
+    ) -> Params:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name}: not supported (only 0)", name)
+        if req.logit_bias:
+            raise ApiError(400, "logit_bias: not supported", "logit_bias")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 16:
+            raise ApiError(400, "stop: at most 16 stop strings", "stop")
+        if chat:
+            stop += [s for s in self.chat.stop if s not in stop]
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        max_tokens = req.max_tokens if max_tokens is None else max_tokens
+        return Params(
+            max_tokens=default_max if max_tokens is None else max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def token_text(self, token: int) -> str:
+        if self.tokenizer is None:
+            return str(token)
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
+class _Guard:
+    """ASGI middleware (pure: it leaves streaming and disconnects alone): with an API key, every /v1
+    route needs `Authorization: Bearer KEY` (401 otherwise); a body over `limit` bytes gets 413
+    before the app reads it."""
+
+    def __init__(self, app: Any, limit: int, api_key: str | None) -> None:
+        self.app, self.limit, self.api_key = app, limit, api_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                await ApiError(401, "Incorrect API key provided", None, "invalid_api_key").response()(
+                    scope, receive, send
+                )
+                return
+        length = headers.get(b"content-length")
+        too_big = ApiError(413, f"the request body exceeds {self.limit} bytes", None, "body_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await too_big.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message  # type: ignore[no-any-return]
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await too_big.response()(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat: ChatTemplate | None = None,
+               max_body: int = MAX_BODY) -> FastAPI:  # fmt: skip
+    server = Server(engine, model_name, api_key, chat or ChatTemplate())
+    app = FastAPI(title="groklm", version="1", docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(_Guard, limit=max_body, api_key=api_key)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail), None, None).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the body is not valid JSON ({first.get('msg')})").response()
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        return ApiError(400, f"{where}: {first.get('msg')}", param).response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        draining = engine._draining
+        return JSONResponse({"status": "stopping" if draining else "ok"}, status_code=503 if draining else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "groklm",
+                "max_model_len": engine.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> str:
+        return resources.files("groklm.serve").joinpath("static/index.html").read_text()
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give one of prompt or messages", "prompt")
+        text = req.prompt if req.prompt is not None else _render(server, req.messages or [], True)
+        ids = server.encode(text, "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        vocab = engine.model.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
+        if server.tokenizer is None:
+            raise ApiError(400, "tokens: this server has no tokenizer", "tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        server.check_model(req.model)
+        if req.suffix:
+            raise ApiError(400, "suffix: not supported", "suffix")
+        if req.best_of not in (None, req.n):
+            raise ApiError(400, "best_of: only best_of = n is supported", "best_of")
+        prompts = _prompts(server, req.prompt)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+            raise ApiError(400, f"logprobs: must be in 0..5, not {req.logprobs}", "logprobs")
+        params = server.params(req, req.logprobs, req.echo and req.logprobs is not None, chat=False, default_max=16)
+        run = _Run(server, prompts, params, req.n, request)
+        if req.stream:
+            return _sse(_completion_chunks(run, req))
+        return JSONResponse(await _completion_body(run, req))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request) -> Response:
+        server.check_model(req.model)
+        if req.top_logprobs is not None and not (req.logprobs and 0 <= req.top_logprobs <= 20):
+            raise ApiError(400, "top_logprobs: needs logprobs true and a value in 0..20", "top_logprobs")
+        prompt = server.encode(_render(server, req.messages, req.add_generation_prompt), "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        rest = max(1, engine.max_model_len - len(prompt))  # no limit given: the rest of the context, as vLLM does
+        params = server.params(req, logprobs, False, chat=True, default_max=rest)
+        run = _Run(server, [prompt], params, req.n, request)
+        if req.stream:
+            return _sse(_chat_chunks(run, req))
+        return JSONResponse(await _chat_body(run, req))
+
+    return app
+
+
+def _render(server: Server, messages: list[Message], add_generation_prompt: bool) -> str:
+    plain = []
+    for i, m in enumerate(messages):
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        if m.role == "user" and not content:
+            raise ApiError(400, f"messages.{i}.content: a user message needs content", "messages")
+    return server.chat.render(plain, add_generation_prompt)
+
+
+def _prompts(server: Server, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [server.encode(prompt, "prompt")]
+    if not prompt:
+        raise ApiError(400, "prompt: empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if all(isinstance(p, str) for p in prompt):
+        return [server.encode(p, "prompt") for p in prompt]  # type: ignore[arg-type]
+    return [list(p) for p in prompt]  # type: ignore[union-attr]
+
+
+class _Run:
+    """The sequences of one request (n choices for each prompt), their events on one asyncio queue."""
+
+    def __init__(self, server: Server, prompts: list[list[int]], params: Params, n: int, request: Request) -> None:
+        engine = server.engine
+        if not 1 <= n <= max(1, engine.max_waiting):
+            raise ApiError(400, f"n: must be in 1..{max(1, engine.max_waiting)}, not {n}", "n")
+        self.server, self.prompts, self.params, self.request = server, prompts, params, request
+        self.id = uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for p in prompts:
+            try:
+                engine.check(p, params)
+            except ValueError as e:
+                raise _bad(e) from None
+        self.seq_ids: list[int] = []
+        try:
+            for choice in range(len(prompts) * n):
+                prompt = prompts[choice // n]
+                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + choice % n)
+                self.seq_ids.append(engine.submit(prompt, seeded, self._emitter(loop, choice)))
+        except QueueFull as e:
+            self.abort()
+            raise ApiError(
+                503, f"the server is busy: {e}", None, "queue_full", "server_error", {"Retry-After": "1"}
+            ) from None
+        except Draining:
+            self.abort()
+            raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
+                           {"Retry-After": "5"}) from None  # fmt: skip
+        except ValueError as e:
+            self.abort()
+            raise _bad(e) from None
+        self.choices = len(self.seq_ids)
+
+    def _emitter(self, loop: asyncio.AbstractEventLoop, choice: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (choice, event))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        return emit
+
+    def abort(self) -> None:
+        for seq_id in self.seq_ids:
+            self.server.engine.abort(seq_id)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every event of every choice, until all have finished; aborts them if the client leaves."""
+        left = len(self.seq_ids)
+        try:
+            while left:
+                try:
+                    choice, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                except TimeoutError:
+                    if await self.request.is_disconnected():
+                        return
+                    continue
+                if isinstance(event, FinishEvent):
+                    left -= 1
+                yield choice, event
+        finally:
+            if left:
+                self.abort()
+
+    def usage(self, finishes: list[FinishEvent]) -> dict[str, Any]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(f.completion_tokens for f in finishes)
+        cached = sum(f.cached_tokens for f in finishes)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+
+
+def _finish_reason(f: FinishEvent) -> str:
+    if f.reason == "error":
+        raise ApiError(500, f"generation failed: {f.error}", None, "engine_error", "server_error")
+    return f.reason if f.reason in ("stop", "length") else "abort"
+
+
+class _Logprobs:
+    """The completions API's logprobs object, built token by token."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.offset = 0
+
+    def add(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        text = self.server.token_text(token)
+        self.tokens.append(text)
+        self.token_logprobs.append(logprob)
+        self.top_logprobs.append(None if top is None else {self.server.token_text(t): lp for t, lp in top})
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+
+    def body(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}  # fmt: skip
+
+
+def _echo_text(run: _Run, choice: int) -> str:
+    prompt = run.prompts[choice // (run.choices // len(run.prompts))]
+    return run.server.tokenizer.decode(prompt) if run.server.tokenizer else ""
+
+
+def _prompt_logprobs(run: _Run, choice: int, lp: _Logprobs, event: PromptLogprobs) -> None:
+    prompt = run.prompts[choice // (run.choices // len(run.prompts))]
+    start = len(lp.tokens)
+    for i, (logprob, top) in enumerate(zip(event.logprobs, event.top_logprobs, strict=True)):
+        lp.add(prompt[start + i], logprob, top)
+
+
+async def _completion_body(run: _Run, req: CompletionRequest) -> dict[str, Any]:
+    texts = [_echo_text(run, c) if req.echo else "" for c in range(run.choices)]
+    lps = [_Logprobs(run.server) for _ in range(run.choices)]
+    finishes: list[FinishEvent | None] = [None] * run.choices
+    async for choice, event in run.events():
+        if isinstance(event, TokenEvent):
+            texts[choice] += event.text
+            if req.logprobs is not None and event.token >= 0:
+                lps[choice].add(event.token, event.logprob, event.top_logprobs)
+        elif isinstance(event, PromptLogprobs):
+            _prompt_logprobs(run, choice, lps[choice], event)
+        else:
+            finishes[choice] = event
+    if any(f is None for f in finishes):  # the client left
+        raise ApiError(499, "client closed the request")
+    done = [f for f in finishes if f is not None]
+    choices = [
+        {"index": c, "text": texts[c], "logprobs": lps[c].body() if req.logprobs is not None else None,
+         "finish_reason": _finish_reason(f)}
+        for c, f in enumerate(done)
+    ]  # fmt: skip
+    return {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created,
+            "model": run.server.model_name, "choices": choices, "usage": run.usage(done)}  # fmt: skip
+
+
+async def _completion_chunks(run: _Run, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": run.server.model_name}
+    finishes: list[FinishEvent] = []
+    if req.echo and req.logprobs is None:
+        for c in range(run.choices):
+            yield {
+                **head,
+                "choices": [{"index": c, "text": _echo_text(run, c), "logprobs": None, "finish_reason": None}],
+            }
+    async for choice, event in run.events():
+        if isinstance(event, FinishEvent):
+            finishes.append(event)
+            reason = _finish_reason(event)
+            yield {**head, "choices": [{"index": choice, "text": "", "logprobs": None, "finish_reason": reason}]}
+            continue
+        lp = _Logprobs(run.server)
+        text = ""
+        if isinstance(event, PromptLogprobs):
+            _prompt_logprobs(run, choice, lp, event)
+            text = _echo_text(run, choice)
+        elif event.token >= 0 and req.logprobs is not None:
+            lp.add(event.token, event.logprob, event.top_logprobs)
+        if isinstance(event, TokenEvent):
+            text = event.text
+        if text or lp.tokens:
+            logprobs = lp.body() if req.logprobs is not None else None
+            yield {**head, "choices": [{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": None}]}
+    if req.stream_options and req.stream_options.include_usage and len(finishes) == run.choices:
+        yield {**head, "choices": [], "usage": run.usage(finishes)}
+
+
+def _chat_logprob(
+    server: Server, token: int, logprob: float | None, top: list[tuple[int, float]] | None
+) -> dict[str, Any]:
+    def entry(t: int, lp: float | None) -> dict[str, Any]:
+        raw = server.tokenizer.token_bytes(t) if server.tokenizer else str(t).encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
+
+
+async def _chat_body(run: _Run, req: ChatRequest) -> dict[str, Any]:
+    texts = [""] * run.choices
+    lps: list[list[dict[str, Any]]] = [[] for _ in range(run.choices)]
+    finishes: list[FinishEvent | None] = [None] * run.choices
+    async for choice, event in run.events():
+        if isinstance(event, TokenEvent):
+            texts[choice] += event.text
+            if req.logprobs and event.token >= 0:
+                lps[choice].append(_chat_logprob(run.server, event.token, event.logprob, event.top_logprobs))
+        elif isinstance(event, FinishEvent):
+            finishes[choice] = event
+    if any(f is None for f in finishes):
+        raise ApiError(499, "client closed the request")
+    done = [f for f in finishes if f is not None]
+    choices = [
+        {"index": c, "message": {"role": "assistant", "content": texts[c]},
+         "logprobs": {"content": lps[c]} if req.logprobs else None, "finish_reason": _finish_reason(f)}
+        for c, f in enumerate(done)
+    ]  # fmt: skip
+    return {"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created,
+            "model": run.server.model_name, "choices": choices, "usage": run.usage(done)}  # fmt: skip
+
+
+async def _chat_chunks(run: _Run, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": f"chatcmpl-{run.id}", "object": "chat.completion.chunk", "created": run.created,
+            "model": run.server.model_name}  # fmt: skip
+    for c in range(run.choices):
+        yield {**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}  # fmt: skip
+    finishes: list[FinishEvent] = []
+    async for choice, event in run.events():
+        if isinstance(event, FinishEvent):
+            finishes.append(event)
+            yield {**head, "choices": [{"index": choice, "delta": {}, "logprobs": None,
+                                        "finish_reason": _finish_reason(event)}]}  # fmt: skip
+        elif isinstance(event, TokenEvent) and (event.text or (req.logprobs and event.token >= 0)):
+            logprobs = None
+            if req.logprobs and event.token >= 0:
+                logprobs = {"content": [_chat_logprob(run.server, event.token, event.logprob, event.top_logprobs)]}
+            yield {**head, "choices": [{"index": choice, "delta": {"content": event.text}, "logprobs": logprobs,
+                                        "finish_reason": None}]}  # fmt: skip
+    if req.stream_options and req.stream_options.include_usage and len(finishes) == run.choices:
+        yield {**head, "choices": [], "usage": run.usage(finishes)}
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ApiError as e:  # after the stream began: an error event, as vLLM sends
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

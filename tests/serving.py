@@ -1,0 +1,68 @@
+"""Starting and stopping `groklm serve` processes for the tests, every wait bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[str]
+    stderr: list[str] = field(default_factory=list)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)"
+        m = re.search(r"^" + pattern + r"$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+
+@contextlib.contextmanager
+def serve(checkpoint: Path, *args: str, startup_timeout: float = 180) -> Iterator[Served]:
+    """`groklm serve --port 0` on 127.0.0.1; yields once it prints its URL; stopped (SIGTERM, then
+    SIGKILL after 30 s) on exit."""
+    cmd = [sys.executable, "-m", "groklm", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--quiet", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    served = Served("", proc)
+    threading.Thread(target=lambda: served.stderr.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    try:
+        deadline = time.monotonic() + startup_timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the server exited: {''.join(served.stderr)[-3000:]}")
+            m = re.search(r"at (http://[\d.]+:\d+)", line)
+            if m:
+                served.url = m.group(1)
+                break
+        else:
+            raise AssertionError("the server did not start in time")
+        yield served
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
