@@ -119,6 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
                          "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf"):
+        raise UsageError("--bits is for Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     tokenizer = None
     if text is not None or args.stop:
         try:
@@ -147,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
-                 progress=not args.quiet, mmap=args.mmap)  # fmt: skip
+                 progress=not args.quiet, mmap=args.mmap, bits=args.bits)  # fmt: skip
     load_s = time.perf_counter() - t0
     if args.compile and not args.quiet:
         print("groklm: compiling the decode step (the first token waits tens of seconds)", file=sys.stderr)
@@ -243,6 +245,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from groklm.formats.convert import convert
+
+    if args.to != "native" and (args.bits != 8 or args.group_size != 64):
+        raise UsageError("--bits and --group-size are for --to native (hf and gguf take --type)")
+    if args.to == "native" and args.type:
+        raise UsageError("--type is for --to hf or gguf (native takes --bits)")
+    out = convert(args.input, args.output, args.to, args.type, args.bits, args.group_size, _config_arg(args),
+                  progress=not args.quiet, force=args.force)  # fmt: skip
+    size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.to}{' ' + args.type if args.type else ''})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from groklm.formats.verify import verify, write_manifest
+
+    if args.write_manifest:
+        n = write_manifest(Path(args.checkpoint), Path(args.write_manifest), progress=not args.quiet)
+        print(f"wrote {args.write_manifest} ({n} files)")
+        return 0
+    manifest = Path(args.sha256) if args.sha256 else None
+    if manifest is not None and not manifest.is_file():
+        raise UsageError(f"--sha256 {manifest}: no such file")
+    report = verify(args.checkpoint, _config_arg(args), manifest, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"checkpoint": str(report.root), "format": report.format, "files": report.files,
+                          "bytes": report.bytes, "ok": report.ok,
+                          "problems": [p.to_dict() for p in report.problems]}, indent=1))  # fmt: skip
+    else:
+        for problem in report.problems:
+            print(problem)
+        checked = "sha256 and structure" if manifest else "structure"
+        summary = "ok" if report.ok else f"{len(report.problems)} problem{'s' * (len(report.problems) != 1)}"
+        print(
+            f"{summary}: {report.root} ({report.format}, {report.files} files, {_gib(report.bytes)}; {checked} checked)"
+        )
+    return 0 if report.ok else 1
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -311,6 +353,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf"):
+        raise UsageError("--bits is for Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     max_model_len = args.max_model_len or config.sequence_len
     if not 2 <= max_model_len <= config.sequence_len:
         raise UsageError(
@@ -329,7 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
     threads = _set_threads(args.threads)
     model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
-                 progress=not args.quiet, mmap=args.mmap)  # fmt: skip
+                 progress=not args.quiet, mmap=args.mmap, bits=args.bits)  # fmt: skip
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting,
                     prefill_chunk=args.prefill_chunk, max_model_len=max_model_len,
                     decode=compile_decode() if args.compile else decode_one)  # fmt: skip
@@ -383,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: the CPUs not kept busy by other processes)")  # fmt: skip
+    g.add_argument("--bits", type=int, choices=[4, 8],
+                   help="quantize a Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
     g.add_argument(
         "--mmap", action="store_true", help="page weights in from disk on use (groklm's layout: see quantize)"
     )
@@ -428,10 +474,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
+    s.add_argument("--bits", type=int, choices=[4, 8],
+                   help="quantize a Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
     s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_serve)
+
+    c = command("convert", "convert a checkpoint to another format, streaming (about one layer in memory)")
+    c.add_argument("input", help="a checkpoint groklm reads (released, groklm's layout, Hugging Face, GGUF)")
+    c.add_argument("output", help="output directory (hf, native) or file (gguf); must be new or empty")
+    c.add_argument("--to", required=True, choices=["hf", "gguf", "native"], help="the format to write")
+    c.add_argument("--type", help="hf: bf16 (default) or f32; gguf: q8_0 (default), f16, bf16 or q4_0")
+    c.add_argument("--bits", type=int, choices=[4, 8], default=8, help="native: int8 as released, or int4")
+    c.add_argument("--group-size", type=int, default=64, help="native int4: input columns per scale")
+    config_options(c, "if the input has none")
+    c.add_argument("--force", action="store_true", help="replace an existing output")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    v = command("verify", "check a checkpoint's files (and their sha256) before loading it")
+    v.add_argument("checkpoint", help="checkpoint directory (or GGUF file)")
+    config_options(v, "for a checkpoint without config.json (default: Grok-1's)")
+    v.add_argument("--sha256", metavar="MANIFEST", help="check each file against these `sha256sum` lines")
+    v.add_argument("--write-manifest", metavar="FILE", help="write `sha256sum` lines for every file instead")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_verify)
 
     i = command("info", "config, parameter counts, memory needed, licence")
     i.add_argument("--checkpoint", help="read the config of this checkpoint")

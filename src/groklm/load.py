@@ -28,21 +28,31 @@ def as_config(config: ConfigLike) -> GrokConfig | None:
 
 
 def detect_format(path: str | Path) -> str:
-    """ "native" (groklm's safetensors layout) or "released" (the Grok-1 pickles, `ckpt-0/`)."""
+    """Which format a checkpoint is in: "released" (the Grok-1 pickles, `ckpt-0/`), "native" (groklm's
+    safetensors layout), "hf" (a Hugging Face Grok-1 directory) or "gguf" (a GGUF file, or a directory
+    holding one)."""
+    from groklm.formats.gguf import find_gguf
+    from groklm.formats.hf import is_hf
     from groklm.formats.native import is_native
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint directory")
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a directory (give the checkpoint's directory)")
+    if p.is_file():
+        if find_gguf(p):
+            return "gguf"
+        raise CheckpointError(f"{p}: not a directory or a GGUF file (give the checkpoint's directory)")
     if is_native(p):
         return "native"
     if (p / "ckpt-0").is_dir() or any(p.glob("tensor*_000")):
         return "released"
+    if is_hf(p):
+        return "hf"
+    if find_gguf(p):
+        return "gguf"
     raise CheckpointError(
-        f"{p}: no checkpoint found: expected the released ckpt-0/tensorNNNNN_000 files or groklm's "
-        "model-NNNNN.safetensors shards"
+        f"{p}: no checkpoint found: expected the released ckpt-0/tensorNNNNN_000 files, groklm's "
+        "model-NNNNN.safetensors shards, a Hugging Face Grok-1 directory or a GGUF file"
     )
 
 
@@ -56,6 +66,29 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[Grok
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, f"{Path(path) / 'config.json'}"
+    if fmt == "hf":
+        import json
+
+        from groklm.formats.hf import config_from_hf
+
+        where = Path(path) / "config.json"
+        found = config_from_hf(json.loads(where.read_text()), str(where))
+        if config is not None and config != found:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+        return found, str(where)
+    if fmt == "gguf":
+        import gguf
+
+        from groklm.formats.gguf import config_from_gguf, find_gguf
+
+        file = find_gguf(Path(path))
+        try:
+            found = config_from_gguf(gguf.GGUFReader(file), str(file))
+        except (ValueError, OSError, IndexError) as e:
+            raise CheckpointError(f"{file}: not a readable grok GGUF ({e})") from None
+        if config is not None and config != found:
+            raise CheckpointError(f"{path}: its metadata differs from the config given")
+        return found, str(file)
     from groklm.formats.released import checkpoint_config as released_config
     from groklm.formats.released import find_ckpt_dir, find_config
 
@@ -74,6 +107,7 @@ def load(
     progress: bool = True,
     quantize_head: bool | None = None,
     mmap: bool = False,
+    bits: int | None = None,
 ) -> Grok:
     """Load a checkpoint into a Grok model, in whichever format it is (`detect_format`).
 
@@ -87,10 +121,13 @@ def load(
     `quantize_head` (default: when dtype is bf16, the fast dtype, on CPU) gives the output
     projection an int8 copy of the embedding table (see `quant.quantize_output_head`), made from the
     file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
-    no float copy of the table is held at all.
+    no float copy of the table is held at all. `bits` (8 or 4) quantizes the float weights of a Hugging
+    Face or GGUF checkpoint as they load, int8 with the released grouping.
     """
     config = as_config(config)
     fmt = detect_format(path)
+    if bits not in (None, 8, 4):
+        raise ValueError(f"bits must be 8, 4 or None, not {bits}")
     if fmt == "native":
         from groklm.formats.native import load_native
 
@@ -98,18 +135,36 @@ def load(
         if config is not None and config != model.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return model
-    from groklm.formats.released import open_released
-
     if mmap:
         raise ValueError(
-            f"{path}: mmap loading needs groklm's own layout (the released files store [in, out]); "
+            f"{path}: mmap loading needs groklm's own layout (the {fmt} files are not laid out as it runs); "
             "write it once with `groklm quantize --bits 8 IN OUT`"
         )
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-    released = open_released(path, config, dtype, quantize_head)
-    bar = progress_bar(len(released.params), f"loading {released.ckpt}", progress)
-    for part in released.parts():
-        released.fill(part, device, bar)
+    if fmt == "released":
+        from groklm.formats.released import open_released
+
+        if bits not in (None, 8):
+            raise ValueError(f"{path}: the released checkpoint is int8; write an int4 copy with `groklm quantize`")
+        released = open_released(path, config, dtype, quantize_head)
+        bar = progress_bar(len(released.params), f"loading {released.ckpt}", progress)
+        for part in released.parts():
+            released.fill(part, device, bar)
+        bar.close()
+        return released.model.eval().requires_grad_(False)
+    from groklm.formats.convert import open_source
+    from groklm.formats.layout import parts
+
+    source = open_source(path, config, dtype, bits)
+    model = source.model
+    if quantize_head:  # filled from the table as it is read (see `layout.place`)
+        from groklm.quant import int8_head
+
+        with torch.device("meta"):
+            model.head = int8_head(model.config, dtype)
+    bar = progress_bar(len(source), f"loading {path}", progress)  # type: ignore[arg-type]
+    for part in parts(model):
+        source.fill(part, device, bar)
     bar.close()
-    return released.model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)

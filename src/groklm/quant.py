@@ -308,21 +308,36 @@ class Int4ExpertLinear(nn.Module):
         return int4_linear(x, self.weight[expert], self.scales[expert])
 
 
-def _dense(module: nn.Module, expert: int | None) -> Tensor:
-    """The float weight [out, in] of a (float or int8) linear, or of one expert of a stacked one."""
+def dense_weight(module: nn.Module, expert: int | None = None) -> Tensor:
+    """The fp32 weight [out, in] of a float, int8 or int4 linear, or of one expert of a stacked one."""
     w = module.weight if expert is None else module.weight[expert]
-    if isinstance(module, (Int8Linear, Int8ExpertLinear)):
-        return dequantize_weight(w, module.scales if expert is None else module.scales[expert])
+    if isinstance(module, (Int8Linear, Int8ExpertLinear, Int4Linear, Int4ExpertLinear)):
+        scales = module.scales if expert is None else module.scales[expert]
+        if isinstance(module, (Int4Linear, Int4ExpertLinear)):
+            return dequantize_weight_int4(w, scales)
+        return dequantize_weight(w, scales)
     return w.detach().float()
+
+
+def released_groups(module: str) -> int | None:
+    """Scale groups over the input of the released int8 weights, by our module name: 8 blocks for the
+    attention output and the experts' down projections, one scale per output row for the other
+    linears; None (left in float) for the router, the norms and the embedding."""
+    leaf = module.rpartition(".")[2]
+    if leaf in ("wo", "w2"):
+        return 8
+    return 1 if leaf in ("wq", "wk", "wv", "w1", "v") else None
 
 
 def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Swap every linear / expert linear except the router for int4, in place, one module (and one
-    expert) at a time. Works from float or int8 modules. On the meta device it only lays out empty
-    storage, for a loader to fill."""
+    expert, 4096 rows) at a time, each module's old storage freed as it is replaced: the temporaries
+    are one block of fp32 rows. Works from float or int8 modules. On the meta device it only lays out
+    empty storage, for a loader to fill."""
     kinds = (nn.Linear, ExpertLinear, Int8Linear, Int8ExpertLinear)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("router")]
-    for name, module in targets:
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("router")]
+    for name in names:
+        module = model.get_submodule(name)
         w = module.weight
         out_features = w.shape[-2]
         int8 = isinstance(module, (Int8Linear, Int8ExpertLinear))
@@ -336,11 +351,20 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
         if w.device.type != "meta":
             with torch.no_grad():
                 for e in range(w.shape[0]) if stacked else [None]:
-                    q, sc = quantize_weight_int4(_dense(module, e), group_size, scale_dtype)
-                    (new.weight if e is None else new.weight[e]).copy_(q)
-                    (new.scales if e is None else new.scales[e]).copy_(sc)
+                    weight = module.weight if e is None else module.weight[e]
+                    scales = (module.scales if e is None else module.scales[e]) if int8 else None
+                    for r0 in range(0, out_features, 4096):
+                        n = min(4096, out_features - r0)
+                        rows = weight.narrow(-2, r0, n)
+                        dense = (
+                            dequantize_weight(rows, scales.narrow(-2, r0, n)) if scales is not None else rows.float()
+                        )
+                        q, sc = quantize_weight_int4(dense, group_size, scale_dtype)
+                        (new.weight if e is None else new.weight[e])[r0 : r0 + n] = q
+                        (new.scales if e is None else new.scales[e])[r0 : r0 + n] = sc
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+        del module, w
     return _fuse(model)
 
 
@@ -367,7 +391,7 @@ class QuantizedAttention(Attention):
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mods = (self.wq, self.wk, self.wv)
         bits = _native_bits(x, mods, _LINEAR_BITS)
-        parts = [(m.weight, m.scales) for m in mods]
+        parts = [(m.weight, m.scales) for m in mods] if bits is not None else []
         if bits is None or not kernels.supports_linear(bits, parts):
             return super().qkv(x)
         q, k, v = kernels.linear(bits, x.reshape(-1, x.shape[-1]), parts)
@@ -391,7 +415,7 @@ class QuantizedMoE(MoE):
     def forward(self, x: Tensor) -> Tensor:
         mods = (self.w1, self.v, self.w2)
         bits = _native_bits(x, mods, _EXPERT_BITS)
-        parts = [(m.weight, m.scales) for m in mods]
+        parts = [(m.weight, m.scales) for m in mods] if bits is not None else []
         router = self.router.weight.contiguous()
         if bits is None or not kernels.supports_moe(bits, *parts) or router.dtype != torch.float32:
             return super().forward(x)

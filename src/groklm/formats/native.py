@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,9 +62,13 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return state
 
 
-def _save_shard(out: Path, index: int, tensors: dict[str, Tensor]) -> None:
+def _save_shard(out: Path, index: int, tensors: dict[str, Tensor], streamed: dict[str, Any] | None = None) -> None:
+    """One shard: `tensors`, then each of `streamed` (name -> (dtype, shape, chunks along axis 0))."""
+    streamed = streamed or {}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    write_file(out / SHARD.format(index), layout, iter(tensors.values()), metadata={"format": "pt", "groklm": "1"})
+    layout += [(name, dtype, shape) for name, (dtype, shape, _) in streamed.items()]
+    data = [*tensors.values(), *(chunks for _, _, chunks in streamed.values())]
+    write_file(out / SHARD.format(index), layout, iter(data), metadata={"format": "pt", "groklm": "1"})
 
 
 def convert(
@@ -97,8 +102,8 @@ def convert(
         def fill(part: str) -> None:
             pass
 
-    else:
-        released = open_released(src, config, torch.bfloat16, quantize_head=True)
+    else:  # the table is streamed into the shard, the int8 head made from it as it is read
+        released = open_released(src, config, torch.bfloat16, quantize_head=True, lazy_embedding=True)
         model = released.model
         fill = released.fill
     if bits == 4:
@@ -117,7 +122,12 @@ def convert(
         fill("")
         if bits == 4:
             quantize_int4(model, group_size)  # the output head; the layers, on meta by now, are only laid out
-        _save_shard(tmp, 0, {name: t for name, t in _state(model).items() if not name.startswith("layers.")})
+        top = {name: t for name, t in _state(model).items() if not name.startswith("layers.")}
+        streamed = {}
+        if "embed.weight" not in top:
+            table = (rows.to(model.dtype) for rows in released.embedding_rows())
+            streamed["embed.weight"] = (model.dtype, (model.config.vocab_size, model.config.emb_size), table)
+        _save_shard(tmp, 0, top, streamed)
         bar.update(1)
         bar.close()
     return Path(out)
@@ -241,6 +251,20 @@ def load_native(
             else:
                 read_into(entry, target)
     return model.eval().requires_grad_(False)
+
+
+class NativeSource:
+    """groklm's layout opened for streaming (see `layout.Source`): every tensor is memory-mapped at once,
+    so `fill` has nothing to do, and a part's maps go when its modules move to meta."""
+
+    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model = load_native(path, dtype, mmap=True)
+        if config is not None and config != self.model.config:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+
+    def fill(self, part: str, device: str | torch.device = "cpu", bar: object = None) -> None:
+        if torch.device(device).type != "cpu":
+            raise ValueError("a memory-mapped checkpoint is read on the CPU")
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -271,6 +271,13 @@ class Released:
     records: list[Record]
     quantize_head: bool
     map_embedding: bool
+    lazy_embedding: bool = False  # the table is not filled: `embedding_rows` streams it from the file
+
+    def embedding_rows(self, rows: int = 4096) -> Iterator[Tensor]:
+        """The embedding table [V, D] as stored (fp32), `rows` rows at a time, read through one bounded
+        buffer: each chunk is valid until the next is asked for."""
+        for _, chunk in _Reader(self.ckpt / self.params[0].file, self.records[0]).rows(rows):  # type: ignore[arg-type]
+            yield chunk
 
     def parts(self) -> list[str]:
         return ["", *(f"layers.{i}" for i in range(self.model.config.num_layers))]
@@ -298,11 +305,13 @@ class Released:
                 _fill_transposed(file, rec.scales, module.scales)  # [*L, G, out] -> [*L, out, G]
             elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
                 _fill_transposed(file, rec, module.weight)
+            elif p.kind == "embed" and self.lazy_embedding and not self.quantize_head:
+                pass  # streamed by `embedding_rows` when it is wanted
             elif p.kind == "embed" and self.quantize_head:
                 assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
                 for r0, rows in _Reader(file, rec).rows():
                     fill_int8_head(model.head, r0, rows.float())
-                    if not self.map_embedding:
+                    if not self.map_embedding and not self.lazy_embedding:
                         model.embed.weight[r0 : r0 + rows.shape[0]] = rows
                 if self.map_embedding:
                     model.embed = MappedEmbedding(file, rec, model.dtype)
@@ -318,8 +327,31 @@ def _part_of(module: str) -> str:
     return f"layers.{rest.partition('.')[0]}" if head == "layers" else ""
 
 
+def read_param(ckpt: Path, p: RefParam) -> tuple[Record, int | None]:
+    """Parse the file of one parameter (no tensor data is read) and check it against the table: kind,
+    dtype and shapes. Returns the record and, for an int8 weight, its number of scale groups. Raises
+    CheckpointError naming the file and the parameter."""
+    file = ckpt / p.file
+    try:
+        rec = read_record(file)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} [parameter {p.name}]") from None
+    if isinstance(rec, QuantizedWeight8bit):
+        if p.kind != "linear":
+            raise CheckpointError(f"{file}: {p.name} is quantized, but this parameter never is")
+        return rec, _scale_groups(file, p, rec)
+    _check_shape(file, p, "array", rec.shape, p.shape)
+    if not rec.dtype.is_floating_point:
+        raise CheckpointError(f"{file}: {p.name} is {rec.dtype}, expected a float array")
+    return rec, None
+
+
 def open_released(
-    path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16, quantize_head: bool = True
+    path: str | Path,
+    config: GrokConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    quantize_head: bool = True,
+    lazy_embedding: bool = False,
 ) -> Released:
     """Parse every pickle of a released checkpoint (no tensor data is read), check names, kinds and
     shapes against the config (default: config.json beside it, else Grok-1), and lay out the model
@@ -340,19 +372,9 @@ def open_released(
     records: list[Record] = []
     groups: dict[str, int] = {}
     for p in params:
-        file = ckpt / p.file
-        try:
-            rec = read_record(file)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} [parameter {p.name}]") from None
-        if isinstance(rec, QuantizedWeight8bit):
-            if p.kind != "linear":
-                raise CheckpointError(f"{file}: {p.name} is quantized, but this parameter never is")
-            groups[p.module] = _scale_groups(file, p, rec)
-        else:
-            _check_shape(file, p, "array", rec.shape, p.shape)
-            if not rec.dtype.is_floating_point:
-                raise CheckpointError(f"{file}: {p.name} is {rec.dtype}, expected a float array")
+        rec, g = read_param(ckpt, p)
+        if g is not None:
+            groups[p.module] = g
         records.append(rec)
 
     with torch.device("meta"):
@@ -361,13 +383,13 @@ def open_released(
     embed_rec = records[0]
     assert params[0].kind == "embed" and isinstance(embed_rec, _ArrayStub)
     # With an int8 head the table is only looked up: read it from the file if it has its own place there.
-    map_embedding = quantize_head and isinstance(embed_rec.data, FileSlice)
+    map_embedding = quantize_head and isinstance(embed_rec.data, FileSlice) and not lazy_embedding
     if quantize_head:
         with torch.device("meta"):
             model.head = int8_head(config, dtype)
-    if map_embedding:
-        del model.embed.weight  # replaced by MappedEmbedding when filled: never allocated
-    return Released(ckpt, model, params, records, quantize_head, map_embedding)
+    if map_embedding or lazy_embedding:
+        del model.embed.weight  # replaced by MappedEmbedding when filled, or streamed: never allocated
+    return Released(ckpt, model, params, records, quantize_head, map_embedding, lazy_embedding)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,11 +175,12 @@ class MappedFile:
         return flat.view(entry.shape)
 
 
-def write_file(path: Path, tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], data: Iterator[Tensor],
-               metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+def write_file(path: Path, tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+               data: Iterator[Tensor | Iterable[Tensor]], metadata: dict[str, str] | None = None) -> None:  # fmt: skip
     """Write a safetensors file whose tensors (name, dtype, shape, in this order) are announced first
-    and whose data `data` yields one tensor at a time, in the same order: memory holds one tensor,
-    not the file. The header is padded to 8 bytes, as the safetensors package writes it."""
+    and whose data `data` yields one tensor at a time, in the same order, or for a large one an
+    iterable of chunks along its first axis: memory holds one tensor (or chunk), not the file. The
+    header is padded to 8 bytes, as the safetensors package writes it."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     layout = list(tensors)
     offset = 0
@@ -197,10 +198,17 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.dtype, tuple[int, 
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), t in zip(layout, data, strict=True):
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{path}: tensor {name} came as {t.dtype} {tuple(t.shape)}, announced {dtype} {shape}")
-            _write_tensor(f, t)
+        for (name, dtype, shape), item in zip(layout, data, strict=True):
+            rows = 0
+            for t in [item] if isinstance(item, Tensor) else item:
+                if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]) or t.dim() != len(shape):
+                    raise ValueError(
+                        f"{path}: tensor {name} came as {t.dtype} {tuple(t.shape)}, announced {dtype} {shape}"
+                    )
+                _write_tensor(f, t)
+                rows += t.shape[0] if t.dim() else 1
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"{path}: tensor {name} came with {rows} rows, announced {shape}")
 
 
 def _write_tensor(f: BinaryIO, t: Tensor) -> None:

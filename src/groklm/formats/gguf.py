@@ -1,0 +1,440 @@
+"""GGUF files of llama.cpp's `grok` architecture, written and read with the `gguf` package.
+
+Names (ours -> GGUF): embed -> token_embd, norm -> output_norm, and per layer attn_norm, attn_q, attn_k,
+attn_v, attn_output, attn_output_norm (post-attention), ffn_norm (pre-MoE), ffn_gate_inp (router),
+ffn_gate_exps (W1, the GELU branch), ffn_up_exps (V), ffn_down_exps (W2), layer_output_norm (post-MoE).
+Experts are stacked, [E, out, in] in numpy's order. The head is tied: no `output` tensor is written
+(llama.cpp then uses token_embd), as for the released model.
+
+Types (`--type`):
+- q8_0: the released int8 values re-blocked into Q8_0's 32-column blocks, each block taking its
+  released scale as f16: exact wherever the scale groups are whole blocks and f16 holds the scale
+  (the released model's groups are 6144, 768 and 4096 columns). A weight whose groups do not split
+  into whole blocks is written F32 (int8 x bf16 products are exact in F32). Weights that were never
+  int8 are quantized to Q8_0 by the `gguf` package.
+- f16 / bf16: every weight dequantized to that type.
+- q4_0: every weight quantized to Q4_0 by the `gguf` package (from the dequantized int8).
+The embedding, fp32 as released, stays F32 in every type: rounding it to bf16 alone moved the golden
+case's fp32 logits from 0.005 to 0.044 mean |diff| (a router choice flips), and to f16 then bf16 (a
+bf16 run of an f16 file) to 0.07; it is 0.5% of Grok-1. Norms and routers are F32 (as llama.cpp's
+converter keeps them).
+
+Reading maps each tensor back by name and shape. Q8_0 weights become int8 with the grouping recorded in
+`groklm.int8_groups` (written here), else with 32-column groups; their f16 scales are rounded to bf16
+(exact for files written here). Other types are dequantized by the `gguf` package, then kept in the
+compute dtype or, with `bits`, quantized with the released grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import Tensor
+
+from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, progress_bar
+from groklm.formats.layout import (
+    Source,
+    allocate,
+    dense_shape,
+    embedding_rows,
+    free,
+    part_of,
+    parts,
+    place,
+    quantize_layout,
+)
+from groklm.model import Grok
+from groklm.quant import Int8ExpertLinear, Int8Linear, block_major, dense_weight, quantize_int8, row_major
+
+ARCH = "grok"
+TYPES = ("q8_0", "f16", "bf16", "q4_0")
+_TOP = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+_LAYER = {
+    "attn_norm.weight": "blk.{i}.attn_norm.weight",
+    "attn.wq.weight": "blk.{i}.attn_q.weight",
+    "attn.wk.weight": "blk.{i}.attn_k.weight",
+    "attn.wv.weight": "blk.{i}.attn_v.weight",
+    "attn.wo.weight": "blk.{i}.attn_output.weight",
+    "attn_out_norm.weight": "blk.{i}.attn_output_norm.weight",
+    "moe_norm.weight": "blk.{i}.ffn_norm.weight",
+    "moe.router.weight": "blk.{i}.ffn_gate_inp.weight",
+    "moe.w1.weight": "blk.{i}.ffn_gate_exps.weight",
+    "moe.v.weight": "blk.{i}.ffn_up_exps.weight",
+    "moe.w2.weight": "blk.{i}.ffn_down_exps.weight",
+    "moe_out_norm.weight": "blk.{i}.layer_output_norm.weight",
+}
+_Q8_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+_FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16,
+               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}  # fmt: skip
+
+
+def names(config: GrokConfig) -> list[tuple[str, str]]:
+    """(our parameter, GGUF name) of every tensor, in file order."""
+    out = list(_TOP.items())
+    for i in range(config.num_layers):
+        out += [(f"layers.{i}.{ours}", theirs.format(i=i)) for ours, theirs in _LAYER.items()]
+    return out
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file itself, or the only .gguf in a directory."""
+    if path.is_file():
+        return path if is_gguf(path) else None
+    found = [p for p in sorted(path.glob("*.gguf")) if is_gguf(p)] if path.is_dir() else []
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: holds {len(found)} GGUF files; give the one to load")
+    return found[0] if found else None
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    ours: str
+    name: str
+    qtype: T
+    shape: tuple[int, ...]  # logical, numpy order
+
+
+def _int8(module: Any) -> bool:
+    return isinstance(module, (Int8Linear, Int8ExpertLinear))
+
+
+def plan(model: Grok, qtype: str) -> list[Planned]:
+    """The GGUF type of every tensor for `--type qtype` (see the module docstring)."""
+    if qtype not in TYPES:
+        raise ValueError(f"GGUF type must be one of {TYPES}, not {qtype!r}")
+    out = []
+    for ours, name in names(model.config):
+        module = model.get_submodule(ours.rpartition(".")[0])
+        stacked = name.endswith("_exps.weight")
+        shape = ((model.config.num_experts,) if stacked else ()) + dense_shape(model, ours)
+        k = shape[-1]
+        if ours.endswith("norm.weight") or ours.endswith("router.weight"):
+            t = T.F32
+        elif ours == "embed.weight":
+            t = T.F32
+        elif qtype in ("f16", "bf16"):
+            t = T.F16 if qtype == "f16" else T.BF16
+        elif k % 32:
+            t = T.F32 if qtype == "q8_0" else T.F16
+        elif qtype == "q4_0":
+            t = T.Q4_0
+        elif _int8(module) and (k // module.scales.shape[-1]) % 32:
+            t = T.F32  # scale groups that are not whole 32-column blocks: exact in F32
+        else:
+            t = T.Q8_0
+        out.append(Planned(ours, name, t, shape))
+    return out
+
+
+def _byte_shape(p: Planned) -> tuple[tuple[int, ...], np.dtype]:
+    if p.qtype in (T.F32, T.F16):
+        return p.shape, np.dtype(np.float32 if p.qtype == T.F32 else np.float16)
+    return gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype), np.dtype(np.uint8)
+
+
+def _q8_exact(weight: Tensor, scales: Tensor) -> np.ndarray:
+    """Q8_0 blocks of an int8 weight [N, K] (row-major or block-major) with scales [N, G]: the int8
+    values as they are, each 32-column block with its group's scale as f16."""
+    w = row_major(weight, scales)
+    n, k = w.shape
+    per_block = scales.float().repeat_interleave(k // scales.shape[-1] // 32, dim=-1)  # [N, K/32]
+    blocks = np.empty((n, k // 32), dtype=_Q8_BLOCK)
+    blocks["qs"] = w.reshape(n, k // 32, 32).numpy()
+    blocks["d"] = per_block.numpy().astype(np.float16)
+    return blocks.view(np.uint8).reshape(n, -1)
+
+
+def _encode(p: Planned, dense: Tensor) -> np.ndarray:
+    """A float tensor (fp32) as the planned GGUF type."""
+    a = dense.float().numpy()
+    if p.qtype == T.F32:
+        return a
+    if p.qtype == T.F16:
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, p.qtype)
+
+
+def _chunks(model: Grok, p: Planned) -> Iterator[np.ndarray]:
+    """The planned tensor's bytes: whole, or one expert at a time for stacked experts (so one fp32
+    expert is the largest temporary, and no stacked copy is ever made)."""
+    module = model.get_submodule(p.ours.rpartition(".")[0])
+    leaf = p.ours.rpartition(".")[2]
+    stacked = p.name.endswith("_exps.weight")
+    for e in range(p.shape[0]) if stacked else [None]:
+        if p.qtype == T.Q8_0 and _int8(module):
+            yield _q8_exact(
+                module.weight if e is None else module.weight[e], module.scales if e is None else module.scales[e]
+            )
+        elif leaf == "weight" and hasattr(module, "scales"):
+            yield _encode(p, dense_weight(module, e))
+        else:
+            yield _encode(p, getattr(module, leaf).detach())
+
+
+def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], bar: Any) -> None:
+    """`writer.write_tensor_data` for a tensor that comes in chunks along its first axis (that takes
+    whole arrays only): the next announced tensor's bytes, aligned as the writer aligns them, with the
+    writer's own padding and bookkeeping (gguf's single-file writer)."""
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        chunk.tofile(fout)
+        written += chunk.nbytes
+        bar.update(chunk.nbytes)
+    if written != info.nbytes:
+        raise ValueError(f"GGUF tensor {name}: wrote {written} bytes of {info.nbytes}")
+    writer.write_padding(fout, written)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def _vocabulary(writer: gguf.GGUFWriter, tokenizer: Path | None, config: GrokConfig) -> None:
+    """The SentencePiece vocabulary as llama.cpp's converter writes it (pieces, scores, token types, the
+    special ids), with no BOS added, as the reference adds none."""
+    writer.add_pad_token_id(config.pad_token)
+    writer.add_eos_token_id(config.eos_token)
+    if tokenizer is None:
+        return
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    pieces, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        pieces.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        types.append(
+            gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+            else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+            else gguf.TokenType.NORMAL
+        )  # fmt: skip
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def write(source: Source, out: Path, qtype: str = "q8_0", tokenizer: Path | None = None,
+          progress: bool = True) -> None:  # fmt: skip
+    """Write the source's model as one GGUF file. Every tensor's name, type and size is declared first
+    (from the layout alone), then the data is written part by part: memory holds one part and one
+    tensor's encoding."""
+    model = source.model
+    config = model.config
+    planned = plan(model, qtype)
+    writer = gguf.GGUFWriter(out, ARCH)
+    writer.add_name("Grok-1")
+    writer.add_context_length(config.sequence_len)
+    writer.add_embedding_length(config.emb_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.ffn_size)
+    writer.add_expert_feed_forward_length(config.ffn_size)
+    writer.add_head_count(config.num_q_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.key_size)
+    writer.add_value_length(config.key_size)
+    writer.add_rope_dimension_count(config.key_size)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_selected_experts)
+    writer.add_embedding_scale(config.embedding_multiplier_scale)
+    writer.add_logit_scale(config.output_multiplier_scale)
+    writer.add_attn_output_scale(config.attn_output_multiplier)
+    writer.add_attn_logit_softcapping(config.attn_softcap)
+    writer.add_file_type(_FILE_TYPES[qtype])
+    _vocabulary(writer, tokenizer, config)
+    groups = {p.name: model.get_submodule(p.ours.rpartition(".")[0]).scales.shape[-1]
+              for p in planned if p.qtype == T.Q8_0 and _int8(model.get_submodule(p.ours.rpartition(".")[0]))}  # fmt: skip
+    writer.add_string("groklm.config", json.dumps(config.to_dict()))
+    writer.add_string("groklm.int8_groups", json.dumps(groups))
+    for p in planned:
+        shape, dtype = _byte_shape(p)
+        writer.add_tensor_info(p.name, shape, dtype, math.prod(shape) * dtype.itemsize, raw_dtype=p.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    bar = progress_bar(sum(math.prod(_byte_shape(p)[0]) * _byte_shape(p)[1].itemsize for p in planned),
+                       f"writing {out.name}", progress, unit="B")  # fmt: skip
+    for part in parts(model):
+        source.fill(part)
+        for p in planned:
+            if part_of(p.ours) != part:
+                continue
+            if p.ours == "embed.weight":  # the largest float table: streamed in rows
+                _write_chunks(writer, (_encode(p, rows) for rows in embedding_rows(source)), bar)
+                continue
+            _write_chunks(writer, _chunks(model, p), bar)
+            model.get_submodule(p.ours.rpartition(".")[0]).to("meta")  # done with it: its memory goes now
+        free(model, part)
+    writer.close()
+    bar.close()
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, where: str) -> GrokConfig:
+    saved = _field(reader, "groklm.config")
+    if saved:
+        return GrokConfig.from_dict(json.loads(saved))
+    from groklm.formats.hf import widening_for
+
+    a = ARCH
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{a}.{key}")
+        if value is None:
+            raise ValueError(f"{where}: no {a}.{key}")
+        return value
+
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CheckpointError(f"{where}: no token_embd.weight")
+    emb, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    ffn = int(_field(reader, f"{a}.expert_feed_forward_length") or need("feed_forward_length"))
+    try:
+        # Absent multipliers take Grok-1's values, as llama.cpp's loader assumes for old files.
+        return GrokConfig(
+            vocab_size=int(embd.shape[1]),
+            emb_size=emb,
+            key_size=int(_field(reader, f"{a}.attention.key_length") or emb // heads),
+            num_q_heads=heads,
+            num_kv_heads=int(need("attention.head_count_kv")),
+            num_layers=int(need("block_count")),
+            widening_factor=widening_for(ffn, emb),
+            num_experts=int(need("expert_count")),
+            num_selected_experts=int(need("expert_used_count")),
+            sequence_len=int(need("context_length")),
+            pad_token=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+            eos_token=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+            embedding_multiplier_scale=float(_field(reader, f"{a}.embedding_scale", 78.38367176906169)),
+            output_multiplier_scale=float(_field(reader, f"{a}.logit_scale", 0.5773502691896257)),
+            attn_output_multiplier=float(_field(reader, f"{a}.attention.output_scale", 0.08838834764831845)),
+            rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+            norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            attn_softcap=float(_field(reader, f"{a}.attn_logit_softcapping", 30.0)),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+class GGUFSource:
+    """A `grok` GGUF file opened for streaming (see `layout.Source`): names, shapes and types are checked
+    against the config before any tensor is read."""
+
+    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
+                 bits: int | None = None) -> None:  # fmt: skip
+        self.path = path = Path(path)
+        try:
+            self.reader = reader = gguf.GGUFReader(path)
+        except (ValueError, OSError, IndexError) as e:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+        arch = _field(reader, "general.architecture")
+        if arch != ARCH:
+            raise CheckpointError(f"{path}: a GGUF of the {arch!r} architecture, not {ARCH!r}")
+        found = config_from_gguf(reader, str(path))
+        if config is not None and config != found:
+            raise CheckpointError(f"{path}: its metadata differs from the config given")
+        tensors = {t.name: t for t in reader.tensors}
+        groups = json.loads(_field(reader, "groklm.int8_groups") or "{}")
+        with torch.device("meta"):
+            model = Grok(found, dtype)
+            q8 = {ours.rpartition(".")[0]: groups.get(name, self._cols(tensors[name]) // 32)
+                  for ours, name in names(found) if name in tensors and tensors[name].tensor_type == T.Q8_0}  # fmt: skip
+            quantize_int8(model, q8.get)  # Q8_0 weights stay int8
+            quantize_layout(model, bits)  # the other linears, if asked
+        self.model = model
+        self.table = []
+        missing = [name for _, name in names(found) if name not in tensors]
+        unexpected = [n for n in tensors if n not in {name for _, name in names(found)} and n != "output.weight"]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: tensor names do not match a grok GGUF of this config: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+        for ours, name in names(found):
+            t = tensors[name]
+            shape = tuple(int(n) for n in reversed(t.shape))
+            expected = ((found.num_experts,) if name.endswith("_exps.weight") else ()) + dense_shape(model, ours)
+            if shape != expected:
+                raise CheckpointError(f"{path}: tensor {name}: shape {shape}, expected {expected}")
+            self.table.append((ours, name, t, shape))
+
+    @staticmethod
+    def _cols(t: Any) -> int:
+        return int(t.shape[0])
+
+    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
+        allocate(self.model, part, device)
+        for ours, name, t, shape in self.table:
+            if part_of(ours) != part:
+                continue
+            where = f"{self.path}: tensor {name}"
+            module = self.model.get_submodule(ours.rpartition(".")[0])
+            stacked = name.endswith("_exps.weight")
+            for e in range(shape[0]) if stacked else [None]:
+                data = t.data[e] if stacked else t.data
+                if t.tensor_type == T.Q8_0 and _int8(module):
+                    self._place_q8(module, np.asarray(data), e, where)
+                else:
+                    value = torch.from_numpy(np.array(_decode(np.asarray(data), t.tensor_type)))
+                    place(self.model, ours, value, e, where)
+            if bar is not None:
+                bar.update(1)
+
+    @staticmethod
+    def _place_q8(module: Any, data: np.ndarray, expert: int | None, where: str) -> None:
+        blocks = np.ascontiguousarray(data).view(_Q8_BLOCK)  # [N, K/32]
+        weight = module.weight if expert is None else module.weight[expert]
+        scales = module.scales if expert is None else module.scales[expert]
+        n, groups = scales.shape
+        per_group = blocks.shape[1] // groups
+        d = torch.from_numpy(blocks["d"].astype(np.float32))  # [N, K/32]
+        if not torch.equal(d, d[:, ::per_group].repeat_interleave(per_group, dim=1)):
+            raise CheckpointError(f"{where}: Q8_0 block scales differ within the {groups} groups recorded for it")
+        q = torch.from_numpy(np.ascontiguousarray(blocks["qs"]).reshape(n, -1))
+        with torch.no_grad():
+            weight.copy_(q if weight.dim() == 2 else block_major(q, groups))
+            scales.copy_(d[:, ::per_group])
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def _decode(data: np.ndarray, qtype: T) -> np.ndarray:
+    if qtype == T.F32:
+        return data
+    if qtype == T.F16:
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, qtype)
