@@ -324,3 +324,10 @@ def test_convert_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "--type for gguf must be one of" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(["info", "--checkpoint", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["emb_size"] == 128
+
+
+def test_load_takes_the_reference_config_dict_a_config_or_a_json_path(golden_case: dict[str, Any]) -> None:
+    tokens = torch.tensor([[1, 5, 9, 77]])
+    by_dict = groklm.load(GOLDEN, config=golden_case["config"], dtype=torch.float32, progress=False)
+    for config in (GrokConfig.from_dict(golden_case), GOLDEN / "case.json", str(GOLDEN / "case.json")):
+        assert torch.equal(groklm.load(GOLDEN, config=config, dtype=torch.float32, progress=False)(tokens), by_dict(tokens))
