@@ -330,4 +330,6 @@ def test_load_takes_the_reference_config_dict_a_config_or_a_json_path(golden_cas
     tokens = torch.tensor([[1, 5, 9, 77]])
     by_dict = groklm.load(GOLDEN, config=golden_case["config"], dtype=torch.float32, progress=False)
     for config in (GrokConfig.from_dict(golden_case), GOLDEN / "case.json", str(GOLDEN / "case.json")):
-        assert torch.equal(groklm.load(GOLDEN, config=config, dtype=torch.float32, progress=False)(tokens), by_dict(tokens))
+        assert torch.equal(
+            groklm.load(GOLDEN, config=config, dtype=torch.float32, progress=False)(tokens), by_dict(tokens)
+        )

@@ -116,11 +116,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
     _check_device(args.device)
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    _license_notice(config)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
                          "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
-    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf"):
-        raise UsageError("--bits is for Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
+        raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     tokenizer = None
     if text is not None or args.stop:
         try:
@@ -285,6 +286,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _license(config: Any) -> str:
+    if config.family == "grok-2":
+        from groklm.formats.grok2 import LICENSE
+
+        return LICENSE
+    return "Apache-2.0 (Grok-1 weights and reference code, xAI)"
+
+
+def _license_notice(config: Any) -> None:
+    """The one-line notice `generate` and `serve` print when they load Grok-2."""
+    if config.family == "grok-2":
+        print(f"groklm: licence: {_license(config)}", file=sys.stderr)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -296,7 +311,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from groklm.formats.common import parameter_bytes
     from groklm.load import checkpoint_config
     from groklm.model import Grok
-    from groklm.quant import quantize_int8
+    from groklm.quant import quantize_int4, quantize_int8, released_groups
 
     if args.checkpoint:
         config, source = checkpoint_config(args.checkpoint, _config_arg(args))
@@ -307,18 +322,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     total, active = config.param_counts()
     with torch.device("meta"):
         bf16 = parameter_bytes(Grok(config, torch.bfloat16))
-        int8 = parameter_bytes(
-            quantize_int8(Grok(config, torch.bfloat16), lambda name: None if name.endswith("router") else 1)
-        )
+        int8 = parameter_bytes(quantize_int8(Grok(config, torch.bfloat16), released_groups))
+        int4 = parameter_bytes(quantize_int4(Grok(config, torch.bfloat16), 64))
     info = {
         "source": source,
+        "model": config.family,
         "config": config.to_dict(),
         "ffn_size": config.ffn_size,
         "parameters_total": total,
         "parameters_active_per_token": active,
         "memory_int8": _gib(int8),
+        "memory_int4": _gib(int4),
         "memory_bf16": _gib(bf16),
-        "license": "Apache-2.0 (Grok-1 weights and reference code, xAI)",
+        "license": _license(config),
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -328,7 +344,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {k:28s} {v}")
         print(f"  {'ffn_size':28s} {config.ffn_size}")
         print(f"parameters: {total / 1e9:.2f} B total, {active / 1e9:.2f} B active per token")
-        print(f"memory for weights: {_gib(int8)} as int8 (+bf16 embedding), {_gib(bf16)} as bf16")
+        print(f"memory for weights: {_gib(int8)} as int8, {_gib(int4)} as int4 (+bf16 embedding), {_gib(bf16)} as bf16")
         print(f"license: {info['license']}")
     return 0
 
@@ -351,10 +367,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
     _check_device(args.device)
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    _license_notice(config)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
-    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf"):
-        raise UsageError("--bits is for Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
+        raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     max_model_len = args.max_model_len or config.sequence_len
     if not 2 <= max_model_len <= config.sequence_len:
         raise UsageError(
@@ -428,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="compute threads (default: the CPUs not kept busy by other processes)")  # fmt: skip
     g.add_argument("--bits", type=int, choices=[4, 8],
-                   help="quantize a Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
+                   help="quantize a Grok-2, Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
     g.add_argument(
         "--mmap", action="store_true", help="page weights in from disk on use (groklm's layout: see quantize)"
     )
@@ -475,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     s.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
     s.add_argument("--bits", type=int, choices=[4, 8],
-                   help="quantize a Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
+                   help="quantize a Grok-2, Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
     s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     s.add_argument("--quiet", action="store_true")

@@ -34,6 +34,9 @@ _IGNORED_REFERENCE_FIELDS = frozenset(
 
 # Values the reference fixes in its code rather than its config: a config file may leave them out.
 _FIXED_IN_REFERENCE = frozenset({"rope_base", "norm_eps", "attn_softcap"})
+# Grok-2's optional parts: left out, they are off.
+_GROK2_PARTS = frozenset({"dense_ffn_size", "router_softcap", "gelu", "attn_temperature_len", "final_softcap",
+                          "tie_embeddings", "jax_rounding"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class GrokConfig:
     num_experts: int = 8
     num_selected_experts: int = 2
     sequence_len: int = 8192
-    pad_token: int = 0
+    pad_token: int | None = 0  # masked as an attention key (None: no token is; Grok-2)
     eos_token: int = 2
     embedding_multiplier_scale: float = 78.38367176906169
     output_multiplier_scale: float = 0.5773502691896257
@@ -59,26 +62,48 @@ class GrokConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     attn_softcap: float = 30.0
+    # Grok-2's differences, each off (Grok-1's behaviour) by default; `grok2_config` sets them from a
+    # Grok-2 config.json (see shared/spec/grok2.md, SGLang's computation).
+    dense_ffn_size: int | None = None  # residual MoE: a dense GELU MLP beside the MoE, their sum / sqrt 2
+    router_softcap: float | None = None  # the router's logits capped: cap * tanh(l / cap)
+    gelu: str = "tanh"  # the experts' (and dense MLP's) GELU: "tanh" (Grok-1's, JAX's default) or "erf"
+    attn_temperature_len: int | None = None  # L: capped scores x log2(p) / log2(L) for query positions p > L
+    final_softcap: float | None = None  # the logits capped after the output multiplier
+    tie_embeddings: bool = True  # the output head is the input embedding (Grok-1), or its own weight
+    # bf16 roundings as the JAX reference makes them (Grok-1: a Python-float multiplier rounded to the
+    # compute dtype first, attention logits rounded before the cap), or as SGLang's torch and Triton
+    # code does (Grok-2: in fp32). fp32 runs are the same either way.
+    jax_rounding: bool = True
 
     def __post_init__(self) -> None:
         """Every field checked for type and range, so that a bad config fails here, by name, and
         not as a shape error (or a silently wrong model) after a long load."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int":
+            optional = f.type.endswith(" | None")
+            kind = f.type.removesuffix(" | None")
+            if value is None and optional:
+                continue
+            if kind == "int":
                 if type(value) is not int:
                     raise ValueError(f"config field {f.name} must be an integer, not {value!r}")
-            elif f.type == "float":
+            elif kind == "float":
                 if type(value) is int:
                     object.__setattr__(self, f.name, float(value))
                 elif type(value) is not float or not math.isfinite(value):
                     raise ValueError(f"config field {f.name} must be a finite number, not {value!r}")
-        positive = [f.name for f in dataclasses.fields(self) if f.name not in ("pad_token", "eos_token")]
-        for name in positive:
-            if getattr(self, name) <= 0:
+            elif kind == "bool" and type(value) is not bool:
+                raise ValueError(f"config field {f.name} must be true or false, not {value!r}")
+        numbers = [f.name for f in dataclasses.fields(self) if f.type.removesuffix(" | None") in ("int", "float")]
+        for name in numbers:
+            if name not in ("pad_token", "eos_token") and getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, not {getattr(self, name)}")
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"config field gelu must be 'tanh' or 'erf', not {self.gelu!r}")
+        if self.attn_temperature_len is not None and self.attn_temperature_len < 2:
+            raise ValueError(f"config field attn_temperature_len must be at least 2, not {self.attn_temperature_len}")
         for name in ("pad_token", "eos_token"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
                     f"config field {name} = {getattr(self, name)} is outside the vocabulary 0..{self.vocab_size - 1}"
                 )
@@ -108,15 +133,20 @@ class GrokConfig:
         return self.num_kv_heads * self.key_size
 
     def param_counts(self) -> tuple[int, int]:
-        """(total, active per token). The output embedding is tied, so it counts once."""
+        """(total, active per token). A tied output embedding counts once."""
         d, f, e = self.emb_size, self.ffn_size, self.num_experts
         attn = 2 * d * self.q_size + 2 * d * self.kv_size
-        per_layer_fixed = attn + 4 * d + d * e
+        per_layer_fixed = attn + 4 * d + d * e + 3 * d * (self.dense_ffn_size or 0)
         expert = 3 * d * f
-        shared = self.vocab_size * d + d
+        shared = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
         total = shared + self.num_layers * (per_layer_fixed + e * expert)
         active = shared + self.num_layers * (per_layer_fixed + self.num_selected_experts * expert)
         return total, active
+
+    @property
+    def family(self) -> str:
+        """ "grok-2" where Grok-2's parts are on, else "grok-1" (for messages and the licence notice)."""
+        return "grok-2" if self.dense_ffn_size is not None or not self.tie_embeddings else "grok-1"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,7 +166,7 @@ class GrokConfig:
         unknown = set(d) - known - _IGNORED_REFERENCE_FIELDS
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        missing = sorted(known - set(d) - _FIXED_IN_REFERENCE)
+        missing = sorted(known - set(d) - _FIXED_IN_REFERENCE - _GROK2_PARTS)
         if missing:
             raise ValueError(
                 f"config fields missing: {missing} (no defaults are assumed; `groklm info --preset grok-1 --json` "
@@ -180,6 +210,29 @@ PRESETS: dict[str, GrokConfig] = {
         widening_factor=7.5,
         sequence_len=1024,
     ),
+    # Grok-2 ("Grok 2.5", xai-org/grok-2), the values of its config.json.
+    "grok-2": GrokConfig(
+        emb_size=8192,
+        key_size=128,
+        num_q_heads=64,
+        num_kv_heads=8,
+        num_layers=64,
+        widening_factor=3.0,
+        sequence_len=131072,
+        pad_token=None,
+        eos_token=2,
+        embedding_multiplier_scale=90.50966799187809,
+        output_multiplier_scale=0.5,
+        attn_output_multiplier=128**-0.5,
+        rope_base=208533496.0,
+        dense_ffn_size=32768,
+        router_softcap=30.0,
+        gelu="erf",
+        attn_temperature_len=1024,
+        final_softcap=50.0,
+        tie_embeddings=False,
+        jax_rounding=False,
+    ),
     # The demo and test model: Grok-1's real vocabulary, everything else small (ffn 512, so every
     # int8/int4 kernel path applies).
     "mini": GrokConfig(
@@ -192,6 +245,54 @@ PRESETS: dict[str, GrokConfig] = {
         sequence_len=2048,
     ),
 }
+
+
+def grok2_config(d: dict[str, Any], where: str = "config.json") -> GrokConfig:
+    """Our config from a Grok-2 `config.json` (the release's keys), with what SGLang fixes in code: the
+    router's cap of 30 whatever the file says, the attention scale head_dim^-0.5, erf GELU, an untied
+    head, pad tokens not masked, `<|eos|>` = 2 (the tokenizer's; the file names none)."""
+
+    def need(key: str) -> Any:
+        if key not in d:
+            raise ValueError(f"{where}: no {key}")
+        return d[key]
+
+    rope_type = d.get("rope_type", "original")
+    if rope_type != "original" or d.get("rope_scaling"):
+        raise ValueError(f"{where}: rope_type {rope_type!r}: only Grok-2's 'original' (no scaling) is supported")
+    hidden, head_dim = need("hidden_size"), d.get("head_dim", 128)
+    moe = need("moe_intermediate_size")
+    widening = moe * 3 / (2 * hidden)
+    config = GrokConfig(
+        vocab_size=need("vocab_size"),
+        emb_size=hidden,
+        key_size=head_dim,
+        num_q_heads=need("num_attention_heads"),
+        num_kv_heads=need("num_key_value_heads"),
+        num_layers=need("num_hidden_layers"),
+        widening_factor=widening,
+        num_experts=need("num_local_experts"),
+        num_selected_experts=need("num_experts_per_tok"),
+        sequence_len=need("max_position_embeddings"),
+        pad_token=None,
+        eos_token=2,
+        embedding_multiplier_scale=float(need("embedding_multiplier_scale")),
+        output_multiplier_scale=float(need("output_multiplier_scale")),
+        attn_output_multiplier=head_dim**-0.5,
+        rope_base=float(int(need("rope_theta"))),  # SGLang: int(rope_theta)
+        norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        attn_softcap=float(d.get("attn_logit_softcapping", 30.0)),
+        dense_ffn_size=need("intermediate_size") if d.get("residual_moe", False) else None,
+        router_softcap=30.0,  # hard-coded in SGLang (grok.py), whatever router_logit_softcapping says
+        gelu="erf",
+        attn_temperature_len=d["attn_temperature_len"] if d.get("attn_temperature_len", -1) > 0 else None,
+        final_softcap=float(d["final_logit_softcapping"]) if d.get("final_logit_softcapping") else None,
+        tie_embeddings=False,
+        jax_rounding=False,
+    )
+    if config.ffn_size != moe:
+        raise ValueError(f"{where}: moe_intermediate_size {moe} is not a multiple of 8")
+    return config
 
 
 def get_preset(name: str) -> GrokConfig:

@@ -97,11 +97,13 @@ def prefill(model: Grok, prompts: Sequence[Sequence[int]], cache: KVCache) -> Te
     device = model.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
-    tokens = torch.full((len(prompts), width), model.config.pad_token, dtype=torch.long, device=device)
+    pad = model.config.pad_token if model.config.pad_token is not None else 0
+    tokens = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
     positions = torch.arange(width, device=device).expand(len(prompts), width)
-    h = model.hidden(tokens, cache, positions)  # [B, T, D]
+    valid = positions < lengths[:, None]  # the right-padding is never attended to
+    h = model.hidden(tokens, cache, positions, valid)  # [B, T, D]
     last = h[torch.arange(len(prompts), device=device), lengths - 1]  # [B, D]: only these need logits
     return model.unembed(last)
 

@@ -111,15 +111,22 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
     cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i, i]
-    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, p], i
     fl = ctypes.c_float
-    cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p]
+    cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = (
+        [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, fl, i, p],
+        i,
+    )
+    cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p, p]
     cdll.groklm_attend.restype = i
-    cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = [p]
+    cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = cdll.groklm_set_erf8.argtypes = [p]
     cdll.groklm_transpose8.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
     cdll.groklm_guard_sigbus.argtypes = [ctypes.c_char_p]
     # The MoE's GELU and the attention's soft-cap and softmax then run 8 lanes at a time, with torch's own functions.
-    for setter, symbol in ((cdll.groklm_set_tanh8, "Sleef_tanhf8_u10"), (cdll.groklm_set_exp8, "Sleef_expf8_u10")):
+    for setter, symbol in (
+        (cdll.groklm_set_tanh8, "Sleef_tanhf8_u10"),
+        (cdll.groklm_set_exp8, "Sleef_expf8_u10"),
+        (cdll.groklm_set_erf8, "Sleef_erff8_u10"),
+    ):
         if (fn := _torch_symbol(symbol)) is not None:
             setter(fn)
     ops = _cpu_ops()
@@ -338,9 +345,12 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
 # a call (measured: 396 against 309 us).
 _OPS = torch.library.Library("groklm", "DEF")
 _OPS.define("linear(int bits, Tensor x, Tensor[] weights, bool fp32) -> Tensor")
-_OPS.define("moe(Tensor x, Tensor router, int topk, int bits, Tensor[] weights) -> Tensor")
 _OPS.define(
-    "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked) -> Tensor"
+    "moe(Tensor x, Tensor router, int topk, int bits, Tensor[] weights, float router_cap, int gelu_erf) -> Tensor"
+)
+_OPS.define(
+    "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked, "
+    "Tensor? scale) -> Tensor"
 )
 
 
@@ -395,13 +405,16 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
     )
 
 
-def _moe_op(x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor]) -> Tensor:
+def _moe_op(x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor], router_cap: float,
+            gelu_erf: int) -> Tensor:  # fmt: skip
     w1, s1, v, sv, w2, s2 = weights
-    return _moe(x, router, topk, bits, (w1, s1), (v, sv), (w2, s2))
+    return _moe(x, router, topk, bits, (w1, s1), (v, sv), (w2, s2), router_cap, bool(gelu_erf))
 
 
 @torch.library.register_fake("groklm::moe")
-def _(x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor]) -> Tensor:
+def _(
+    x: Tensor, router: Tensor, topk: int, bits: int, weights: list[Tensor], router_cap: float, gelu_erf: int
+) -> Tensor:
     return x.new_empty(x.shape, dtype=torch.bfloat16)
 
 
@@ -475,20 +488,23 @@ def _build_lock(directory: Path) -> Iterator[None]:
 _NATIVE_OPS = False  # the ops' CPU implementations are the C++ ones: eager mode calls them too
 
 
-def moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+def moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert, router_cap: float = 0.0,
+        gelu_erf: bool = False) -> Tensor:  # fmt: skip
     """One MoE layer in one native call, routing included: x [N, D] bf16, router [E, D] fp32 -> bf16
     [N, D] = sum over the top-k experts e of softmax(router x)[e] * expert_e(x), as `MoE.forward`
-    computes it (see `groklm_moe`).
+    computes it (see `groklm_moe`); Grok-2's router logits capped at `router_cap` (0: none) and its
+    erf GELU with `gelu_erf`.
 
     Reads only the chosen experts' weights, each once for all the tokens that chose it; no host
     synchronisation on the routing.
     """
     if _NATIVE_OPS or torch.compiler.is_compiling():
-        return torch.ops.groklm.moe(x, router, topk, bits, [*w1, *v, *w2])
-    return _moe(x, router, topk, bits, w1, v, w2)
+        return torch.ops.groklm.moe(x, router, topk, bits, [*w1, *v, *w2], router_cap, int(gelu_erf))
+    return _moe(x, router, topk, bits, w1, v, w2, router_cap, gelu_erf)
 
 
-def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert) -> Tensor:
+def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, w2: Expert, router_cap: float = 0.0,
+         gelu_erf: bool = False) -> Tensor:  # fmt: skip
     """The Python implementation of groklm::moe (see `moe`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_moe(bits, w1, v, w2):
@@ -510,8 +526,9 @@ def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert,
     y = torch.empty(n, d, dtype=torch.bfloat16)
     blocked = [int(is_block_major(*part)) for part in (w1, w2)]
     rc = lib.groklm_moe(
-        bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, *blocked, y.data_ptr()
-    )
+        bits, xb.data_ptr(), n, d, router.data_ptr(), topk, e, f, *weights, chunk_d, chunk_f, *blocked, router_cap,
+        int(gelu_erf), y.data_ptr(),
+    )  # fmt: skip
     if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y
@@ -529,17 +546,20 @@ def supports_attend(q: Tensor, k: Tensor) -> bool:
     )
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
+           scale: Tensor | None = None) -> Tensor:  # fmt: skip
     """The attention of one new token per row over its cache, in one native call: q [B, H, G, Dh] (G
     query heads per kv head, rotated), k and v [B, S, H, Dh] (a prefix of the cache), mask [B, S]
-    bool -> [B, H, G, Dh], all bf16 but the mask (see `groklm_attend`). Nothing is copied: the torch
-    path turns the whole cache into fp32 for two matmuls every step."""
+    bool -> [B, H, G, Dh], all bf16 but the mask (see `groklm_attend`); `scale` [B] fp32 multiplies
+    each row's capped scores (Grok-2's temperature). Nothing is copied: the torch path turns the whole
+    cache into fp32 for two matmuls every step."""
     if _NATIVE_OPS or torch.compiler.is_compiling():
-        return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked)
-    return _attend(q, k, v, mask, multiplier, softcap, masked)
+        return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked, scale)
+    return _attend(q, k, v, mask, multiplier, softcap, masked, scale)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
+            scale: Tensor | None = None) -> Tensor:  # fmt: skip
     """The Python implementation of groklm::attend (see `attend`), where the C++ one does not build."""
     lib = _library()
     if lib is None or not supports_attend(q, k) or k.shape != v.shape or k.stride() != v.stride():
@@ -551,11 +571,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, so
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}")
     if mask.dtype != torch.bool or tuple(mask.shape) != (b, k.shape[1]):
         raise ValueError(f"mask must be bool [{b}, {k.shape[1]}], not {mask.dtype} {tuple(mask.shape)}")
+    if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (b,)):
+        raise ValueError(f"scale must be fp32 [{b}], not {scale.dtype} {tuple(scale.shape)}")
     qc, mc = q.contiguous(), mask.contiguous()
+    sc = None if scale is None else scale.contiguous()
     o = torch.empty_like(qc)
     rc = lib.groklm_attend(
         qc.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), mc.data_ptr(), b, k.shape[1], h, g, dh,
-        multiplier, softcap, masked, o.data_ptr(),
+        multiplier, softcap, masked, None if sc is None else sc.data_ptr(), o.data_ptr(),
     )  # fmt: skip
     if rc:
         raise MemoryError(f"the native attention could not allocate its scores for {k.shape[1]} slots")
@@ -563,5 +586,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, so
 
 
 @torch.library.register_fake("groklm::attend")
-def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
+      scale: Tensor | None) -> Tensor:  # fmt: skip
     return torch.empty_like(q, memory_format=torch.contiguous_format)

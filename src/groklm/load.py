@@ -28,10 +28,11 @@ def as_config(config: ConfigLike) -> GrokConfig | None:
 
 
 def detect_format(path: str | Path) -> str:
-    """Which format a checkpoint is in: "released" (the Grok-1 pickles, `ckpt-0/`), "native" (groklm's
-    safetensors layout), "hf" (a Hugging Face Grok-1 directory) or "gguf" (a GGUF file, or a directory
-    holding one)."""
+    """Which format a checkpoint is in: "released" (the Grok-1 pickles, `ckpt-0/`), "grok2" (Grok-2's
+    released TP shards), "native" (groklm's safetensors layout), "hf" (a Hugging Face Grok-1 directory)
+    or "gguf" (a GGUF file, or a directory holding one)."""
     from groklm.formats.gguf import find_gguf
+    from groklm.formats.grok2 import is_grok2
     from groklm.formats.hf import is_hf
     from groklm.formats.native import is_native
 
@@ -46,13 +47,16 @@ def detect_format(path: str | Path) -> str:
         return "native"
     if (p / "ckpt-0").is_dir() or any(p.glob("tensor*_000")):
         return "released"
+    if is_grok2(p):
+        return "grok2"
     if is_hf(p):
         return "hf"
     if find_gguf(p):
         return "gguf"
     raise CheckpointError(
-        f"{p}: no checkpoint found: expected the released ckpt-0/tensorNNNNN_000 files, groklm's "
-        "model-NNNNN.safetensors shards, a Hugging Face Grok-1 directory or a GGUF file"
+        f"{p}: no checkpoint found: expected the released Grok-1 ckpt-0/tensorNNNNN_000 files, Grok-2's "
+        "pytorch_model-NNNNN-TP-*.safetensors, groklm's model-NNNNN.safetensors shards, a Hugging Face Grok-1 "
+        "directory or a GGUF file"
     )
 
 
@@ -66,6 +70,13 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[Grok
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, f"{Path(path) / 'config.json'}"
+    if fmt == "grok2":
+        from groklm.formats.grok2 import read_config
+
+        found = read_config(Path(path))
+        if config is not None and config != found:
+            raise CheckpointError(f"{path}: its config.json differs from the config given")
+        return found, str(Path(path) / "config.json")
     if fmt == "hf":
         import json
 

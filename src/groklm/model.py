@@ -1,8 +1,12 @@
-"""Grok-1 (xAI, 2024): a decoder-only Mixture-of-Experts transformer, faithful to the reference JAX code.
+"""Grok-1 (xAI, 2024) and Grok-2 (2025): decoder-only Mixture-of-Experts transformers, faithful to their
+references: Grok-1 to xAI's JAX code (`shared/spec/grok1.md`), Grok-2 to SGLang (`shared/spec/grok2.md`).
 
-Every numeric choice here follows `shared/spec/grok1.md`; where a peer port differs (SGLang, vLLM,
-llama.cpp), the reference wins. Quantization, parallelism and compilation are transforms applied to
-a built model elsewhere; this file knows nothing of them beyond calling its submodules.
+Grok-2's differences are switched on by optional parts of the config, each off for Grok-1: a dense
+GELU MLP beside the MoE (`dense_ffn_size`), the router's cap, erf GELU, the attention temperature past
+`attn_temperature_len`, the final logit cap, an untied output head, and torch's roundings
+(`jax_rounding`). Where a peer port differs from a reference, the reference wins. Quantization,
+parallelism and compilation are transforms applied to a built model elsewhere; this file knows
+nothing of them beyond calling its submodules.
 
 Shape letters: B batch, T tokens in this call, S cache slots, D width, H query heads, K kv heads,
 G query heads per kv head (H = K * G), Dh head size, E experts, F expert hidden size, V vocabulary,
@@ -11,6 +15,7 @@ N tokens in a flat batch, P routed (token, expert) pairs (N * experts chosen per
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,10 +79,17 @@ class KVCache:
             t[d, :slots] = t[s, :slots]
 
 
-def _scaled(x: Tensor, multiplier: float) -> Tensor:
-    # The reference multiplies a bf16 activation by a weakly-typed Python float, which JAX rounds to
-    # bf16 first (78.38 -> 78.5). Rounding the multiplier to the activation dtype reproduces that.
-    return x * torch.tensor(multiplier, dtype=x.dtype, device=x.device)
+def _scaled(x: Tensor, multiplier: float, jax_rounding: bool) -> Tensor:
+    # Grok-1's reference multiplies a bf16 activation by a weakly-typed Python float, which JAX rounds
+    # to bf16 first (78.38 -> 78.5): rounding the multiplier to the activation dtype reproduces that.
+    # torch (SGLang, Grok-2) multiplies in fp32 and rounds the product once.
+    if jax_rounding:
+        return x * torch.tensor(multiplier, dtype=x.dtype, device=x.device)
+    return x * multiplier
+
+
+def _capped(x: Tensor, cap: float) -> Tensor:
+    return cap * torch.tanh(x / cap)
 
 
 class RMSNorm(nn.Module):
@@ -135,9 +147,11 @@ class Attention(nn.Module):
         mask: Tensor,
         kv: tuple[Tensor, Tensor] | None,
         where: tuple[Tensor, Tensor],
+        temp: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, D]; mask [B, 1, 1, T, S] (S = T without a cache); kv: this layer's cache
-        [B, S, K, Dh], written at `where` = (row index [B, 1], positions [B, T])."""
+        [B, S, K, Dh], written at `where` = (row index [B, 1], positions [B, T]); temp [B, 1, 1, T, 1]:
+        each query's attention temperature (Grok-2), or None."""
         c = self.config
         b, t, _ = x.shape
         kh, g, dh = c.num_kv_heads, c.num_q_heads // c.num_kv_heads, c.key_size
@@ -151,18 +165,24 @@ class Attention(nn.Module):
             cache_k[where] = k
             cache_v[where] = v
             k, v = cache_k, cache_v  # [B, S, K, Dh]
-        return self.wo(self.attend(q, k, v, mask))
+        return self.wo(self.attend(q, k, v, mask, temp))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """q [B, T, K, G, Dh] and k, v [B, S, K, Dh] (rotated), mask [B, 1, 1, T, S] -> [B, T, K * G * Dh]."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, temp: Tensor | None = None) -> Tensor:
+        """q [B, T, K, G, Dh] and k, v [B, S, K, Dh] (rotated), mask [B, 1, 1, T, S], temp [B, 1, 1, T, 1]
+        or None -> [B, T, K * G * Dh]."""
         c = self.config
         b, t = q.shape[:2]
         # Attention logits, soft-cap, mask and softmax in fp32, as the reference does. The matmuls
         # run in fp32 on the bf16 values (products of bf16 numbers are exact in fp32, and CPU bf16
-        # matmuls are slow); their results are rounded to the compute dtype, as the reference's
-        # bf16 einsums round them before casting up.
-        scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float()).to(q.dtype).float() * c.attn_output_multiplier
-        scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
+        # matmuls are slow); Grok-1's reference rounds their results to the compute dtype (its bf16
+        # einsums), SGLang's kernels keep them in fp32. Grok-2 then scales the capped logits by its
+        # temperature, before the mask.
+        scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float())
+        if c.jax_rounding:
+            scores = scores.to(q.dtype).float()
+        scores = _capped(scores * c.attn_output_multiplier, c.attn_softcap)
+        if temp is not None:
+            scores = scores * temp
         scores = scores.masked_fill(~mask, MASK_VALUE)
         probs = scores.softmax(dim=-1).to(v.dtype).float()  # [B, K, G, T, S], rounded as the reference
         return torch.einsum("bkgts,bskd->btkgd", probs, v.float()).to(v.dtype).reshape(b, t, c.q_size)
@@ -180,8 +200,24 @@ class ExpertLinear(nn.Module):
         return F.linear(x, self.weight[expert])
 
 
+class MLP(nn.Module):
+    """Grok-2's dense MLP beside the MoE: down(gelu(gate(x)) * up(x)), erf GELU (SGLang's CUDA path)."""
+
+    def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, f = config.emb_size, config.dense_ffn_size or 0
+        self.approximate = "none" if config.gelu == "erf" else "tanh"
+        self.gate = nn.Linear(d, f, bias=False, dtype=dtype)
+        self.up = nn.Linear(d, f, bias=False, dtype=dtype)
+        self.down = nn.Linear(f, d, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.gate(x), approximate=self.approximate) * self.up(x))
+
+
 class MoE(nn.Module):
-    """Softmax router over all experts, top-k by probability, gates NOT renormalised, tanh-GELU experts.
+    """Softmax router over all experts (its logits capped for Grok-2), top-k by probability, gates NOT
+    renormalised, GELU experts (tanh approximation for Grok-1, erf for Grok-2).
 
     Tokens are grouped by the expert they chose and each expert runs once on its group: a token
     costs the compute of its chosen experts only, never all of them.
@@ -190,6 +226,8 @@ class MoE(nn.Module):
     def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.top_k = config.num_selected_experts
+        self.router_softcap = config.router_softcap
+        self.approximate = "none" if config.gelu == "erf" else "tanh"
         d, f, e = config.emb_size, config.ffn_size, config.num_experts
         self.router = nn.Linear(d, e, bias=False, dtype=torch.float32)
         self.w1 = ExpertLinear(e, d, f, dtype)  # gelu branch (reference moe/linear)
@@ -203,8 +241,10 @@ class MoE(nn.Module):
 
     def route(self, xs: Tensor) -> tuple[Tensor, Tensor]:
         """xs [N, D] -> gates [N, k] (fp32 probabilities) and expert ids [N, k]."""
-        probs = self.router(xs.float()).softmax(dim=-1)  # [N, E], fp32
-        return probs.topk(self.top_k, dim=-1)
+        logits = self.router(xs.float())  # [N, E], fp32
+        if self.router_softcap is not None:
+            logits = _capped(logits, self.router_softcap)
+        return logits.softmax(dim=-1).topk(self.top_k, dim=-1)
 
     def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
         """sum over j of gates[:, j] * expert experts[:, j] (xs) -> [N, D]."""
@@ -217,7 +257,7 @@ class MoE(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 xe = grouped[start : start + n]
-                h = F.gelu(self.w1(xe, e), approximate="tanh") * self.v(xe, e)
+                h = F.gelu(self.w1(xe, e), approximate=self.approximate) * self.v(xe, e)
                 outs[start : start + n] = self.w2(h, e)
                 start += n
         pairs = torch.empty(outs.shape, dtype=torch.float32, device=xs.device)
@@ -226,7 +266,8 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """Sandwich norms: each sub-block's input and output are normalised, each norm with its own scale."""
+    """Sandwich norms: each sub-block's input and output are normalised, each norm with its own scale.
+    With Grok-2's dense MLP, the MoE's output is (MLP(x) + MoE(x)) / sqrt(2) (SGLang's residual MoE)."""
 
     def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -236,6 +277,7 @@ class Block(nn.Module):
         self.attn_out_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_1
         self.moe_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_2
         self.moe = MoE(config, dtype)
+        self.mlp = MLP(config, dtype) if config.dense_ffn_size is not None else None
         self.moe_out_norm = RMSNorm(config.emb_size, eps)  # reference rms_norm_3
 
     def forward(
@@ -246,9 +288,14 @@ class Block(nn.Module):
         mask: Tensor,
         kv: tuple[Tensor, Tensor] | None,
         where: tuple[Tensor, Tensor],
+        temp: Tensor | None = None,
     ) -> Tensor:
-        h = h + self.attn_out_norm(self.attn(self.attn_norm(h), cos, sin, mask, kv, where))
-        return h + self.moe_out_norm(self.moe(self.moe_norm(h)))
+        h = h + self.attn_out_norm(self.attn(self.attn_norm(h), cos, sin, mask, kv, where, temp))
+        x = self.moe_norm(h)
+        f = self.moe(x)
+        if self.mlp is not None:
+            f = (self.mlp(x) + f) / math.sqrt(2)
+        return h + self.moe_out_norm(f)
 
 
 class TiedHead(nn.Module):
@@ -272,7 +319,12 @@ class Grok(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.emb_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.norm_eps)
-        self.head = TiedHead(self.embed)  # a transform may swap in a cheaper copy (quant.quantize_output_head)
+        # Tied (Grok-1): a transform may swap in a cheaper copy (quant.quantize_output_head). Grok-2's is its own.
+        self.head: nn.Module = (
+            TiedHead(self.embed)
+            if config.tie_embeddings
+            else nn.Linear(config.emb_size, config.vocab_size, bias=False, dtype=dtype)
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,15 +334,21 @@ class Grok(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None
+    ) -> Tensor:
         """tokens [B, T] -> fp32 logits [B, T, V]."""
-        return self.unembed(self.hidden(tokens, cache, positions))
+        return self.unembed(self.hidden(tokens, cache, positions, valid))
 
-    def hidden(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+    def hidden(
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None
+    ) -> Tensor:
         """tokens [B, T] -> final-normed hidden states [B, T, D].
 
         Without a cache the tokens are a whole sequence from position 0. With one, `positions`
         [B, T] says where each token goes (and reads up to); keys and values are written there.
+        `valid` [B, T] marks the tokens that are real (right-padding is not); pad tokens are never
+        attended to where the config names one (Grok-1's reference masks them).
         """
         c = self.config
         b, t = tokens.shape
@@ -299,7 +357,9 @@ class Grok(nn.Module):
                 raise ValueError("decoding through a cache needs explicit positions")
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         rows = torch.arange(b, device=tokens.device)[:, None]  # [B, 1]
-        not_pad = tokens != c.pad_token  # the reference masks pad tokens out as keys
+        not_pad = tokens != c.pad_token if c.pad_token is not None else torch.ones_like(tokens, dtype=torch.bool)
+        if valid is not None:
+            not_pad = not_pad & valid
         if cache is None:
             key_ok, key_pos = not_pad, positions
         else:
@@ -309,13 +369,21 @@ class Grok(nn.Module):
         mask = key_ok[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # [B, T, S]
         mask = mask[:, None, None]  # [B, 1, 1, T, S]
         cos, sin = rope_tables(positions, c.key_size, c.rope_base)
+        temp = None
+        if c.attn_temperature_len is not None:  # Grok-2: log2(p) / log2(L) for query positions p > L
+            p = positions.float()
+            ratio = torch.log2(p.clamp_min(1.0)) / math.log2(c.attn_temperature_len)
+            temp = torch.where(positions > c.attn_temperature_len, ratio, torch.ones_like(p))[:, None, None, :, None]
 
-        h = _scaled(self.embed(tokens), c.embedding_multiplier_scale)
+        h = _scaled(self.embed(tokens), c.embedding_multiplier_scale, c.jax_rounding)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, mask, kv, (rows, positions))
+            h = layer(h, cos, sin, mask, kv, (rows, positions), temp)
         return self.norm(h)
 
     def unembed(self, h: Tensor) -> Tensor:
-        """Tied output embedding, no soft-cap: [..., D] -> fp32 logits [..., V]."""
-        return _scaled(self.head(h), self.config.output_multiplier_scale).float()
+        """The output head, the output multiplier, and Grok-2's final soft-cap (in fp32): [..., D] ->
+        fp32 logits [..., V]."""
+        c = self.config
+        logits = _scaled(self.head(h), c.output_multiplier_scale, c.jax_rounding).float()
+        return logits if c.final_softcap is None else _capped(logits, c.final_softcap)

@@ -204,7 +204,7 @@ def quantize_output_head(model: Grok, group_size: int = 64) -> Grok:
     reference (router choices flip); the head alone moves them from 0.0196 to 0.0203 mean |diff|
     in bf16. (The loader avoids the extra memory: see `checkpoint.MappedEmbedding`.)
     """
-    table = model.embed.weight
+    table = model.embed.weight if model.config.tie_embeddings else model.head.weight  # Grok-2: its own head
     head = int8_head(model.config, table.dtype, group_size).to(table.device)
     with torch.no_grad():
         for start in range(0, table.shape[0], 8192):  # bounded temporaries
@@ -324,9 +324,9 @@ def released_groups(module: str) -> int | None:
     attention output and the experts' down projections, one scale per output row for the other
     linears; None (left in float) for the router, the norms and the embedding."""
     leaf = module.rpartition(".")[2]
-    if leaf in ("wo", "w2"):
+    if leaf in ("wo", "w2", "down"):  # (Grok-2's dense MLP as its experts)
         return 8
-    return 1 if leaf in ("wq", "wk", "wv", "w1", "v") else None
+    return 1 if leaf in ("wq", "wk", "wv", "w1", "v", "gate", "up") else None
 
 
 def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -397,13 +397,14 @@ class QuantizedAttention(Attention):
         q, k, v = kernels.linear(bits, x.reshape(-1, x.shape[-1]), parts)
         return q.view(*x.shape[:-1], -1), k.view(*x.shape[:-1], -1), v.view(*x.shape[:-1], -1)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, temp: Tensor | None = None) -> Tensor:
         b, t = q.shape[:2]
         if t != 1 or not kernels.supports_attend(q[:, 0], k):  # prefill: torch's batched matmuls
-            return super().attend(q, k, v, mask)
+            return super().attend(q, k, v, mask, temp)
         c = self.config
         q1, mask1 = q[:, 0].contiguous(), mask[:, 0, 0, 0].contiguous()  # [B, K, G, Dh], [B, S]
-        o = kernels.attend(q1, k, v, mask1, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE)
+        scale = None if temp is None else temp.reshape(b).contiguous()
+        o = kernels.attend(q1, k, v, mask1, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, scale)
         return o.view(b, 1, c.q_size)
 
 
@@ -419,7 +420,10 @@ class QuantizedMoE(MoE):
         router = self.router.weight.contiguous()
         if bits is None or not kernels.supports_moe(bits, *parts) or router.dtype != torch.float32:
             return super().forward(x)
-        return kernels.moe(x.reshape(-1, x.shape[-1]), router, self.top_k, bits, *parts).view(x.shape)
+        cap = self.router_softcap or 0.0
+        return kernels.moe(
+            x.reshape(-1, x.shape[-1]), router, self.top_k, bits, *parts, cap, self.approximate == "none"
+        ).view(x.shape)
 
 
 _QUANTIZED = {MoE: QuantizedMoE, Attention: QuantizedAttention}

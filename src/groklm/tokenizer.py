@@ -54,21 +54,73 @@ class Tokenizer:
         return piece.replace("\u2581", " ").encode()
 
 
-def find_tokenizer(checkpoint: str | Path | None, explicit: str | Path | None = None) -> Tokenizer:
-    """An explicit path, else `tokenizer.model` in the checkpoint directory, its ckpt-0/ or its parent."""
+# Grok-2's split pattern (SGLang's PAT_STR_B, selected by "word_split": "V1"; single digits split).
+PAT_STR_B = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+class TiktokenTokenizer:
+    """Grok-2's `tokenizer.tok.json`, read into a tiktoken Encoding as SGLang builds it: the regular
+    tokens as BPE ranks, the special ones by name, the split pattern the file names (`pat_str`, or
+    PAT_STR_B for "word_split": "V1"). Encoding allows the file's special tokens in the text (the
+    chat template's `<|separator|>`), as SGLang's patched encode does; no BOS is added."""
+
+    def __init__(self, path: str | Path) -> None:
+        import json
+
+        import tiktoken
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no tokenizer.tok.json there")
+        try:
+            data = json.loads(self.path.read_text())
+            ranks = {bytes(t["bytes"]): int(t["token"]) for t in data["regular_tokens"]}
+            specials = {bytes(t["bytes"]).decode(): int(t["token"]) for t in data.get("special_tokens", [])}
+            split = data.get("pat_str") or {"V1": PAT_STR_B}[data["word_split"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path}: not a Grok-2 tokenizer.tok.json ({type(e).__name__}: {e})") from None
+        self.specials = specials
+        self.known = frozenset(ranks.values()) | frozenset(specials.values())
+        self.enc = tiktoken.Encoding(
+            self.path.name, pat_str=split, mergeable_ranks=ranks, special_tokens=specials,
+            explicit_n_vocab=data.get("vocab_size"),
+        )  # fmt: skip
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.enc.n_vocab)
+
+    @property
+    def eos_id(self) -> int:
+        return self.specials.get("<|eos|>", 2)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.enc.encode(text, allowed_special=set(self.specials), disallowed_special=()))
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of these ids; ids the file does not define (a model's vocabulary may be larger than
+        its tokenizer's, as in the golden case) decode to nothing."""
+        return str(self.enc.decode([t for t in ids if t in self.known]))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes(self.enc.decode_single_token_bytes(token)) if token in self.known else b""
+
+
+def find_tokenizer(checkpoint: str | Path | None, explicit: str | Path | None = None) -> Tokenizer | TiktokenTokenizer:
+    """An explicit path (tokenizer.model or tokenizer.tok.json), else `tokenizer.model` (Grok-1) or
+    `tokenizer.tok.json` (Grok-2) in the checkpoint directory, its ckpt-0/ or its parent."""
     if explicit is not None:
-        return Tokenizer(explicit)
+        return TiktokenTokenizer(explicit) if str(explicit).endswith(".json") else Tokenizer(explicit)
     if checkpoint is not None:
         root = Path(checkpoint)
-        for candidate in (
-            root / "tokenizer.model",
-            root / "ckpt-0" / "tokenizer.model",
-            root.parent / "tokenizer.model",
-        ):
-            if candidate.is_file():
-                return Tokenizer(candidate)
+        for directory in (root, root / "ckpt-0", root.parent):
+            if (directory / "tokenizer.model").is_file():
+                return Tokenizer(directory / "tokenizer.model")
+            if (directory / "tokenizer.tok.json").is_file():
+                return TiktokenTokenizer(directory / "tokenizer.tok.json")
     raise FileNotFoundError(
-        f"no tokenizer.model found in or next to {checkpoint}; give its path (it comes with the checkpoint download)"
+        f"no tokenizer.model (or tokenizer.tok.json) found in or next to {checkpoint}; give its path (it comes with "
+        "the checkpoint download)"
     )
 
 

@@ -464,12 +464,16 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
 }
 
+/* GELU with erf (Grok-2's experts, as SGLang's CUDA kernels and torch's approximate="none"). */
+static inline float gelu_erf(float x) { return x * 0.5f * (1.f + erff(x * 0.70710678118654752f)); }
+
 /* The same on 8 lanes, with the 8-lane tanh torch itself uses (its bundled SLEEF, handed over by
  * groklm_set_tanh8), so both paths compute the same function; without it, the scalar loop. A libm
  * tanhf costs ~75 cycles: at batch 1 that was 7% of an MoE layer. */
 typedef __m256 (*tanh8_fn)(__m256);
-static tanh8_fn tanh8;
+static tanh8_fn tanh8, erf8;
 void groklm_set_tanh8(tanh8_fn f) { tanh8 = f; }
+void groklm_set_erf8(tanh8_fn f) { erf8 = f; }
 
 static inline __m256 bf16_round8(__m256 v) { /* round to nearest even, as f32_to_bf16; NaN stays NaN */
     const __m256i u = _mm256_castps_si256(v);
@@ -493,22 +497,29 @@ static inline __m256 gelu_tanh8(__m256 x) {
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), tanh8(inner)));
 }
 
-/* h[i][r] = bf16(bf16(gelu(bf16(a[r * m + i]))) * bf16(b[r * m + i])) for r < n, i < m; h rows F apart. */
-static void gelu_product(const float *a, const float *b, int n, int m, uint16_t *h, size_t F) {
+static inline __m256 gelu_erf8(__m256 x) {
+    const __m256 e = erf8(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+/* h[i][r] = bf16(bf16(gelu(bf16(a[r * m + i]))) * bf16(b[r * m + i])) for r < n, i < m; h rows F apart;
+ * the tanh GELU, or with `erf` the erf one. */
+static void gelu_product(const float *a, const float *b, int n, int m, uint16_t *h, size_t F, int erf) {
     for (int i = 0; i < m; i++) {
         uint16_t *hi = h + (size_t)i * F;
         int r = 0;
-        if (tanh8) {
+        if (erf ? erf8 != NULL : tanh8 != NULL) {
             const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(m));
             for (; r + 8 <= n; r += 8) {
-                const __m256 va = _mm256_i32gather_ps(a + (size_t)r * m + i, at, 4);
+                const __m256 va = bf16_round8(_mm256_i32gather_ps(a + (size_t)r * m + i, at, 4));
                 const __m256 vb = _mm256_i32gather_ps(b + (size_t)r * m + i, at, 4);
-                const __m256 act = bf16_round8(gelu_tanh8(bf16_round8(va)));
+                const __m256 act = bf16_round8(erf ? gelu_erf8(va) : gelu_tanh8(va));
                 store_bf16x8(hi + r, _mm256_mul_ps(act, bf16_round8(vb)));
             }
         }
         for (; r < n; r++) {
-            const float act = bf16_round(gelu_tanh(bf16_round(a[(size_t)r * m + i])));
+            const float va = bf16_round(a[(size_t)r * m + i]);
+            const float act = bf16_round(erf ? gelu_erf(va) : gelu_tanh(va));
             hi[r] = f32_to_bf16(act * bf16_round(b[(size_t)r * m + i]));
         }
     }
@@ -532,12 +543,21 @@ static inline __attribute__((always_inline)) float dot_with(const uint16_t *a, c
 }
 
 /* experts[t, :topk], gates[t, :topk] for the N tokens x [N, D] (see above). */
-static void route(const uint16_t *x, int N, int D, const float *router, int E, int topk, int *experts, float *gates) {
+static void route(const uint16_t *x, int N, int D, const float *router, int E, int topk, float cap, int *experts,
+                  float *gates) {
 #pragma omp parallel for schedule(static) if (N >= 16)
     for (int t = 0; t < N; t++) {
         const uint16_t *xt = x + (size_t)t * D;
         float p[E];
         for (int e = 0; e < E; e++) p[e] = dot_with(xt, router + (size_t)e * D, 1, D);
+        if (cap > 0.f) { /* Grok-2: cap * tanh(l / cap), with torch's 8-lane tanh where there are 8 experts */
+            if (E == 8 && tanh8) {
+                const __m256 c = _mm256_set1_ps(cap);
+                _mm256_storeu_ps(p, _mm256_mul_ps(c, tanh8(_mm256_div_ps(_mm256_loadu_ps(p), c))));
+            } else {
+                for (int e = 0; e < E; e++) p[e] = cap * tanhf(p[e] / cap);
+            }
+        }
         float mx = -INFINITY, sum = 0.f;
         for (int e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
         for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
@@ -558,7 +578,7 @@ static void route(const uint16_t *x, int N, int D, const float *router, int E, i
 int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, int topk, int E, int F,
                const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int blocked1, int blocked2,
-               uint16_t *y) {
+               float router_cap, int gelu_erf_, uint16_t *y) {
     const int P = N * topk;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
     float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
@@ -572,7 +592,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     }
     int *order = idx, *token = idx + P, *experts = idx + 2 * P, *count = idx + 3 * P, *start = count + E,
         *fill = start + E + 1;
-    route(x, N, D, router, E, topk, experts, gates);
+    route(x, N, D, router, E, topk, router_cap, experts, gates);
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
     start[0] = 0;
@@ -610,7 +630,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
                            s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1, part);
                 weight_dot(bits, ax, token + start[e], 0, m, wve + n0 * step1, blocked1 ? F * step1 : 0,
                            sv + ((size_t)e * F + n0) * gv, gv, cnt, rv, part);
-                gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F);
+                gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F, gelu_erf_);
             }
         }
 #pragma omp barrier
@@ -694,7 +714,8 @@ static void softmax_bf16(float *s, int n) {
 }
 
 int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long stride, const uint8_t *mask, int B,
-                  int S, int H, int G, int Dh, float mult, float cap, float masked, uint16_t *o) {
+                  int S, int H, int G, int Dh, float mult, float cap, float masked, const float *row_scale,
+                  uint16_t *o) {
     int failed = 0;
     /* Scores run over S rounded up to 8, the extra slots masked: each slot then always takes the same
      * lane of the 8-wide tanh, exp and sum, so a row's result does not depend on how many slots the
@@ -719,6 +740,8 @@ int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long 
                         const size_t row = (size_t)H * Dh; /* between slots */
                         for (int j = 0; j < S8; j++) s[j] = j < S && mb[j] ? bf16_round(dot_with(qr, kb + j * row, 0, Dh)) * mult : 0.f;
                         soft_cap(s, S8, cap);
+                        if (row_scale) /* Grok-2's temperature: the capped scores of this row's query, scaled */
+                            for (int j = 0; j < S8; j++) s[j] *= row_scale[b];
                         for (int j = 0; j < S8; j++)
                             if (j >= S || !mb[j]) s[j] = masked;
                         softmax_bf16(s, S8);

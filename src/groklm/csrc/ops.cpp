@@ -19,10 +19,11 @@ namespace {
 using linear_fn = void (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
                            const int *, void *, int, int);
 using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
-                       const void *, const void *, int, const void *, const void *, int, int, int, int, int, void *);
+                       const void *, const void *, int, const void *, const void *, int, int, int, int, int, float, int,
+                       void *);
 using chunk_fn = int (*)(int, int);
 using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
-                          float, float, void *);
+                          float, float, const float *, void *);
 
 linear_fn kernel_linear = nullptr;
 moe_fn kernel_moe = nullptr;
@@ -106,7 +107,8 @@ at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, boo
 }
 
 // x [N, D] bf16, router [E, D] fp32: one MoE layer, routing included. See groklm_moe.
-at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int64_t bits, at::TensorList weights) {
+at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int64_t bits, at::TensorList weights,
+               double router_cap, int64_t gelu_erf) {
     TORCH_CHECK_VALUE(kernel_moe, "groklm: the native kernels are not loaded");
     TORCH_CHECK_VALUE(weights.size() == 6, "groklm: moe takes w1, its scales, v, its scales, w2, its scales");
     const at::Tensor &w1 = weights[0], &s1 = weights[1], &v = weights[2], &sv = weights[3], &w2 = weights[4],
@@ -131,7 +133,7 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int6
                               (int)f, w1.data_ptr(), s1.data_ptr(), (int)s1.size(-1), v.data_ptr(), sv.data_ptr(),
                               (int)sv.size(-1), w2.data_ptr(), s2.data_ptr(), (int)s2.size(-1),
                               chunk_of(bits, d, s1.size(-1)), chunk_of(bits, f, s2.size(-1)), blocked1 ? 1 : 0,
-                              blocked2 ? 1 : 0, y.data_ptr());
+                              blocked2 ? 1 : 0, (float)router_cap, gelu_erf ? 1 : 0, y.data_ptr());
     TORCH_CHECK(rc == 0, "groklm: the native MoE could not allocate its scratch for ", n, " tokens");
     return y;
 }
@@ -139,7 +141,7 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int6
 // q [B, H, G, Dh] (one new token per row), k and v [B, S, H, Dh] (a cache prefix: rows may lie further
 // apart than S * H * Dh), mask [B, S] bool -> [B, H, G, Dh]; all bf16 but the mask. See groklm_attend.
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
-                  double multiplier, double softcap, double masked) {
+                  double multiplier, double softcap, double masked, const c10::optional<at::Tensor> &scale) {
     TORCH_CHECK_VALUE(kernel_attend, "groklm: the native kernels are not loaded");
     for (const at::Tensor *t : {&q, &k, &v})
         TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4,
@@ -153,10 +155,17 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 &&
                           mask.size(0) == b && mask.size(1) == s,
                       "groklm: attend: mask must be a contiguous bool [", b, ", ", s, "], not ", mask.sizes());
+    const float *row_scale = nullptr;
+    if (scale.has_value()) {
+        TORCH_CHECK_VALUE(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 1 &&
+                              scale->size(0) == b,
+                          "groklm: attend: scale must be a contiguous fp32 [", b, "], not ", scale->sizes());
+        row_scale = scale->data_ptr<float>();
+    }
     at::Tensor o = at::empty_like(q);
     const int rc = kernel_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), (long)k.stride(0), mask.data_ptr(), (int)b,
                                  (int)s, (int)h, (int)g, (int)dh, (float)multiplier, (float)softcap, (float)masked,
-                                 o.data_ptr());
+                                 row_scale, o.data_ptr());
     TORCH_CHECK(rc == 0, "groklm: the native attention could not allocate its scores for ", s, " slots");
     return o;
 }

@@ -30,6 +30,10 @@ def open_source(path: str | Path, config: GrokConfig | None = None, dtype: torch
         from groklm.formats.native import NativeSource
 
         return NativeSource(path, config, dtype)
+    if fmt == "grok2":
+        from groklm.formats.grok2 import Grok2Source
+
+        return Grok2Source(path, config, dtype, bits)
     if fmt == "hf":
         from groklm.formats.hf import HFSource
 
@@ -37,6 +41,12 @@ def open_source(path: str | Path, config: GrokConfig | None = None, dtype: torch
     from groklm.formats.gguf import GGUFSource, find_gguf
 
     return GGUFSource(find_gguf(Path(path)) or path, config, dtype, bits)
+
+
+def _config_of(src: str | Path) -> GrokConfig:
+    from groklm.load import checkpoint_config
+
+    return checkpoint_config(src)[0]
 
 
 def convert(src: str | Path, out: str | Path, to: str, qtype: str | None = None, bits: int = 8, group_size: int = 64,
@@ -52,6 +62,8 @@ def convert(src: str | Path, out: str | Path, to: str, qtype: str | None = None,
         raise ValueError(f"--to must be one of {FORMATS}, not {to!r}")
     if to == "native":
         return native.convert(src, out, bits, group_size, config, progress=progress, force=force)
+    if to in ("hf", "gguf") and (config or _config_of(src)).family != "grok-1":
+        raise ValueError(f"--to {to} writes Grok-1 layouts; convert Grok-2 to groklm's own (--to native)")
     types = {"hf": ("bf16", "f32"), "gguf": gguf.TYPES}[to]
     qtype = qtype or types[0]
     if qtype not in types:

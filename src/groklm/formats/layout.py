@@ -102,7 +102,7 @@ def place(model: Grok, param: str, value: Tensor, expert: int | None = None, whe
         target = target if expert is None else target[expert]
         _check(where, value.shape, tuple(target.shape))
         target.copy_(value)
-        if param == "embed.weight" and isinstance(model.head, Int8Linear):
+        if param == "embed.weight" and model.config.tie_embeddings and isinstance(model.head, Int8Linear):
             # The int8 output head from the table as stored, not as rounded to the compute dtype: what
             # the released loader does (see `quant.quantize_output_head`).
             for start in range(0, value.shape[0], 8192):

@@ -92,7 +92,8 @@ def convert(
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    if detect_format(src) == "native":
+    fmt = detect_format(src)
+    if fmt == "native":
         model = load_native(src, torch.bfloat16, mmap=True)  # weights stay on disk until read
         if config is not None and config != model.config:
             raise CheckpointError(f"{src}: its config.json differs from the config given")
@@ -101,6 +102,19 @@ def convert(
 
         def fill(part: str) -> None:
             pass
+
+    elif fmt != "released":  # float weights (Grok-2's, Hugging Face's, GGUF's), quantized as they are read
+        from groklm.formats.convert import open_source
+        from groklm.quant import int8_head
+
+        source = open_source(src, config, torch.bfloat16, bits)
+        model = source.model
+        if bits == 8:  # the output head int8 too, with 64-column groups, as for the released checkpoint
+            with torch.device("meta"):
+                model.head = int8_head(model.config, torch.bfloat16)
+
+        def fill(part: str) -> None:
+            source.fill(part)
 
     else:  # the table is streamed into the shard, the int8 head made from it as it is read
         released = open_released(src, config, torch.bfloat16, quantize_head=True, lazy_embedding=True)
@@ -120,7 +134,7 @@ def convert(
             return_freed_memory()
             bar.update(1)
         fill("")
-        if bits == 4:
+        if bits == 4 and fmt in ("native", "released"):
             quantize_int4(model, group_size)  # the output head; the layers, on meta by now, are only laid out
         top = {name: t for name, t in _state(model).items() if not name.startswith("layers.")}
         streamed = {}
