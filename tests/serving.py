@@ -32,10 +32,12 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(checkpoint: Path, *args: str, startup_timeout: float = 180) -> Iterator[Served]:
-    """`groklm serve --port 0` on 127.0.0.1; yields once it prints its URL; stopped (SIGTERM, then
-    SIGKILL after 30 s) on exit."""
-    cmd = [sys.executable, "-m", "groklm", "serve", "--checkpoint", str(checkpoint), "--port", "0", "--quiet", *args]
+def serve(checkpoint: Path, *args: str, startup_timeout: float = 180, launcher: list[str] | None = None
+          ) -> Iterator[Served]:  # fmt: skip
+    """`groklm serve --port 0` on 127.0.0.1 (run by `launcher`, e.g. torchrun); yields once it prints its
+    URL; stopped (SIGTERM, then SIGKILL after 30 s) on exit."""
+    cmd = [*(launcher or [sys.executable, "-m", "groklm"]), "serve", "--checkpoint", str(checkpoint), "--port", "0",
+           "--quiet", *args]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     served = Served("", proc)
     threading.Thread(target=lambda: served.stderr.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]

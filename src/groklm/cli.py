@@ -43,6 +43,68 @@ def _config_arg(args: argparse.Namespace) -> Any:
     return None
 
 
+class Ranks:
+    """This process's place under torchrun (one process: rank 0 of 1)."""
+
+    def __init__(self, tp: int = 1, ep: int = 1, rank: int = 0, device: str = "cpu") -> None:
+        self.tp, self.ep, self.rank, self.device = tp, ep, rank, device
+
+    @property
+    def parallel(self) -> bool:
+        return self.tp * self.ep > 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if not self.parallel:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.parallel and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _start_ranks(args: argparse.Namespace) -> Ranks:
+    """Check --tp/--ep against torchrun's environment and join the process group (cheap: no weights)."""
+    tp, ep = args.tp, args.ep
+    if tp * ep == 1:
+        return Ranks()
+    world = os.environ.get("WORLD_SIZE")
+    if "RANK" not in os.environ or world is None:
+        raise UsageError(
+            f"--tp {tp} --ep {ep} runs as {tp * ep} processes: start it with "
+            f"`torchrun --nproc-per-node {tp * ep} -m groklm ...` (no torchrun environment found)"
+        )
+    if int(world) != tp * ep:
+        raise UsageError(f"--tp {tp} x --ep {ep} = {tp * ep} ranks, but torchrun started {world} (--nproc-per-node)")
+    device = args.device
+    if device == "cuda":  # one GPU a rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    from groklm import parallel
+
+    rank = parallel.init(device, timeout_s=None if args.command != "serve" else 24 * 3600.0)
+    return Ranks(tp, ep, rank, device)
+
+
+def _check_plan(config: Any, tp: int, ep: int) -> None:
+    from groklm import parallel
+
+    try:
+        parallel.plan(config, tp, ep)
+    except parallel.ParallelError as e:
+        raise UsageError(str(e).replace("tp=", "--tp ").replace("ep=", "--ep ")) from None
+
+
 def _check_device(name: str) -> None:
     import torch
 
@@ -64,7 +126,8 @@ def _set_threads(requested: int | None) -> int:
 
     from groklm import kernels
 
-    threads = requested or kernels.choose_threads()
+    # Under torchrun the ranks on one machine share its cores.
+    threads = requested or max(1, kernels.choose_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 
@@ -99,13 +162,25 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # Everything that can be wrong with the request is found before the weights are read.
+    from groklm.load import checkpoint_config
 
+    _check_device(args.device)
+    _check_plan(checkpoint_config(args.checkpoint, _config_arg(args))[0], args.tp, args.ep)
+    ranks = _start_ranks(args)
+    try:
+        return _generate(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     from groklm.generate import check_sampling, compile_decode, decode_one, generate_stream
     from groklm.load import checkpoint_config, detect_format, load
     from groklm.tokenizer import TextStream, find_tokenizer
 
-    # Everything that can be wrong with the request is found before the weights are read.
-    text = _read_prompt(args)
+    stdin = args.prompt_file == "-"
+    text = ranks.share(_read_prompt(args) if ranks.leader or not stdin else None)  # (stdin is rank 0's)
     try:
         check_sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens)
     except ValueError as e:
@@ -114,9 +189,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--stop: a stop string must not be empty")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
-    _check_device(args.device)
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
-    _license_notice(config)
+    if ranks.leader:
+        _license_notice(config)
+    if args.mmap and ranks.parallel:
+        raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
                          "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
@@ -147,15 +224,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{config.sequence_len} tokens"
         )
     threads = _set_threads(args.threads)
+    seed = args.seed
+    if ranks.parallel and seed is None and args.temperature > 0:  # every rank must draw the same tokens
+        import random
+
+        seed = ranks.share(random.getrandbits(63))
 
     t0 = time.perf_counter()
-    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
-                 progress=not args.quiet, mmap=args.mmap, bits=args.bits)  # fmt: skip
+    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=ranks.device if ranks.parallel
+                 else args.device, progress=not args.quiet and ranks.leader, mmap=args.mmap, bits=args.bits,
+                 tp=ranks.tp, ep=ranks.ep)  # fmt: skip
     load_s = time.perf_counter() - t0
     if args.compile and not args.quiet:
         print("groklm: compiling the decode step (the first token waits tens of seconds)", file=sys.stderr)
     stream = TextStream(tokenizer, ids, args.stop) if tokenizer is not None else None
-    show = not args.json
+    show = not args.json and ranks.leader
     if show and not args.no_echo:
         print(text if text is not None else (tokenizer.decode(ids) if tokenizer else " ".join(map(str, ids))),
               end="" if tokenizer else " ", flush=True)  # fmt: skip
@@ -170,7 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     steps = generate_stream(
         model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop_at_eos=not args.ignore_eos, should_stop=should_stop,
+        top_k=args.top_k, seed=seed, stop_at_eos=not args.ignore_eos, should_stop=should_stop,
         decode=compile_decode() if args.compile else decode_one,
     )  # fmt: skip
     t1 = time.perf_counter()
@@ -191,6 +274,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finish = "stop" if stopped else "length"
     decode_s = total_s - (first_s or 0.0)
     rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None
+    if not ranks.leader:
+        return 0
     if args.json:
         result = {
             "prompt": text,
@@ -202,13 +287,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "timing": {"load_s": round(load_s, 3), "first_token_s": round(first_s or 0.0, 3),
                        "total_s": round(total_s, 3), "decode_tokens_per_s": rate and round(rate, 2)},
             "threads": threads,
+            **({"tp": ranks.tp, "ep": ranks.ep} if ranks.parallel else {}),
         }  # fmt: skip
         print(json.dumps(result, ensure_ascii=False))
     elif not args.quiet:
         speed = f", {rate:.1f} tok/s after the first" if rate else ""
         print(
             f"[load {load_s:.1f} s · prompt {len(ids)} tokens, first token after {first_s or 0:.2f} s · "
-            f"{len(new)} tokens in {total_s:.2f} s{speed} · {finish} · {threads} threads]",
+            f"{len(new)} tokens in {total_s:.2f} s{speed} · {finish} · {threads} threads"
+            + (f" · tp {ranks.tp} x ep {ranks.ep}]" if ranks.parallel else "]"),
             file=sys.stderr,
         )
     return 0
@@ -349,12 +436,73 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from groklm import sizing
+    from groklm.config import get_preset
+    from groklm.load import checkpoint_config
+
+    if args.checkpoint:
+        config, source = checkpoint_config(args.checkpoint, _config_arg(args))
+    else:
+        config = _config_arg(args) or get_preset("grok-1")
+        source = f"preset {args.preset or 'grok-1'}" if not args.config else args.config
+    for name in ("gpus", "nodes", "context", "batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.gpus % args.nodes:
+        raise UsageError(f"--gpus {args.gpus} do not split evenly over --nodes {args.nodes}")
+    if not 0 < args.efficiency <= 1:
+        raise UsageError(f"--efficiency must be in (0, 1], not {args.efficiency}")
+    if args.context > config.sequence_len:
+        raise UsageError(f"--context {args.context} exceeds the model's {config.sequence_len} tokens")
+    memory, bandwidth = sizing.GPUS[args.gpu]
+    link, latency = sizing.LINKS[args.interconnect or ("nvlink3" if args.gpu.startswith("a100") else "nvlink")]
+
+    def size(option: str, default: float) -> float:
+        text = getattr(args, option.replace("-", "_"))
+        try:
+            return default if text is None else sizing.parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"--{option} {e}") from None
+
+    hw = sizing.Hardware(size("gpu-memory", memory), size("memory-bandwidth", bandwidth), size("link-bandwidth", link),
+                         latency, size("inter-node-bandwidth", 50e9))  # fmt: skip
+    reserve = size("reserve", 4 * 2**30)
+    bits = [args.bits] if args.bits else [8, 4]
+    found, refused = sizing.layouts(config, hw, args.gpus, bits, args.gpus // args.nodes, args.context, args.batch,
+                                    reserve, args.efficiency)  # fmt: skip
+    shown = [x for x in found if x.fits or args.all]
+    if args.json:
+        print(json.dumps({"model": source, "gpus": args.gpus, "nodes": args.nodes, "hardware": vars(hw),
+                          "context": args.context, "batch": args.batch, "reserve_bytes": reserve,
+                          "efficiency": args.efficiency, "layouts": [sizing.as_dict(x) for x in shown],
+                          "refused": refused}, indent=1))  # fmt: skip
+        return 0
+    g = 2**30
+    print(f"{config.family} ({source}) on {args.gpus} x {args.gpu} ({hw.memory / 1e9:.0f} GB, "
+          f"{hw.bandwidth / 1e12:.2f} TB/s) over {args.nodes} machine{'s' if args.nodes > 1 else ''}; "
+          f"KV cache for {args.batch} x {args.context} tokens; {reserve / g:.1f} GiB reserved a GPU")  # fmt: skip
+    print(f"{'tp':>3} {'ep':>3} {'bits':>4}  {'weights':>8} {'KV':>7} {'total':>8}  {'fits':>4}  "
+          f"{'read/step':>9} {'t_mem':>7} {'t_comm':>7}  {'tok/s':>7} {'tok/s@1':>7}")  # fmt: skip
+    for x in shown:
+        print(f"{x.tp:>3} {x.ep:>3} {x.bits:>4}  {x.weight_bytes / g:>7.1f}G {x.kv_bytes / g:>6.1f}G "
+              f"{x.total_bytes / g:>7.1f}G  {'yes' if x.fits else 'no':>4}  {x.read_bytes_per_step / g:>8.2f}G "
+              f"{x.t_mem_ms:>5.2f}ms {x.t_comm_ms:>5.2f}ms  {x.tokens_per_s:>7.1f} {x.tokens_per_s_batch1:>7.1f}")  # fmt: skip
+    if not shown:
+        print("no layout fits: try --bits 4, more GPUs, a shorter --context or a smaller --batch (--all shows them)")
+    for line in refused:
+        print(f"  not possible: {line}")
+    print("(a model, not a measurement: see `groklm.sizing` and the README for the formula)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from groklm.generate import compile_decode, decode_one
     from groklm.load import checkpoint_config, detect_format, load
     from groklm.serve import run
     from groklm.serve.chat import ChatTemplate
-    from groklm.serve.engine import Engine
+    from groklm.serve.engine import Engine, Runner
+    from groklm.serve.ranks import LeaderRunner, follow
     from groklm.tokenizer import find_tokenizer
 
     for name in ("max_batch", "prefill_chunk", "port", "max_waiting"):
@@ -367,7 +515,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
     _check_device(args.device)
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    _check_plan(config, args.tp, args.ep)
     _license_notice(config)
+    if args.mmap and args.tp * args.ep > 1:
+        raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
     if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
@@ -388,21 +539,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokenizer = None
     api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
-    threads = _set_threads(args.threads)
-    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
-                 progress=not args.quiet, mmap=args.mmap, bits=args.bits)  # fmt: skip
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                    prefill_chunk=args.prefill_chunk, max_model_len=max_model_len,
-                    decode=compile_decode() if args.compile else decode_one)  # fmt: skip
-    if not args.quiet:
-        print(f"groklm serve: {args.max_batch} rows of {max_model_len} tokens, {threads} threads"
-              + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
-    run(engine, name, args.host, args.port, api_key, chat)
-    return 0
+    ranks = _start_ranks(args)
+    try:
+        threads = _set_threads(args.threads)
+        model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=ranks.device if ranks.parallel
+                     else args.device, progress=not args.quiet and ranks.leader, mmap=args.mmap, bits=args.bits,
+                     tp=ranks.tp, ep=ranks.ep)  # fmt: skip
+        decode = compile_decode() if args.compile else decode_one
+        if not ranks.leader:
+            import signal
+
+            # torchrun passes a stop signal to every rank: rank 0 drains, then tells the others to stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            follow(model, args.max_batch, max_model_len, decode)  # rank 0's steps, until it stops
+            return 0
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                        prefill_chunk=args.prefill_chunk, max_model_len=max_model_len, decode=decode,
+                        runner=LeaderRunner if ranks.parallel else Runner)  # fmt: skip
+        if not args.quiet:
+            print(f"groklm serve: {args.max_batch} rows of {max_model_len} tokens, {threads} threads"
+                  + (f", tp {ranks.tp} x ep {ranks.ep}" if ranks.parallel else "")
+                  + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
+        run(engine, name, args.host, args.port, api_key, chat)
+        return 0
+    finally:
+        ranks.close()
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default, and descriptions keep their line breaks."""
+
+
+def sizing_gpus() -> list[str]:
+    from groklm.sizing import GPUS
+
+    return list(GPUS)
+
+
+def sizing_links() -> list[str]:
+    from groklm.sizing import LINKS
+
+    return list(LINKS)
 
 
 def _presets() -> list[str]:
@@ -423,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
         group.add_argument("--config", help=f"config JSON (reference field names) {what}")
         group.add_argument("--preset", choices=_presets(), help=f"a named config {what}")
+
+    def parallel_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks (under torchrun: --nproc-per-node tp x ep)")  # fmt: skip
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (whole experts a rank)")
 
     g = command("generate", "generate text from a checkpoint, streamed to stdout")
     g.add_argument("prompt", nargs="?", help="text prompt (needs the tokenizer)")
@@ -452,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (pays off after the first ~30 s)"
     )
+    parallel_options(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar or statistics on stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -495,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize a Grok-2, Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
     s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parallel_options(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_serve)
 
@@ -524,6 +709,27 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(i, "(default: grok-1)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    pl = command("plan", "the tensor/expert-parallel layouts that fit a set of GPUs, and their decode speed")
+    pl.add_argument("--checkpoint", help="plan for this checkpoint's config")
+    config_options(pl, "(default: grok-1)")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in all (tp x ep)")
+    pl.add_argument("--nodes", type=int, default=1, help="machines they are spread over, evenly")
+    pl.add_argument("--gpu", choices=sorted(sizing_gpus()), default="h100", help="memory and bandwidth of a GPU")
+    pl.add_argument("--gpu-memory", help="memory a GPU (e.g. 80GB, 141GB), instead of --gpu's")
+    pl.add_argument("--memory-bandwidth", help="memory bandwidth a GPU (e.g. 3.35TB/s), instead of --gpu's")
+    pl.add_argument("--interconnect", choices=sorted(sizing_links()),
+                    help="link between a machine's GPUs (default: nvlink; nvlink3 for a100)")  # fmt: skip
+    pl.add_argument("--link-bandwidth", help="collective bandwidth a GPU within a machine, instead of --interconnect's")
+    pl.add_argument("--inter-node-bandwidth", help="bandwidth a GPU between machines (default: 50GB/s, 400 Gb/s)")
+    pl.add_argument("--bits", type=int, choices=[4, 8], help="weight width (default: both)")
+    pl.add_argument("--context", type=int, default=8192, help="tokens of KV cache a sequence")
+    pl.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    pl.add_argument("--reserve", help="memory a GPU kept for activations, CUDA and the allocator (default 4GiB)")
+    pl.add_argument("--efficiency", type=float, default=0.75, help="fraction of the memory bandwidth reached")
+    pl.add_argument("--all", action="store_true", help="show the layouts that do not fit too")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -119,6 +119,8 @@ def load(
     quantize_head: bool | None = None,
     mmap: bool = False,
     bits: int | None = None,
+    tp: int = 1,
+    ep: int = 1,
 ) -> Grok:
     """Load a checkpoint into a Grok model, in whichever format it is (`detect_format`).
 
@@ -134,11 +136,25 @@ def load(
     file's fp32 rows; the input lookup then reads those rows from the file (`MappedEmbedding`), so
     no float copy of the table is held at all. `bits` (8 or 4) quantizes the float weights of a Hugging
     Face or GGUF checkpoint as they load, int8 with the released grouping.
+
+    `tp` x `ep` > 1 (in an initialised process group of that many ranks, as torchrun starts): this
+    rank's share of the model only (`parallel`), its bytes read from the files and nothing more; calling
+    it on tokens gives the full logits on every rank.
     """
     config = as_config(config)
     fmt = detect_format(path)
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be 8, 4 or None, not {bits}")
+    if quantize_head is None:
+        quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    if (tp, ep) != (1, 1):
+        if mmap:
+            raise ValueError("mmap loading is for one process; a tensor-parallel rank reads its own share")
+        from groklm import parallel
+
+        found, _ = checkpoint_config(path, config)
+        mesh = parallel.make_mesh(found, tp, ep, device)  # every check before any weight is read
+        return load_sharded(path, mesh, found, dtype, device, progress, quantize_head and fmt != "native", bits)
     if fmt == "native":
         from groklm.formats.native import load_native
 
@@ -151,8 +167,6 @@ def load(
             f"{path}: mmap loading needs groklm's own layout (the {fmt} files are not laid out as it runs); "
             "write it once with `groklm quantize --bits 8 IN OUT`"
         )
-    if quantize_head is None:
-        quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     if fmt == "released":
         from groklm.formats.released import open_released
 
@@ -177,5 +191,59 @@ def load(
     bar = progress_bar(len(source), f"loading {path}", progress)  # type: ignore[arg-type]
     for part in parts(model):
         source.fill(part, device, bar)
+    bar.close()
+    return model.eval().requires_grad_(False)
+
+
+def load_sharded(path: str | Path, mesh: Any, config: GrokConfig, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu", progress: bool = True, quantize_head: bool = False,
+                 bits: int | None = None) -> Grok:  # fmt: skip
+    """This rank's share of a checkpoint on `mesh` (see `parallel`), laid out on the meta device and
+    filled with its slices only. The released pickles and groklm's layout are read slice by slice (each
+    rank reads its bytes, seeking within the files); the other formats a part (a layer) at a time,
+    sliced, the part then dropped. `quantize_head`: the int8 output head from the released fp32 table's
+    rows (the rank's vocabulary)."""
+    from groklm import parallel
+    from groklm.formats.convert import open_source
+    from groklm.formats.layout import free, part_of, parts
+    from groklm.quant import Int8Linear, fill_int8_head, int8_head
+
+    source = open_source(path, config, dtype, bits)
+    whole = source.model
+    if quantize_head:
+        with torch.device("meta"):
+            whole.head = int8_head(whole.config, dtype)
+    p, groups = parallel.plan_of(whole.config, mesh)
+    model = parallel.apply_plan(whole, p, groups)  # laid out on meta
+    model.to_empty(device=device)
+    names = parallel.filled_modules(model)
+    bar = progress_bar(len(names), f"loading {path} (tp rank {p.tp_rank} of {p.tp}, ep rank {p.ep_rank} of {p.ep})", progress)
+    lazy = getattr(source, "lazy", None)
+    head = model.head.local  # type: ignore[union-attr]
+    with torch.no_grad():
+        if lazy is not None:
+            if quantize_head or "embed" in names:  # the table's rows: the embedding, and the int8 head from them
+                table, start = lazy("embed.weight"), p.vocab().start
+                local_rows = p.vocab().stop - start
+                for r in range(0, local_rows, 4096):
+                    n = min(4096, local_rows - r)
+                    rows = table.read((slice(start + r, start + r + n), slice(None)))
+                    model.embed.weight[r : r + n] = rows
+                    if quantize_head and isinstance(head, Int8Linear):
+                        fill_int8_head(head, r, rows.float())
+            done = {"embed", "head.local"} if quantize_head else {"embed"}
+            for name in names:
+                if name not in done:
+                    parallel.fill_module(model, whole, p, name, lambda n, sl: lazy(n).read(sl))
+                bar.update(1)
+        else:
+            read = parallel.model_reader(whole)
+            for part in parts(whole):
+                source.fill(part, "cpu")
+                for name in names:
+                    if part_of(parallel.global_name(name)) == part:
+                        parallel.fill_module(model, whole, p, name, read)
+                        bar.update(1)
+                free(whole, part)
     bar.close()
     return model.eval().requires_grad_(False)

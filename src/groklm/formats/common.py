@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import math
 import os
 import shutil
 import sys
@@ -93,3 +95,88 @@ def output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+class DiskArray:
+    """A row-major array in a file (`shape` elements of `dtype` at byte `offset`) whose slices are read
+    with plain positioned reads of their contiguous runs only: a tensor-parallel rank reads its own
+    share of a weight, never the whole of it. `transposed` presents the last two axes swapped (the
+    released [in, out] weights as our [out, in]): the slices are taken in our order, read in the
+    file's, and the result transposed."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, shape: tuple[int, ...], dtype: Any,
+                 transposed: bool = False) -> None:  # fmt: skip
+        self.path, self.offset, self.file_shape, self.dtype, self.transposed = (
+            Path(path),
+            offset,
+            shape,
+            dtype,
+            transposed,
+        )
+        self.shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+
+    def read(self, slices: tuple[slice, ...] | None = None) -> Any:
+        import torch
+
+        slices = tuple(slices or ()) + (slice(None),) * (len(self.shape) - len(slices or ()))
+        want = [range(*s.indices(n)) for s, n in zip(slices, self.shape, strict=True)]
+        if self.transposed:
+            want = [*want[:-2], want[-1], want[-2]]  # in the file's order
+        shape = self.file_shape
+        out = torch.empty([len(r) for r in want], dtype=self.dtype)
+        itemsize = out.element_size()
+        # The longest run: the trailing axes read whole, and the one before them as far as it goes.
+        d = len(shape) - 1
+        while d > 0 and len(want[d]) == shape[d]:
+            d -= 1
+        run = len(want[d]) * math.prod(shape[d + 1 :])  # elements
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            pos = 0
+            for index in itertools.product(*want[:d]):
+                start = sum(i * st for i, st in zip(index, strides, strict=False)) + want[d].start * strides[d]
+                n = run * itemsize
+                got = os.preadv(fd, [buf[pos : pos + n]], self.offset + start * itemsize)
+                if got != n:
+                    raise CheckpointError(f"{self.path}: file ended inside its data (truncated)")
+                pos += n
+        return out.transpose(-1, -2).contiguous() if self.transposed else out
+
+
+class TensorArray:
+    """A tensor in memory with DiskArray's interface (small arrays stored inside a pickle's frames)."""
+
+    def __init__(self, tensor: Any, transposed: bool = False) -> None:
+        self.tensor = tensor.transpose(-1, -2) if transposed else tensor
+        self.shape = tuple(self.tensor.shape)
+        self.dtype = self.tensor.dtype
+
+    def read(self, slices: tuple[slice, ...] | None = None) -> Any:
+        t = self.tensor
+        for dim, s in enumerate(slices or ()):
+            t = t[(slice(None),) * dim + (s,)]
+        return t.contiguous().clone()
+
+
+class BlockMajorArray:
+    """A block-major int8 weight on disk ([.., G, out, in/G]) read as its row-major [.., out, in]: an
+    input slice of whole blocks, or within one, reads those blocks' bytes only."""
+
+    def __init__(self, disk: DiskArray | TensorArray) -> None:
+        self.disk = disk
+        *lead, g, out, cols = disk.shape
+        self.groups, self.cols = g, cols
+        self.shape = (*lead, out, g * cols)
+
+    def read(self, slices: tuple[slice, ...] | None = None) -> Any:
+        slices = tuple(slices or ()) + (slice(None),) * (len(self.shape) - len(slices or ()))
+        *lead, rows, cols = slices
+        start, stop, _ = cols.indices(self.shape[-1])
+        b0, b1 = start // self.cols, (stop - 1) // self.cols + 1
+        if b1 - b0 > 1 and (start % self.cols or stop % self.cols):
+            raise ValueError(f"input columns {start}..{stop} straddle blocks of {self.cols}")
+        inner = slice(start - b0 * self.cols, stop - b0 * self.cols) if b1 - b0 == 1 else slice(None)
+        part = self.disk.read((*lead, slice(b0, b1), rows, inner))  # [.., blocks, out, cols]
+        return part.movedim(-3, -2).flatten(-2)

@@ -24,11 +24,20 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, advise_huge_pages, output_dir, progress_bar, return_freed_memory
+from groklm.formats.common import (
+    BlockMajorArray,
+    CheckpointError,
+    DiskArray,
+    advise_huge_pages,
+    output_dir,
+    progress_bar,
+    return_freed_memory,
+)
+from groklm.formats.layout import allocate, part_of
 from groklm.formats.released import MappedEmbedding, open_released
 from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file
 from groklm.model import Grok
-from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, block_major, quantize_int8
+from groklm.quant import Int4ExpertLinear, Int4Linear, Int8ExpertLinear, Int8Linear, block_major, quantize_int8
 
 SHARD = "model-{:05d}.safetensors"
 
@@ -176,19 +185,11 @@ def _check_dtype(entry: Entry, expected: torch.dtype) -> None:
         raise CheckpointError(f"{entry.where()}: stored as {entry.dtype_name}, expected {NAMES[expected]}")
 
 
-def load_native(
-    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", mmap: bool = False
-) -> Grok:
-    """Load groklm's layout. With `mmap`, tensors stay in the files' (copy-on-write) memory maps and
-    are paged in as they are first used: start-up is immediate and a model larger than RAM still
-    runs, at the speed of the disk. Otherwise they are read into freshly allocated memory.
-
-    Every shard's header is checked, and every tensor's name, shape and dtype against the model,
-    before any weight is read."""
-    path = Path(path)
+def _layout(path: Path, dtype: torch.dtype) -> tuple[Grok, dict[str, Entry], set[str]]:
+    """The model on the meta device, laid out as the checkpoint stores it (int8 where I8 weights have
+    scales, int4 where U8 ones do), every tensor's entry, and the names stored row-major that are held
+    block-major (files written before int8 row blocks were): names, shapes and dtypes all checked."""
     config = GrokConfig.from_json(path / "config.json")
-    if mmap and torch.device(device).type != "cpu":
-        raise ValueError("mmap loading is for the CPU")
     stored = _stored(path, config.num_layers)
     shape_of = {n: e.shape for n, e in stored.items()}
     with torch.device("meta"):
@@ -229,7 +230,6 @@ def load_native(
             f"{path}: tensor names do not match the model: missing {missing[:5]}, unexpected "
             f"{[f'{n} (in {stored[n].file.name})' for n in extra[:5]]}"
         )
-    # Files written before int8 row blocks were held block-major store them row-major: re-laid out as read.
     relayout = {
         name
         for name, t in expected.items()
@@ -240,9 +240,35 @@ def load_native(
         if tuple(t.shape) != shape_of[name] and name not in relayout:
             raise CheckpointError(f"{stored[name].where()}: shape {shape_of[name]}, expected {tuple(t.shape)}")
         _check_dtype(stored[name], t.dtype)
+    return model, stored, relayout
+
+
+def _read(target: Tensor, entry: Entry, relayout: bool) -> None:
+    """Read a stored tensor into the model's (re-laid out block-major, or converted, where it must be)."""
+    if relayout:
+        target.copy_(block_major(read_tensor(entry), target.shape[-3]))
+    elif entry.dtype != target.dtype:
+        target.copy_(read_tensor(entry))
+    else:
+        read_into(entry, target)
+
+
+def load_native(
+    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", mmap: bool = False
+) -> Grok:
+    """Load groklm's layout. With `mmap`, tensors stay in the files' (copy-on-write) memory maps and
+    are paged in as they are first used: start-up is immediate and a model larger than RAM still
+    runs, at the speed of the disk. Otherwise they are read into freshly allocated memory.
+
+    Every shard's header is checked, and every tensor's name, shape and dtype against the model,
+    before any weight is read."""
+    path = Path(path)
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap loading is for the CPU")
+    model, stored, relayout = _layout(path, dtype)
+    expected = dict(model.state_dict())
     if mmap:
-        maps = {e.file: None for e in stored.values()}
-        files = {f: MappedFile(f) for f in maps}
+        files = {e.file: MappedFile(e.file) for e in stored.values()}
         kernels.guard_mapped_files(f"the shards of {path}")
         mapped = {}
         for name, entry in stored.items():
@@ -257,28 +283,41 @@ def load_native(
     targets = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for name, entry in sorted(stored.items(), key=lambda item: (str(item[1].file), item[1].offset)):
-            target = targets[name]
-            if name in relayout:
-                target.copy_(block_major(read_tensor(entry), expected[name].shape[-3]))
-            elif entry.dtype != target.dtype:
-                target.copy_(read_tensor(entry))
-            else:
-                read_into(entry, target)
+            _read(targets[name], entry, name in relayout)
     return model.eval().requires_grad_(False)
 
 
 class NativeSource:
-    """groklm's layout opened for streaming (see `layout.Source`): every tensor is memory-mapped at once,
-    so `fill` has nothing to do, and a part's maps go when its modules move to meta."""
+    """groklm's layout opened for streaming (see `layout.Source`): laid out on the meta device, a part's
+    tensors read when it is filled; `lazy` reads a slice of one (a tensor-parallel rank's share)."""
 
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.model = load_native(path, dtype, mmap=True)
+        self.path = Path(path)
+        self.model, self.stored, self.relayout = _layout(self.path, dtype)
         if config is not None and config != self.model.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
 
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: object = None) -> None:
-        if torch.device(device).type != "cpu":
-            raise ValueError("a memory-mapped checkpoint is read on the CPU")
+    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
+        allocate(self.model, part, device)
+        targets = dict(self.model.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for name, entry in self.stored.items():
+                if part_of(name) == part:
+                    _read(targets[name], entry, name in self.relayout)
+                    if bar is not None:
+                        bar.update(1)
+
+    def lazy(self, name: str) -> Any:
+        """Tensor `name` on disk, read slice by slice in our logical layout ([.., out, in] row-major)."""
+        entry = self.stored[name]
+        module = self.model.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".weight") and name not in self.relayout and isinstance(module, (Int8Linear, Int8ExpertLinear)) \
+                and entry.dtype == torch.int8 and len(entry.shape) == module.scales.dim() + 1:  # fmt: skip
+            return BlockMajorArray(DiskArray(entry.file, entry.offset, entry.shape, entry.dtype))
+        return DiskArray(entry.file, entry.offset, entry.shape, entry.dtype)
+
+    def __len__(self) -> int:
+        return len(self.stored)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

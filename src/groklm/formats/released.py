@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, advise_huge_pages, output_dir, progress_bar
+from groklm.formats.common import (
+    CheckpointError,
+    DiskArray,
+    TensorArray,
+    advise_huge_pages,
+    output_dir,
+    progress_bar,
+)
 from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
 from groklm.model import Grok
 from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight
@@ -319,6 +326,26 @@ class Released:
                 _fill_rows(file, rec, module.weight)
         except CheckpointError as e:
             raise CheckpointError(f"{e} [parameter {p.name}]") from None
+
+    def lazy(self, name: str) -> DiskArray | TensorArray:
+        """Tensor `name` (ours) in our layout, read slice by slice from its file: the [.., in, out]
+        weights (and [.., G, out] scales) as [.., out, in] (and [.., out, G]). KeyError if not stored."""
+        module, _, leaf = name.rpartition(".")
+        found = [(p, rec) for p, rec in zip(self.params, self.records, strict=True) if p.module == module]
+        if not found:
+            raise KeyError(name)
+        p, rec = found[0]
+        if isinstance(rec, QuantizedWeight8bit):
+            array = {"weight": rec.weight, "scales": rec.scales}.get(leaf)
+        else:
+            array = rec if leaf == "weight" else None
+        if array is None:
+            raise KeyError(name)
+        transposed = p.kind in ("linear", "router")
+        if isinstance(array.data, FileSlice):
+            return DiskArray(self.ckpt / p.file, array.data.offset, array.shape, array.dtype, transposed)
+        whole = next(_Reader(self.ckpt / p.file, array).rows(max(1, array.shape[0] if array.shape else 1)))[1]
+        return TensorArray(whole.clone(), transposed)
 
 
 def _part_of(module: str) -> str:

@@ -124,6 +124,44 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+class Runner:
+    """The model calls and KV-cache moves of the engine's steps, and nothing else: every rank of a
+    tensor-parallel model runs the same ones (`serve.ranks` sends rank 0's to the others)."""
+
+    def __init__(self, model: Grok, max_batch: int, max_model_len: int, decode: Decode = decode_one) -> None:
+        self.model, self.decode_fn = model, decode
+        self.cache = KVCache.allocate(model.config, max_batch, max_model_len, model.dtype, model.device)
+
+    def prefill(self, row: int, start: int, tokens: list[int], all_logits: bool, last_logits: bool
+                ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+        """Run `tokens` at positions start.. of KV row `row`; the fp32 logits at every one of them [T, V]
+        and/or at the last [1, V], as asked."""
+        device = self.model.device
+        end = start + len(tokens)
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.arange(start, end, device=device)[None]
+        h = self.model.hidden(ids, self.cache.rows(row, row + 1).prefix(end), positions)  # [1, T, D]
+        every = self.model.unembed(h[0]) if all_logits else None
+        last = self.model.unembed(h[0, -1:]) if last_logits else None
+        return every, last
+
+    def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
+        """One token for each of KV rows 0..n-1 -> fp32 logits [n, V]."""
+        device = self.model.device
+        pos = torch.tensor(positions, device=device)
+        view = self.cache.rows(0, len(tokens)).prefix(max(positions) + 1)
+        return self.decode_fn(self.model, torch.tensor(tokens, device=device), pos, view)
+
+    def copy_rows(self, src: list[int], dst: list[int], slots: int) -> None:
+        self.cache.copy_rows(src, dst, slots)
+
+    def idle(self) -> None:
+        """Called while there is nothing to run (about every half second)."""
+
+    def close(self) -> None:
+        """The engine has stopped."""
+
+
 class Engine:
     def __init__(
         self,
@@ -135,6 +173,7 @@ class Engine:
         max_model_len: int | None = None,
         decode: Decode = decode_one,
         metrics: Metrics | None = None,
+        runner: Callable[[Grok, int, int, Decode], Runner] = Runner,
     ) -> None:
         config = model.config
         self.max_model_len = max_model_len or config.sequence_len
@@ -144,11 +183,11 @@ class Engine:
                 raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
         if self.max_model_len > config.sequence_len:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context {config.sequence_len}")
-        self.model, self.tokenizer, self.decode = model, tokenizer, decode
+        self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.metrics = metrics or Metrics()
         self.metrics.kv_rows_total.set(max_batch)
-        self.cache = KVCache.allocate(config, max_batch, self.max_model_len, model.dtype, model.device)
+        self.runner = runner(model, max_batch, self.max_model_len, decode)
         self.rows = [Row() for _ in range(max_batch)]
         self.n_dec = 0  # rows 0..n_dec-1 hold the decoding sequences
         self.waiting: deque[Sequence] = deque()
@@ -243,10 +282,15 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stopped and not self.by_id:
+                    if not self._stopped and not self.by_id:
                         self._cv.wait(0.5)
-                    if self._stopped:
-                        return
+                    stopped, busy = self._stopped, bool(self.by_id)
+                if stopped:
+                    self.runner.close()
+                    return
+                if not busy:
+                    self.runner.idle()
+                    continue
                 try:
                     self.step()
                 except Exception as e:  # a failed step fails its sequences, not the server
@@ -300,7 +344,7 @@ class Engine:
             else:
                 target = min(free, key=lambda i: (bool(self.rows[i].tokens), self.rows[i].last_used))
                 if best > 0:
-                    self.cache.copy_rows([source], [target], best)
+                    self.runner.copy_rows([source], [target], best)
             row = self.rows[target]
             row.tokens = (self.rows[source].tokens if best > 0 else [])[:best]
             row.seq, row.last_used = seq, next(self._clock)
@@ -314,25 +358,23 @@ class Engine:
         row = self.rows[seq.row]
         start = seq.prefilled
         end = min(len(seq.prompt), start + self.prefill_chunk)
-        device = self.model.device
-        tokens = torch.tensor([seq.prompt[start:end]], device=device)
-        positions = torch.arange(start, end, device=device)[None]
-        h = self.model.hidden(tokens, self.cache.rows(seq.row, seq.row + 1).prefix(end), positions)  # [1, T, D]
+        every, last = self.runner.prefill(
+            seq.row, start, seq.prompt[start:end], seq.params.prompt_logprobs, end == len(seq.prompt)
+        )
         row.tokens.extend(seq.prompt[start:end])
         seq.prefilled = end
-        if seq.params.prompt_logprobs:
-            self._prompt_logprobs(seq, start, end, h[0])
-        if end < len(seq.prompt):
+        if every is not None:
+            self._prompt_logprobs(seq, start, end, every.log_softmax(-1))
+        if last is None:
             return
-        logits = self.model.unembed(h[0, -1:])  # [1, V]
         seq.state = "decoding"
         self._move(seq.row, self.n_dec)
         self.n_dec += 1
-        self._take(seq, logits[0])
+        self._take(seq, last[0])
 
-    def _prompt_logprobs(self, seq: Sequence, start: int, end: int, h: Tensor) -> None:
-        """The logprob of each prompt token after `start` given the ones before it (for echo)."""
-        logprobs = self.model.unembed(h).log_softmax(-1)  # [T, V]: position p predicts token p + 1
+    def _prompt_logprobs(self, seq: Sequence, start: int, end: int, logprobs: Tensor) -> None:
+        """The logprob of each prompt token after `start` given the ones before it (for echo); `logprobs`
+        [T, V]: position p predicts token p + 1."""
         out: list[float | None] = [None] if start == 0 else []
         tops: list[list[tuple[int, float]] | None] = [None] if start == 0 else []
         n = seq.params.logprobs or 0
@@ -346,11 +388,8 @@ class Engine:
         n = self.n_dec
         seqs = [self.rows[i].seq for i in range(n)]
         assert all(s is not None and s.state == "decoding" for s in seqs)
-        device = self.model.device
-        tokens = torch.tensor([s.next_token for s in seqs], device=device)  # type: ignore[union-attr]
-        positions = torch.tensor([len(self.rows[i].tokens) for i in range(n)], device=device)
-        view = self.cache.rows(0, n).prefix(int(positions.max()) + 1)
-        logits = self.decode(self.model, tokens, positions, view)  # [n, V]
+        tokens = [s.next_token for s in seqs]  # type: ignore[union-attr]
+        logits = self.runner.decode(tokens, [len(self.rows[i].tokens) for i in range(n)])  # type: ignore[arg-type]
         for i, seq in enumerate(seqs):
             assert seq is not None and seq.next_token is not None
             self.rows[i].tokens.append(seq.next_token)
@@ -413,7 +452,7 @@ class Engine:
         ra, rb = self.rows[a], self.rows[b]
         slots = max(len(ra.tokens), len(rb.tokens))
         if slots:
-            self.cache.copy_rows([a, b], [b, a], slots)
+            self.runner.copy_rows([a, b], [b, a], slots)
         self.rows[a], self.rows[b] = rb, ra
         for i in (a, b):
             if self.rows[i].seq is not None:
