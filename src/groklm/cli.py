@@ -436,6 +436,58 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze_routing(args: argparse.Namespace) -> int:
+    from groklm.analyze.routing import analyze, summarize, write_report
+    from groklm.load import checkpoint_config, detect_format, load
+    from groklm.tokenizer import find_tokenizer
+
+    given = [n for n, v in (("--text", args.text), ("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids)) if v]
+    if len(given) != 1:
+        raise UsageError("give one input: --text FILE, --prompt TEXT or --prompt-ids")
+    for name in ("max_tokens", "window", "map_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    _check_device(args.device)
+    config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
+        raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints")
+    tokenizer = None
+    if args.prompt_ids:
+        ids = _parse_ids(args.prompt_ids)
+    else:
+        try:
+            tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+        except FileNotFoundError as e:
+            raise UsageError(f"{e} (--tokenizer PATH); a text input needs it") from None
+        if args.text:
+            try:
+                text = Path(args.text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--text {args.text}: {getattr(e, 'strerror', None) or e}") from None
+        else:
+            text = args.prompt
+        ids = tokenizer.encode(text)
+    ids = ids[: args.max_tokens]
+    if not ids:
+        raise UsageError("the input encodes to no tokens")
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(f"token ids {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+    _set_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=args.device,
+                 progress=not args.quiet, bits=args.bits)  # fmt: skip
+    t1 = time.perf_counter()
+    experts, _gates, probs = analyze(model, ids, args.window)
+    labels = [tokenizer.decode([t]) for t in ids[: args.map_tokens]] if tokenizer else None
+    stats = summarize(experts, probs, ids, labels, args.map_tokens)
+    report = write_report(stats, args.out, f"Routing of {Path(args.checkpoint).name}: {len(ids)} tokens")
+    if not args.quiet:
+        print(f"routed {len(ids)} tokens in {time.perf_counter() - t1:.1f} s (load {t1 - t0:.1f} s); wrote {report} "
+              f"and routing.json, load.png, coselection.png, consistency.png, route_map.png beside it")  # fmt: skip
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from groklm import sizing
     from groklm.config import get_preset
@@ -709,6 +761,28 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(i, "(default: grok-1)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    an = command("analyze", "study a model: routing statistics and plots")
+    an_sub = an.add_subparsers(dest="what", required=True, metavar="WHAT")
+    ro = an_sub.add_parser("routing", help="which experts the tokens of a text choose: JSON, PNG plots, an HTML report",
+                           description="Run a text through the model and report what its experts do.",
+                           formatter_class=_Formatter)  # fmt: skip
+    ro.add_argument("--checkpoint", required=True, help="checkpoint directory (any format groklm reads)")
+    ro.add_argument("--text", metavar="FILE", help="a UTF-8 text file to route")
+    ro.add_argument("--prompt", help="a text to route")
+    ro.add_argument("--prompt-ids", help="comma-separated token ids to route")
+    ro.add_argument("--out", required=True, help="directory for routing.json, the PNG plots and report.html")
+    ro.add_argument("--max-tokens", type=int, default=2000, help="route at most this many tokens of the input")
+    ro.add_argument("--window", type=int, default=512, help="tokens run together (each window from position 0)")
+    ro.add_argument("--map-tokens", type=int, default=48, help="tokens shown in the route map")
+    ro.add_argument("--tokenizer", help="tokenizer (default: found in or next to the checkpoint)")
+    config_options(ro, "for a checkpoint without config.json (default: Grok-1's)")
+    ro.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
+    ro.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ro.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
+    ro.add_argument("--bits", type=int, choices=[4, 8], help="quantize a float checkpoint as it loads")
+    ro.add_argument("--quiet", action="store_true")
+    ro.set_defaults(func=cmd_analyze_routing)
 
     pl = command("plan", "the tensor/expert-parallel layouts that fit a set of GPUs, and their decode speed")
     pl.add_argument("--checkpoint", help="plan for this checkpoint's config")

@@ -116,6 +116,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
         [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, fl, i, p],
         i,
     )
+    cdll.groklm_route.argtypes, cdll.groklm_route.restype = [p, i, i, p, i, i, fl, p, p], None
     cdll.groklm_attend.argtypes = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p, p]
     cdll.groklm_attend.restype = i
     cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = cdll.groklm_set_erf8.argtypes = [p]
@@ -532,6 +533,21 @@ def _moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert,
     if rc:
         raise MemoryError(f"the native MoE could not allocate its scratch for {n} tokens")
     return y
+
+
+def route(x: Tensor, router: Tensor, topk: int, router_cap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The routing `moe` computes (the same native function): x [N, D] bf16, router [E, D] fp32 -> gates
+    [N, k] fp32 (softmax probabilities, not renormalised) and expert ids [N, k] int64, best first."""
+    lib = _library()
+    if lib is None:
+        raise ValueError("the native kernels are not available")
+    n, d = x.shape
+    e = router.shape[0]
+    xb, r = x.to(torch.bfloat16).contiguous(), router.float().contiguous()
+    experts = torch.empty(n, topk, dtype=torch.int32)
+    gates = torch.empty(n, topk, dtype=torch.float32)
+    lib.groklm_route(xb.data_ptr(), n, d, r.data_ptr(), e, topk, router_cap, experts.data_ptr(), gates.data_ptr())
+    return gates, experts.long()
 
 
 def supports_attend(q: Tensor, k: Tensor) -> bool:

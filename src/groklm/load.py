@@ -217,7 +217,9 @@ def load_sharded(path: str | Path, mesh: Any, config: GrokConfig, dtype: torch.d
     model = parallel.apply_plan(whole, p, groups)  # laid out on meta
     model.to_empty(device=device)
     names = parallel.filled_modules(model)
-    bar = progress_bar(len(names), f"loading {path} (tp rank {p.tp_rank} of {p.tp}, ep rank {p.ep_rank} of {p.ep})", progress)
+    bar = progress_bar(
+        len(names), f"loading {path} (tp rank {p.tp_rank} of {p.tp}, ep rank {p.ep_rank} of {p.ep})", progress
+    )
     lazy = getattr(source, "lazy", None)
     head = model.head.local  # type: ignore[union-attr]
     with torch.no_grad():

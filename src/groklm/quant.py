@@ -413,16 +413,34 @@ class QuantizedMoE(MoE):
     one native call (`kernels.moe`: grouped by expert, no host synchronisation on the routing);
     elsewhere as MoE."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def native(self, x: Tensor) -> int | None:
+        """The width of the native call this input takes (8 or 4), or None: the plain MoE path."""
         mods = (self.w1, self.v, self.w2)
         bits = _native_bits(x, mods, _EXPERT_BITS)
-        parts = [(m.weight, m.scales) for m in mods] if bits is not None else []
-        router = self.router.weight.contiguous()
-        if bits is None or not kernels.supports_moe(bits, *parts) or router.dtype != torch.float32:
+        if bits is None or self.router.weight.dtype != torch.float32:
+            return None
+        return bits if kernels.supports_moe(bits, *[(m.weight, m.scales) for m in mods]) else None
+
+    def route(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        """As MoE.route, computed as the native call routes where it applies (the same function)."""
+        if self.native(xs) is None:
+            return super().route(xs)
+        return kernels.route(xs, self.router.weight.contiguous(), self.top_k, self.router_softcap or 0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bits = self.native(x)
+        if bits is None:
             return super().forward(x)
+        parts = [(m.weight, m.scales) for m in (self.w1, self.v, self.w2)]
         cap = self.router_softcap or 0.0
         return kernels.moe(
-            x.reshape(-1, x.shape[-1]), router, self.top_k, bits, *parts, cap, self.approximate == "none"
+            x.reshape(-1, x.shape[-1]),
+            self.router.weight.contiguous(),
+            self.top_k,
+            bits,
+            *parts,
+            cap,
+            self.approximate == "none",
         ).view(x.shape)
 
 

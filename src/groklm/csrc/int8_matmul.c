@@ -575,6 +575,12 @@ static void route(const uint16_t *x, int N, int D, const float *router, int E, i
     }
 }
 
+/* The routing groklm_moe uses, on its own (for routing statistics: the same choices, tie for tie). */
+void groklm_route(const uint16_t *x, int N, int D, const float *router, int E, int topk, float cap, int *experts,
+                  float *gates) {
+    route(x, N, D, router, E, topk, cap, experts, gates);
+}
+
 int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, int topk, int E, int F,
                const void *w1, const uint16_t *s1, int g1, const void *wv, const uint16_t *sv, int gv,
                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int blocked1, int blocked2,

@@ -1,0 +1,1 @@
+"""Tools to study a loaded model: `routing` (what the experts do)."""
