@@ -96,6 +96,19 @@ def _start_ranks(args: argparse.Namespace) -> Ranks:
     return Ranks(tp, ep, rank, device)
 
 
+def _check_adapter(args: argparse.Namespace, parallel: bool) -> None:
+    if not args.adapter:
+        return
+    if parallel:
+        raise UsageError("--adapter runs in one process: merge it first (`groklm merge`), then split the result")
+    from groklm.train.lora import read_adapter_config
+
+    try:
+        read_adapter_config(args.adapter)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--adapter {e}") from None
+
+
 def _check_plan(config: Any, tp: int, ep: int) -> None:
     from groklm import parallel
 
@@ -194,6 +207,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         _license_notice(config)
     if args.mmap and ranks.parallel:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
+    _check_adapter(args, ranks.parallel)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
                          "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
@@ -234,6 +248,10 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=ranks.device if ranks.parallel
                  else args.device, progress=not args.quiet and ranks.leader, mmap=args.mmap, bits=args.bits,
                  tp=ranks.tp, ep=ranks.ep)  # fmt: skip
+    if args.adapter:
+        from groklm.train.lora import load_adapter
+
+        load_adapter(model, args.adapter)
     load_s = time.perf_counter() - t0
     if args.compile and not args.quiet:
         print("groklm: compiling the decode step (the first token waits tens of seconds)", file=sys.stderr)
@@ -323,11 +341,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError("--group-size is for --bits 4 (int8 keeps the released scale groups)")
     convert(args.input, args.output, args.bits, args.group_size, _config_arg(args), progress=not args.quiet,
             force=args.force)  # fmt: skip
-    src = Path(args.input)
-    for tok in (src / "tokenizer.model", src.parent / "tokenizer.model"):
-        if tok.is_file():
-            shutil.copy(tok, Path(args.output) / "tokenizer.model")
-            break
+    _copy_tokenizer(Path(args.input), Path(args.output))
     size = sum(f.stat().st_size for f in Path(args.output).glob("*.safetensors"))
     print(f"wrote {args.output} ({size / 2**20:.1f} MiB, int{args.bits})")
     return 0
@@ -488,6 +502,66 @@ def cmd_analyze_routing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from groklm.load import checkpoint_config, detect_format
+    from groklm.train.finetune import FinetuneConfig, finetune
+    from groklm.train.lora import LoraConfig
+
+    if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
+        raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (the released one is int8 already)")
+    config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    _license_notice(config)
+    try:
+        cfg = FinetuneConfig(
+            args.checkpoint, args.data, args.out, LoraConfig(args.rank, args.alpha, args.dropout, args.targets),
+            steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+            eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+            resume=args.resume, stop_after=args.stop_after, bits=args.bits, dtype=_torch_dtype(args.dtype), grad_checkpoint=not args.no_checkpointing,
+            tokenizer=args.tokenizer, config=config, progress=not args.quiet,
+        ).check()  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    summary = finetune(cfg)
+    print(json.dumps(summary) if args.json else
+          f"adapter in {summary['out']}: loss {summary['first_10_loss']:.3f} (first 10 steps) -> "
+          f"{summary['last_10_loss']:.3f} (last 10)"
+          + (f", evaluation {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
+          + f"; {summary['tokens_per_s']:.0f} tokens/s; plot: {summary['out']}/loss.png")  # fmt: skip
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from groklm.formats.common import output_dir
+    from groklm.formats.native import save_native
+    from groklm.load import checkpoint_config, load
+    from groklm.train.lora import load_adapter, merge, read_adapter_config
+
+    config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
+    read_adapter_config(args.adapter)  # checked before the base is read
+    with output_dir(args.out, args.force) as tmp:
+        model = load(args.checkpoint, config, dtype=torch.bfloat16, progress=not args.quiet)
+        merge(load_adapter(model, args.adapter))
+        save_native(model, tmp, progress=not args.quiet)
+    _copy_tokenizer(Path(args.checkpoint), Path(args.out))
+    if not args.quiet:
+        print(f"wrote {args.out}: {args.checkpoint} with {args.adapter} merged, weights quantized as the base's")
+    return 0
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for name in ("tokenizer.model", "tokenizer.tok.json"):
+        for tok in (src / name, src.parent / name):
+            if tok.is_file():
+                shutil.copy(tok, out / name)
+                return
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from groklm import sizing
     from groklm.config import get_preset
@@ -571,6 +645,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _license_notice(config)
     if args.mmap and args.tp * args.ep > 1:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
+    _check_adapter(args, args.tp * args.ep > 1)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
     if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
@@ -597,6 +672,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = load(args.checkpoint, config, dtype=_torch_dtype(args.dtype), device=ranks.device if ranks.parallel
                      else args.device, progress=not args.quiet and ranks.leader, mmap=args.mmap, bits=args.bits,
                      tp=ranks.tp, ep=ranks.ep)  # fmt: skip
+        if args.adapter:
+            from groklm.train.lora import load_adapter
+
+            load_adapter(model, args.adapter)
         decode = compile_decode() if args.compile else decode_one
         if not ranks.leader:
             import signal
@@ -688,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the decode step (pays off after the first ~30 s)"
     )
     parallel_options(g)
+    g.add_argument("--adapter", help="apply this LoRA adapter (from `groklm finetune`, PEFT's format)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or statistics on stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -732,6 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parallel_options(s)
+    s.add_argument("--adapter", help="apply this LoRA adapter (from `groklm finetune`, PEFT's format)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_serve)
 
@@ -783,6 +864,47 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--bits", type=int, choices=[4, 8], help="quantize a float checkpoint as it loads")
     ro.add_argument("--quiet", action="store_true")
     ro.set_defaults(func=cmd_analyze_routing)
+
+    ft = command("finetune", "train LoRA adapters on a frozen base (int8, int4 or float), saved in PEFT's format")
+    ft.add_argument("--checkpoint", required=True, help="the base checkpoint (any format groklm reads)")
+    ft.add_argument("--data", required=True, help=".jsonl ({'text'} or {'prompt', 'completion'} a line) or a text file")
+    ft.add_argument("--out", required=True, help="directory for the adapter, state.pt, log.jsonl and loss.png")
+    ft.add_argument("--targets", default="attn", help="comma-separated: attn (wq,wk,wv,wo), experts (w1,v,w2), "
+                    "router, mlp (Grok-2), or single names")  # fmt: skip
+    ft.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    ft.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    ft.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    ft.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    ft.add_argument("--batch", type=int, default=1, help="packed windows a step")
+    ft.add_argument("--seq-len", type=int, default=512, help="tokens a window")
+    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    ft.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay to 0.1 x")
+    ft.add_argument("--eval-fraction", type=float, default=0.05, help="windows held out for the evaluation loss")
+    ft.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    ft.add_argument("--save-every", type=int, default=50, help="steps between saves (adapter and state.pt)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    ft.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
+    ft.add_argument("--bits", type=int, choices=[4, 8], help="hold a float base quantized (QLoRA-style)")
+    ft.add_argument("--dtype", choices=DTYPES, default="bf16", help="the base's compute dtype")
+    ft.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations (more memory)")
+    ft.add_argument("--tokenizer", help="tokenizer (default: found in or next to the checkpoint)")
+    config_options(ft, "for a checkpoint without config.json (default: Grok-1's)")
+    ft.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
+    ft.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
+
+    mg = command("merge", "fold a LoRA adapter into a checkpoint, quantized again as the base was")
+    mg.add_argument("--checkpoint", required=True, help="the base checkpoint")
+    mg.add_argument(
+        "--adapter", required=True, help="the adapter directory (adapter_config.json, adapter_model.safetensors)"
+    )
+    mg.add_argument("--out", required=True, help="output directory (groklm's layout); must be new or empty")
+    config_options(mg, "for a checkpoint without config.json (default: Grok-1's)")
+    mg.add_argument("--force", action="store_true", help="replace an existing output directory")
+    mg.add_argument("--quiet", action="store_true")
+    mg.set_defaults(func=cmd_merge)
 
     pl = command("plan", "the tensor/expert-parallel layouts that fit a set of GPUs, and their decode speed")
     pl.add_argument("--checkpoint", help="plan for this checkpoint's config")

@@ -225,7 +225,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: GrokConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.top_k = config.num_selected_experts
+        self.top_k, self.num_experts = config.num_selected_experts, config.num_experts
         self.router_softcap = config.router_softcap
         self.approximate = "none" if config.gelu == "erf" else "tanh"
         d, f, e = config.emb_size, config.ffn_size, config.num_experts
@@ -250,7 +250,7 @@ class MoE(nn.Module):
         """sum over j of gates[:, j] * expert experts[:, j] (xs) -> [N, D]."""
         flat = experts.flatten()  # [P], pair p = token p // k
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.router.out_features).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         grouped = xs[order // self.top_k]  # [P, D]
         outs = torch.empty_like(grouped)
         start = 0

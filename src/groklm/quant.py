@@ -22,6 +22,7 @@ Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,47 @@ def block_major(weight: Tensor, groups: int) -> Tensor:
     return weight.unflatten(-1, (groups, -1)).movedim(-2, -3).contiguous()
 
 
+class _FrozenMatmul(torch.autograd.Function):
+    """A quantized linear differentiable in its input only (its weight is frozen): the forward as it
+    runs without gradients (native kernels included); the backward grad_y @ W with W dequantized a
+    block of output rows at a time (never a whole dequantized copy). What LoRA and QLoRA train through."""
+
+    ROWS = 4096
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, scales: Tensor, bits: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight, scales)
+        ctx.bits, ctx.in_features = bits, x.shape[-1]
+        with torch.no_grad():
+            return (_int8_linear if bits == 8 else _int4_linear)(x, weight, scales)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        weight, scales = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = torch.zeros(g.shape[0], ctx.in_features, dtype=torch.float32, device=g.device)
+        blocked = ctx.bits == 8 and weight.dim() == scales.dim() + 1
+        for r0 in range(0, scales.shape[0], _FrozenMatmul.ROWS):
+            r1 = min(scales.shape[0], r0 + _FrozenMatmul.ROWS)
+            w = weight[:, r0:r1] if blocked else weight[r0:r1]
+            deq = dequantize_weight(w, scales[r0:r1]) if ctx.bits == 8 else dequantize_weight_int4(w, scales[r0:r1])
+            gx += g[:, r0:r1].float() @ deq
+        return gx.to(grad.dtype).view(*grad.shape[:-1], ctx.in_features), None, None, None
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x [..., in] @ dequant(weight [out, in] or block-major [G, out, in/G], scales [out, G]).T ->
-    [..., out] in x's dtype."""
+    [..., out] in x's dtype; differentiable in x (see `_FrozenMatmul`)."""
+    if _needs_grad(x):
+        return _FrozenMatmul.apply(x, weight, scales, 8)
+    return _int8_linear(x, weight, scales)
+
+
+def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     out_features, groups = scales.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, kernels.in_features(weight, scales))
@@ -272,7 +311,14 @@ def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = 
 
 
 def int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
-    """x [..., in] @ dequant_int4(packed [out, in/2], scales [out, G]).T -> [..., out] in x's dtype."""
+    """x [..., in] @ dequant_int4(packed [out, in/2], scales [out, G]).T -> [..., out] in x's dtype;
+    differentiable in x (see `_FrozenMatmul`)."""
+    if _needs_grad(x):
+        return _FrozenMatmul.apply(x, packed, scales, 4)
+    return _int4_linear(x, packed, scales)
+
+
+def _int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     out_features = packed.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.shape[1] * 2)
@@ -376,7 +422,7 @@ def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[n
     """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
     CPU, one kind of module, one scale layout); else None."""
     bits = bits_of.get(type(modules[0]))
-    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or _needs_grad(x):
         return None
     if any(type(m) is not type(modules[0]) for m in modules):
         return None
@@ -417,7 +463,7 @@ class QuantizedMoE(MoE):
         """The width of the native call this input takes (8 or 4), or None: the plain MoE path."""
         mods = (self.w1, self.v, self.w2)
         bits = _native_bits(x, mods, _EXPERT_BITS)
-        if bits is None or self.router.weight.dtype != torch.float32:
+        if bits is None or type(self.router) is not nn.Linear or self.router.weight.dtype != torch.float32:
             return None
         return bits if kernels.supports_moe(bits, *[(m.weight, m.scales) for m in mods]) else None
 

@@ -56,9 +56,11 @@ def return_freed_memory() -> None:
 class _NoBar:
     def update(self, n: int) -> None: ...
     def close(self) -> None: ...
+    def set_postfix(self, **_: Any) -> None: ...
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor", initial: int = 0,
+                 leave: bool = False) -> Any:  # fmt: skip
     """A tqdm bar on stderr (bytes get B/s and an ETA with unit="B"), or one that does nothing."""
     if not enabled:
         return _NoBar()
@@ -66,7 +68,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> 
 
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                leave=False, file=sys.stderr)  # fmt: skip
+                leave=leave, file=sys.stderr, initial=initial)  # fmt: skip
 
 
 def parameter_bytes(model: nn.Module) -> int:

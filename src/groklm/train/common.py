@@ -1,0 +1,137 @@
+"""What fine-tuning and training share: the loss, the learning-rate schedule, gradient checkpointing per
+layer (a transform), resumable state, the loss log and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from groklm.model import Block, Grok
+from groklm.train.data import IGNORE
+
+
+def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (nats) over the targets that count."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def chunked_loss(model: Grok, h: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
+    """The loss of hidden states h [B, T, D], the output head run `chunk` positions at a time under
+    checkpointing: the [T, V] logits are never all held (they dominate memory with Grok's 131k vocabulary)."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    count = (targets != IGNORE).sum()
+    for t0 in range(0, h.shape[1], chunk):
+        hs, ts = h[:, t0 : t0 + chunk], targets[:, t0 : t0 + chunk]
+
+        def part(x: Tensor, t: Tensor) -> Tensor:
+            logits = model.unembed(x)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=IGNORE,
+                                   reduction="sum")  # fmt: skip
+
+        total = total + (checkpoint(part, hs, ts, use_reentrant=False) if torch.is_grad_enabled() else part(hs, ts))
+    return total / count.clamp_min(1)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.1) -> Any:
+    """Linear warmup over `warmup` steps, then cosine decay to `floor` x the peak at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class CheckpointedBlock(Block):
+    """A decoder layer whose activations are recomputed in the backward pass instead of kept."""
+
+    def forward(self, *args: Any) -> Tensor:  # type: ignore[override]
+        if not torch.is_grad_enabled():
+            return super().forward(*args)
+        return checkpoint(super().forward, *args, use_reentrant=False)
+
+
+def checkpoint_layers(model: Grok) -> Grok:
+    """Gradient checkpointing per layer, as a transform (same parameters and names)."""
+    for layer in model.layers:
+        if type(layer) is Block:
+            layer.__class__ = CheckpointedBlock
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save, written beside and moved into place (a crash mid-write leaves the last state whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training state to resume from")
+    return torch.load(path, weights_only=False)
+
+
+def log_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def plot_losses(log: list[dict[str, Any]], out: Path, title: str, baseline: float | None = None) -> Path:
+    """loss.png: the training loss per step (and a moving average), the evaluation loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, lw=0.7, alpha=0.5, label="train")
+        k = max(1, len(losses) // 20)
+        if k > 1:
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train, mean of {k}")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="evaluation")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="unigram entropy of the data")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,133 @@
+"""LoRA on a frozen quantized base: zero adapters change nothing, training lowers the loss, adapters
+survive saving (in PEFT's names), resuming and merging, and the command line uses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import groklm
+from groklm.config import GrokConfig
+from groklm.train.finetune import FinetuneConfig, finetune
+from groklm.train.lora import LoraConfig, adapters, add_lora, load_adapter, merge
+from tests.conftest import GOLDEN, TOKENIZER
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "Question: what colour is the sky on a clear day? Answer: blue.\n"
+    "Question: what colour is grass? Answer: green.\n"
+    "Question: what colour is snow? Answer: white.\n"
+) * 12
+
+
+@pytest.fixture(scope="module")
+def mini_with_tokenizer(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path:
+    out = tmp_path_factory.mktemp("mini-tok") / "mini"
+    import shutil
+
+    shutil.copytree(mini_ckpt, out)
+    shutil.copy(TOKENIZER, out / "tokenizer.model")
+    return out
+
+
+def _tokens() -> torch.Tensor:
+    return torch.tensor(np.load(GOLDEN / "golden.npz")["batch"], dtype=torch.long)
+
+
+def test_zero_adapters_leave_the_logits_exactly_unchanged(golden_config: GrokConfig, mini_ckpt: Path) -> None:
+    """B starts at zero. fp32 (torch paths) with every target; bf16 on mini (native int8 kernels) with the
+    attention and the router, whose base modules run the same kernels wrapped or not."""
+    model = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False)
+    tokens = _tokens()
+    with torch.no_grad():
+        before = model(tokens)
+        add_lora(model, LoraConfig(4, 8, 0.0, ["attn", "experts", "router"]))
+        assert len(adapters(model)) == golden_config.num_layers * 8
+        assert torch.equal(model(tokens), before)
+    model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
+    with torch.no_grad():
+        before = model(tokens)
+        add_lora(model, LoraConfig(4, 8, 0.0, ["attn", "router"]))
+        assert torch.equal(model(tokens), before)
+
+
+def _finetune(ckpt: Path, tmp: Path, out: str, **kw: object) -> dict[str, object]:
+    data = tmp / "data.txt"
+    data.write_text(TEXT)
+    args = {"steps": 30, "seq_len": 48, "lr": 2e-3, "warmup": 3, "eval_every": 10, "save_every": 10,
+            "progress": False, "lora": LoraConfig(8, 16, 0.0, ["attn", "experts", "router"])} | kw  # fmt: skip
+    return finetune(FinetuneConfig(str(ckpt), str(data), str(tmp / out), **args))  # type: ignore[arg-type]
+
+
+def test_finetuning_lowers_the_loss_and_resumes_exactly(mini_with_tokenizer: Path, tmp_path: Path) -> None:
+    whole = _finetune(mini_with_tokenizer, tmp_path, "whole")
+    # The random mini model on a small repetitive text: measured 10.6 -> 2.5 (first vs last 10 steps).
+    assert whole["last_10_loss"] < 0.5 * whole["first_10_loss"], whole  # type: ignore[operator]
+    log = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and "eval_loss" in log[-1]
+    assert (tmp_path / "whole" / "loss.png").stat().st_size > 5000
+    # Stopped after step 12, then resumed: the same losses, bit for bit (CPU, same threads).
+    _finetune(mini_with_tokenizer, tmp_path, "split", stop_after=12)
+    _finetune(mini_with_tokenizer, tmp_path, "split", resume=True)
+    split = [json.loads(x) for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in split] == [r["loss"] for r in log]
+
+
+def test_adapters_save_in_peft_names_reload_and_merge(mini_with_tokenizer: Path, tmp_path: Path) -> None:
+    _finetune(mini_with_tokenizer, tmp_path, "a", steps=15)
+    saved = tmp_path / "a"
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert sorted(cfg["target_modules"]) == ["gate", "k_proj", "linear", "linear_1", "linear_v", "o_proj", "q_proj",
+                                             "v_proj"]  # fmt: skip
+    keys = load_file(str(saved / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.attn.q_proj.lora_A.weight" in keys
+    assert keys["base_model.model.model.layers.3.moe_block.experts.7.linear_1.lora_B.weight"].shape == (256, 8)
+    assert "base_model.model.model.layers.1.moe_block.gate.lora_A.weight" in keys
+
+    tokens = _tokens()
+    fp32 = torch.float32
+    base = groklm.load(mini_with_tokenizer, dtype=fp32, progress=False)
+    with torch.no_grad():
+        plain = base(tokens)
+        adapted = load_adapter(base, saved)(tokens)
+        again = load_adapter(groklm.load(mini_with_tokenizer, dtype=fp32, progress=False), saved)(tokens)
+        assert torch.equal(adapted, again)  # the file holds exactly what was trained
+        effect = (adapted - plain).abs().mean().item()
+        merged = merge(base)(tokens)
+    assert not adapters(base)
+    # Merging folds W + BA back into int8 with the base's grouping: in fp32 the requantization moves the
+    # logits by a tenth of what the adapter itself does (measured 0.027 against 0.29; in bf16 the random
+    # model's near-tied routers add their own noise: 0.13).
+    diff = (merged - adapted).abs().mean().item()
+    assert effect > 0.1 and diff < 0.15 * effect, (diff, effect)
+    assert (merged.argmax(-1) == adapted.argmax(-1)).float().mean() >= 0.85
+
+    # The command line: generate with the adapter, merge, and generate from the merged checkpoint.
+    def cli(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "groklm", *a], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)  # fmt: skip
+
+    ids = ",".join(map(str, tokens[0, :6].tolist()))
+    r = cli("generate", "--checkpoint", str(mini_with_tokenizer), "--adapter", str(saved), "--prompt-ids", ids,
+            "--max-new-tokens", "6", "--json", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        expected = groklm.generate(load_adapter(groklm.load(mini_with_tokenizer, progress=False), saved),
+                                   [tokens[0, :6].tolist()], 6)[0]  # fmt: skip
+    assert json.loads(r.stdout)["token_ids"] == expected
+    r = cli("merge", "--checkpoint", str(mini_with_tokenizer), "--adapter", str(saved), "--out", str(tmp_path / "m"),
+            "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():  # the command writes what merging in memory gives
+        in_memory = merge(load_adapter(groklm.load(mini_with_tokenizer, progress=False), saved))(tokens)
+        assert torch.equal(groklm.load(tmp_path / "m", progress=False)(tokens), in_memory)
+    r = cli("generate", "--checkpoint", str(mini_with_tokenizer), "--adapter", str(tmp_path), "hi")
+    assert r.returncode == 2 and "no adapter here" in r.stderr
