@@ -562,6 +562,51 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
                 return
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from groklm.train.pretrain import TrainConfig, train
+
+    config = _config_arg(args)
+    if config is None:
+        raise UsageError("give the model to train: --preset NAME or --config FILE")
+    _check_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    try:
+        cfg = TrainConfig(
+            config, args.data, args.out, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer,
+            steps=args.steps, batch=args.batch, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+            warmup=args.warmup, weight_decay=args.weight_decay, aux_coef=args.aux_loss, z_coef=args.z_loss,
+            eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, resume=args.resume,
+            stop_after=args.stop_after, max_tokens=args.max_tokens, time_limit_s=args.time_limit, dtype=dtype,
+            device=args.device, grad_checkpoint=args.checkpointing, progress=not args.quiet,
+        ).check()  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: FSDP over every rank
+        from groklm import parallel
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else args.device
+        cfg.device = device
+        rank = parallel.init(device)
+    _set_threads(args.threads)
+    try:
+        summary = train(cfg)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary) if args.json else
+              f"trained {summary['parameters'] / 1e6:.1f} M parameters for {summary['steps']} steps in "
+              f"{summary['seconds']:.0f} s: loss {summary['first_10_loss']:.2f} -> {summary['last_10_loss']:.2f} "
+              f"(the data's unigram entropy: {summary['unigram_entropy']:.2f}); "
+              f"model in {summary['model']}, plot {summary['out']}/loss.png")  # fmt: skip
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from groklm import sizing
     from groklm.config import get_preset
@@ -905,6 +950,37 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--force", action="store_true", help="replace an existing output directory")
     mg.add_argument("--quiet", action="store_true")
     mg.set_defaults(func=cmd_merge)
+
+    tr = command("train", "train a Grok-architecture model from scratch (FSDP2 under torchrun)")
+    config_options(tr, "to train")
+    tr.add_argument("--data", nargs="+", required=True, help="text files, or directories of .txt/.md/.py/.rst files")
+    tr.add_argument("--out", required=True, help="directory for state.pt, log.jsonl, loss.png and model/")
+    tk = tr.add_mutually_exclusive_group(required=True)
+    tk.add_argument("--tokenizer", help="a SentencePiece tokenizer.model (e.g. Grok-1's)")
+    tk.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a SentencePiece BPE of VOCAB pieces")
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    tr.add_argument("--batch", type=int, default=16, help="windows a step (the global batch)")
+    tr.add_argument("--seq-len", type=int, default=256, help="tokens a window")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches a step")
+    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
+    tr.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay to 0.1 x")
+    tr.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
+    tr.add_argument("--aux-loss", type=float, default=0.01, help="load-balancing loss coefficient")
+    tr.add_argument("--z-loss", type=float, default=0.0, help="router z-loss coefficient (ST-MoE uses 1e-3)")
+    tr.add_argument("--eval-every", type=int, default=100, help="steps between evaluations on held-out text")
+    tr.add_argument("--save-every", type=int, default=200, help="steps between saves of state.pt")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    tr.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
+    tr.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (saved) after the step that passes this")
+    tr.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
+    tr.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    tr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    tr.add_argument("--checkpointing", action="store_true", help="recompute each layer's activations (less memory)")
+    tr.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
+    tr.add_argument("--json", action="store_true", help="print the summary as JSON")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
 
     pl = command("plan", "the tensor/expert-parallel layouts that fit a set of GPUs, and their decode speed")
     pl.add_argument("--checkpoint", help="plan for this checkpoint's config")

@@ -233,6 +233,21 @@ PRESETS: dict[str, GrokConfig] = {
         tie_embeddings=False,
         jax_rounding=False,
     ),
+    # A Grok-1-shaped model small enough to train on a laptop CPU in minutes (`groklm train`, the demo):
+    # 4 layers of 8 experts (top 2), a 2048-piece vocabulary trained with it, the multipliers Grok-1's
+    # rules give at this width (embedding sqrt(D), attention 1/sqrt(head size)).
+    "tiny": GrokConfig(
+        vocab_size=2048,
+        emb_size=256,
+        num_q_heads=4,
+        num_kv_heads=2,
+        key_size=64,
+        num_layers=4,
+        widening_factor=2.0,
+        sequence_len=512,
+        embedding_multiplier_scale=16.0,
+        attn_output_multiplier=0.125,
+    ),
     # The demo and test model: Grok-1's real vocabulary, everything else small (ffn 512, so every
     # int8/int4 kernel path applies).
     "mini": GrokConfig(

@@ -174,8 +174,36 @@ def train_tokenizer(files: list[Path], vocab: int, out_prefix: Path, max_bytes: 
         input=str(corpus), model_prefix=str(out_prefix), vocab_size=vocab, model_type="bpe", pad_id=0, bos_id=1,
         eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0, split_digits=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", max_sentence_length=1 << 16,
-        input_sentence_size=200000, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
-        user_defined_symbols=["\n", "    "],
+        input_sentence_size=1000000, shuffle_input_sentence=False, num_threads=2, minloglevel=2,
+        user_defined_symbols=["\n"],
     )  # fmt: skip
     corpus.unlink()
     return out_prefix.with_suffix(".model")
+
+
+def write_docstrings(out: str | Path, root: str | Path | None = None) -> int:
+    """The docstrings of the Python standard library's modules, classes and functions (English prose
+    about code, on every machine with Python, no download) into one text file, one per paragraph
+    block; returns its size in bytes. `root`: another source tree."""
+    import ast
+    import sysconfig
+
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for path in sorted(root.rglob("*.py")):
+            if any(part in ("test", "tests", "site-packages", "idlelib", "lib2to3") for part in path.parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 40:
+                        f.write(doc.strip() + "\n\n")
+                        size += len(doc) + 2
+    return size
