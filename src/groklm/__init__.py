@@ -1,5 +1,12 @@
 """groklm: xAI's Grok-1 in PyTorch. Load the released checkpoint as it is, and run it faithfully."""
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels can then only be interpreted; triton reads this once, on import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from groklm.config import PRESETS, GrokConfig, get_preset
 from groklm.formats.common import CheckpointError
 from groklm.formats.released import write_random_checkpoint

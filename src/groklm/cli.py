@@ -188,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
-    from groklm.generate import check_sampling, compile_decode, decode_one, generate_stream
+    from groklm.generate import check_sampling, decoder, generate_stream
     from groklm.load import checkpoint_config, detect_format, load
     from groklm.tokenizer import TextStream, find_tokenizer
 
@@ -272,7 +272,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     steps = generate_stream(
         model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=seed, stop_at_eos=not args.ignore_eos, should_stop=should_stop,
-        decode=compile_decode() if args.compile else decode_one,
+        decode=decoder(args.compile, model.device),
     )  # fmt: skip
     t1 = time.perf_counter()
     first_s = None
@@ -668,7 +668,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from groklm.generate import compile_decode, decode_one
+    from groklm.generate import decoder
     from groklm.load import checkpoint_config, detect_format, load
     from groklm.serve import run
     from groklm.serve.chat import ChatTemplate
@@ -721,7 +721,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from groklm.train.lora import load_adapter
 
             load_adapter(model, args.adapter)
-        decode = compile_decode() if args.compile else decode_one
+        decode = decoder(args.compile, model.device)
         if not ranks.leader:
             import signal
 

@@ -127,6 +127,28 @@ def compile_decode() -> Decode:
     return torch.compile(decode_one, options=options)  # type: ignore[return-value]
 
 
+def compile_decode_cuda() -> Decode:
+    """`decode_one` through torch.compile with CUDA graphs (mode "reduce-overhead"): a step replays one
+    recorded graph of kernel launches, so the host costs nothing per layer. The graph needs the same
+    shapes every step, so `generate` hands it the whole cache (the mask hides the slots not yet
+    written) instead of the prefix in use (`static_cache`); the only host synchronisation per token is
+    reading the sampled ids."""
+    compiled = torch.compile(decode_one, mode="reduce-overhead", dynamic=False)
+
+    def decode(model: Grok, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        return compiled(model, tokens, positions, cache).clone()  # the graph's output buffer is reused
+
+    decode.static_cache = True  # type: ignore[attr-defined]
+    return decode
+
+
+def decoder(compile: bool, device: torch.device) -> Decode:
+    """The decode step `generate` uses: eager, or compiled (CUDA graphs on a GPU, inductor's C++ on CPU)."""
+    if not compile:
+        return decode_one
+    return compile_decode_cuda() if device.type == "cuda" else compile_decode()
+
+
 def generate_stream(
     model: Grok,
     prompts: Sequence[Sequence[int]],
@@ -195,8 +217,10 @@ def _stream(
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        # Every row's next position is below longest + step + 1: attend over those slots only.
-        logits = decode(model, tokens, positions, cache.prefix(longest + step + 1))
+        # Every row's next position is below longest + step + 1: attend over those slots only (a CUDA
+        # graph needs the same shapes every step: it takes the whole cache).
+        view = cache if getattr(decode, "static_cache", False) else cache.prefix(longest + step + 1)
+        logits = decode(model, tokens, positions, view)
         positions = positions + 1
 
 

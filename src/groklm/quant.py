@@ -12,7 +12,7 @@ G = 1 is ordinary per-output-channel int8.
 Row-blocked weights (G > 1: the released attention output and expert down projections) are held
 block-major, [G, out, in/G]: block g of every row together, as the released [in, out] array already
 orders its rows. A matvec then reads each block as one run against only its own in/G activations,
-which stay in the L1 cache however wide the row (see `weight_dot` in csrc/int8_matmul.c). The int8
+which stay in the L1 cache however wide the row (see `weight_dot` in kernels/csrc/int8_matmul.c). The int8
 output head's many 64-column groups stay row-major (`Int8Linear`'s default).
 
 Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, bf16 activations on CPU); torch's
@@ -101,6 +101,10 @@ def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     out_features, groups = scales.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, kernels.in_features(weight, scales))
+    if kernels.use_triton(x):
+        from groklm.kernels import triton as gpu
+
+        return gpu.matmul(x2, weight, scales, 8).view(*lead, out_features)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports(weight, scales):
         return kernels.int8_matmul(x2, weight, scales).view(*lead, out_features)
     weight = row_major(weight, scales)
@@ -322,6 +326,10 @@ def _int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     out_features = packed.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.shape[1] * 2)
+    if kernels.use_triton(x):
+        from groklm.kernels import triton as gpu
+
+        return gpu.matmul(x2, packed, scales, 4).view(*lead, out_features)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports_int4(packed, scales):
         y = kernels.int4_matmul(x2, packed, scales)
     else:
@@ -422,7 +430,7 @@ def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[n
     """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
     CPU, one kind of module, one scale layout); else None."""
     bits = bits_of.get(type(modules[0]))
-    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or _needs_grad(x):
+    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or _needs_grad(x) or kernels.use_triton(x):
         return None
     if any(type(m) is not type(modules[0]) for m in modules):
         return None
@@ -445,9 +453,14 @@ class QuantizedAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, temp: Tensor | None = None) -> Tensor:
         b, t = q.shape[:2]
+        c = self.config
+        if kernels.use_triton(q):
+            from groklm.kernels import triton as gpu
+
+            return gpu.attention(q, k, v, mask, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, temp,
+                                 round_scores=c.jax_rounding)  # fmt: skip
         if t != 1 or not kernels.supports_attend(q[:, 0], k):  # prefill: torch's batched matmuls
             return super().attend(q, k, v, mask, temp)
-        c = self.config
         q1, mask1 = q[:, 0].contiguous(), mask[:, 0, 0, 0].contiguous()  # [B, K, G, Dh], [B, S]
         scale = None if temp is None else temp.reshape(b).contiguous()
         o = kernels.attend(q1, k, v, mask1, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, scale)
@@ -474,6 +487,15 @@ class QuantizedMoE(MoE):
         return kernels.route(xs, self.router.weight.contiguous(), self.top_k, self.router_softcap or 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
+        mods = (self.w1, self.v, self.w2)
+        bits = _EXPERT_BITS.get(type(self.w1))
+        if kernels.use_triton(x) and bits is not None and all(type(m) is type(self.w1) for m in mods):
+            from groklm.kernels import triton as gpu
+
+            xs = x.reshape(-1, x.shape[-1])
+            gates, experts = MoE.route(self, xs)
+            w = [(m.weight, m.scales) for m in mods]
+            return gpu.moe(xs, gates, experts, bits, *w, erf=self.approximate == "none").view(x.shape)
         bits = self.native(x)
         if bits is None:
             return super().forward(x)

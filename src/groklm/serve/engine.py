@@ -149,7 +149,9 @@ class Runner:
         """One token for each of KV rows 0..n-1 -> fp32 logits [n, V]."""
         device = self.model.device
         pos = torch.tensor(positions, device=device)
-        view = self.cache.rows(0, len(tokens)).prefix(max(positions) + 1)
+        view = self.cache.rows(0, len(tokens))
+        if not getattr(self.decode_fn, "static_cache", False):  # (a CUDA graph takes every slot: one shape)
+            view = view.prefix(max(positions) + 1)  # slots past a row's position are masked either way
         return self.decode_fn(self.model, torch.tensor(tokens, device=device), pos, view)
 
     def copy_rows(self, src: list[int], dst: list[int], slots: int) -> None:

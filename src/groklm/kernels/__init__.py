@@ -1,4 +1,6 @@
-"""Native CPU kernels (plain C, AVX2 or AVX-512 VNNI, + OpenMP), compiled on first use and called through ctypes.
+"""Kernels: the choice between them (`use_triton`), and the native CPU ones (plain C, AVX2 or AVX-512
+VNNI, + OpenMP), compiled on first use and called through ctypes. The GPU ones (Triton) are in
+`groklm.kernels.triton`.
 
 The source is `csrc/int8_matmul.c`; the shared library is cached under `$GROKLM_CACHE` (default
 `~/.cache/groklm`) keyed by the source's and the flags' hash. It is built for AVX-512 VNNI where the
@@ -29,6 +31,42 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+KERNEL_CHOICES = ("auto", "triton", "off")
+_kernels = os.environ.get("GROKLM_KERNELS", "auto")
+
+
+def select(name: str) -> None:
+    """Which kernels quantized models use: "auto" (Triton for CUDA tensors when triton is installed, the
+    native ones on the CPU), "triton" (Triton for CPU tensors too, interpreted: for tests), "off" (no
+    Triton). The default is $GROKLM_KERNELS, else auto."""
+    global _kernels
+    if name not in KERNEL_CHOICES:
+        raise ValueError(f"GROKLM_KERNELS must be one of {', '.join(KERNEL_CHOICES)}, not {name!r}")
+    _kernels = name
+
+
+@functools.cache
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether a quantized layer runs this bf16/fp16 input through the Triton kernels (never with autograd)."""
+    if _kernels == "auto":
+        return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not _needs_grad(x) and _has_triton()
+    if _kernels == "off":
+        return False
+    if _kernels != "triton":
+        select(_kernels)  # raises, naming the bad value
+    return x.dtype in (torch.bfloat16, torch.float16) and not _needs_grad(x)
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
 
 _SOURCE = Path(__file__).parent / "csrc" / "int8_matmul.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
