@@ -778,6 +778,22 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--config", help=f"config JSON (reference field names) {what}")
         group.add_argument("--preset", choices=_presets(), help=f"a named config {what}")
 
+    def run_options(p: argparse.ArgumentParser, steps: int, batch: tuple[int, str], seq_len: int, lr: float,
+                    warmup: int, eval_every: int, save_every: int) -> None:  # fmt: skip
+        """A training run's options, shared by finetune and train."""
+        p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+        p.add_argument("--batch", type=int, default=batch[0], help=batch[1])
+        p.add_argument("--seq-len", type=int, default=seq_len, help="tokens a window")
+        p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+        p.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps, then cosine decay to 0.1 x")
+        p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations on held-out data")
+        p.add_argument(
+            "--save-every", type=int, default=save_every, help="steps between saves (state.pt, and the result)"
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+        p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
+
     def parallel_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks (under torchrun: --nproc-per-node tp x ep)")  # fmt: skip
@@ -919,17 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     ft.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / r)")
     ft.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    ft.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    ft.add_argument("--batch", type=int, default=1, help="packed windows a step")
-    ft.add_argument("--seq-len", type=int, default=512, help="tokens a window")
-    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
-    ft.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay to 0.1 x")
+    run_options(ft, steps=100, batch=(1, "packed windows a step"), seq_len=512, lr=2e-4, warmup=10, eval_every=25,
+                save_every=50)  # fmt: skip
     ft.add_argument("--eval-fraction", type=float, default=0.05, help="windows held out for the evaluation loss")
-    ft.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
-    ft.add_argument("--save-every", type=int, default=50, help="steps between saves (adapter and state.pt)")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    ft.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
     ft.add_argument("--bits", type=int, choices=[4, 8], help="hold a float base quantized (QLoRA-style)")
     ft.add_argument("--dtype", choices=DTYPES, default="bf16", help="the base's compute dtype")
     ft.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations (more memory)")
@@ -958,20 +966,12 @@ def build_parser() -> argparse.ArgumentParser:
     tk = tr.add_mutually_exclusive_group(required=True)
     tk.add_argument("--tokenizer", help="a SentencePiece tokenizer.model (e.g. Grok-1's)")
     tk.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a SentencePiece BPE of VOCAB pieces")
-    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    tr.add_argument("--batch", type=int, default=16, help="windows a step (the global batch)")
-    tr.add_argument("--seq-len", type=int, default=256, help="tokens a window")
+    run_options(tr, steps=1000, batch=(16, "windows a step (the global batch)"), seq_len=256, lr=3e-3, warmup=50,
+                eval_every=100, save_every=200)  # fmt: skip
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches a step")
-    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
-    tr.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay to 0.1 x")
     tr.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
     tr.add_argument("--aux-loss", type=float, default=0.01, help="load-balancing loss coefficient")
     tr.add_argument("--z-loss", type=float, default=0.0, help="router z-loss coefficient (ST-MoE uses 1e-3)")
-    tr.add_argument("--eval-every", type=int, default=100, help="steps between evaluations on held-out text")
-    tr.add_argument("--save-every", type=int, default=200, help="steps between saves of state.pt")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    tr.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
     tr.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (saved) after the step that passes this")
     tr.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
     tr.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
