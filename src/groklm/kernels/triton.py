@@ -125,7 +125,7 @@ def _wmm_kernel(
         k_end = tl.where(e >= 0, K, 0)  # an empty tile reads nothing
         e = tl.maximum(e, 0)
     else:
-        e = 0
+        e = pid_m * 0  # expert 0, as a tensor like the loaded one
         rows = offs_m
         row_ok = offs_m < M
         k_end = K
