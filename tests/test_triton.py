@@ -7,6 +7,9 @@ parity with the kernels forced is in test_golden.py (its "bf16-triton" mode)."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -210,3 +213,48 @@ def test_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.select("auto")
     with pytest.raises(ValueError, match="GROKLM_KERNELS must be one of auto, triton, off, not 'cuda'"):
         kernels.select("cuda")
+
+
+AHEAD_OF_TIME = """
+import os, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from groklm.kernels import triton as gpu
+
+assert not gpu._INTERPRETED
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+wmm = gpu._wmm_kernel.arg_names
+base = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "w3_ptr": "*i8", "s3_ptr": "*bf16", "y_ptr": "*bf16",
+        "rows_ptr": "*i32", "expert_ptr": "*i32", "gate_ptr": "*fp32"} | {n: "i32" for n in wmm[9:23]}
+built = 0
+for bits, gather, fuse, gated, one_group, y in [(8, 0, 0, 0, 1, "*bf16"), (8, 0, 0, 0, 1, "*fp32"), (8, 0, 0, 0, 0, "*bf16"),
+                                                (4, 0, 0, 0, 1, "*bf16"), (8, 1, 1, 0, 1, "*bf16"), (8, 1, 0, 1, 1, "*fp32"),
+                                                (4, 1, 1, 0, 1, "*bf16"), (4, 1, 0, 1, 1, "*fp32")]:
+    for block_m, block_n in [(16, 64), (64, 128)] if built == 0 else [(16, 64)]:  # decode tiles; prefill's once
+        const = dict(BITS=bits, PACK=32 if bits == 4 else 1, GATHER=bool(gather), FUSE=bool(fuse), ERF=bool(fuse),
+                     GATED=bool(gated), ONE_GROUP=bool(one_group), F32=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_K=128 if one_group else 32)
+        sig = base | {"y_ptr": y} | ({"w_ptr": "*u8", "w3_ptr": "*u8"} if bits == 4 else {}) | {c: "constexpr" for c in const}
+        compile(ASTSource(fn=gpu._wmm_kernel, signature=sig, constexprs=const), target=target)
+        built += 1
+att = gpu._attention_kernel.arg_names
+sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i8", "temp_ptr": "*fp32", "limit_ptr": "*i32",
+       "o_ptr": "*bf16"} | {n: "i32" for n in att[7:]} | {n: "fp32" for n in ("multiplier", "cap", "masked")}
+for temp, rounding, dh, block_m in [(1, 0, 128, 16), (0, 1, 16, 64)]:
+    const = dict(HAS_TEMP=bool(temp), ROUND=bool(rounding), F32=False, DH_P=dh, BLOCK_M=block_m, BLOCK_S=64)
+    compile(ASTSource(fn=gpu._attention_kernel, signature=sig | {c: "constexpr" for c in const}, constexprs=const),
+            target=target)
+    built += 1
+print(built)
+"""
+
+
+def test_every_kernel_variant_compiles_for_an_h100_and_h200() -> None:
+    """The interpreter checks what the kernels compute, not that Triton's compiler takes them: compiled
+    ahead of time here for sm_90 (Hopper: H100, H200) with the ptxas that comes with triton, no GPU needed."""
+    env = os.environ | {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", AHEAD_OF_TIME, "90"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "11"
