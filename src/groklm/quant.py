@@ -85,14 +85,10 @@ class _FrozenMatmul(torch.autograd.Function):
         return gx.to(grad.dtype).view(*grad.shape[:-1], ctx.in_features), None, None, None
 
 
-def _needs_grad(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x [..., in] @ dequant(weight [out, in] or block-major [G, out, in/G], scales [out, G]).T ->
     [..., out] in x's dtype; differentiable in x (see `_FrozenMatmul`)."""
-    if _needs_grad(x):
+    if kernels.needs_grad(x):
         return _FrozenMatmul.apply(x, weight, scales, 8)
     return _int8_linear(x, weight, scales)
 
@@ -317,7 +313,7 @@ def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = 
 def int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     """x [..., in] @ dequant_int4(packed [out, in/2], scales [out, G]).T -> [..., out] in x's dtype;
     differentiable in x (see `_FrozenMatmul`)."""
-    if _needs_grad(x):
+    if kernels.needs_grad(x):
         return _FrozenMatmul.apply(x, packed, scales, 4)
     return _int4_linear(x, packed, scales)
 
@@ -430,7 +426,13 @@ def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[n
     """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
     CPU, one kind of module, one scale layout); else None."""
     bits = bits_of.get(type(modules[0]))
-    if bits is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or _needs_grad(x) or kernels.use_triton(x):
+    if (
+        bits is None
+        or x.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or kernels.needs_grad(x)
+        or kernels.use_triton(x)
+    ):
         return None
     if any(type(m) is not type(modules[0]) for m in modules):
         return None

@@ -56,15 +56,15 @@ def _has_triton() -> bool:
 def use_triton(x: Tensor) -> bool:
     """Whether a quantized layer runs this bf16/fp16 input through the Triton kernels (never with autograd)."""
     if _kernels == "auto":
-        return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not _needs_grad(x) and _has_triton()
+        return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not needs_grad(x) and _has_triton()
     if _kernels == "off":
         return False
     if _kernels != "triton":
         select(_kernels)  # raises, naming the bad value
-    return x.dtype in (torch.bfloat16, torch.float16) and not _needs_grad(x)
+    return x.dtype in (torch.bfloat16, torch.float16) and not needs_grad(x)
 
 
-def _needs_grad(x: Tensor) -> bool:
+def needs_grad(x: Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
