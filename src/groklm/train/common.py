@@ -19,6 +19,14 @@ from groklm.model import Block, Grok
 from groklm.train.data import IGNORE
 
 
+def check_positive(config: Any, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first of these fields of a run's config that is not a positive integer."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, not {v!r}")
+
+
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy (nats) over the targets that count."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)

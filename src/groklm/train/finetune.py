@@ -23,6 +23,7 @@ import torch
 
 from groklm.formats.common import progress_bar
 from groklm.train.common import (
+    check_positive,
     checkpoint_layers,
     chunked_loss,
     cosine_schedule,
@@ -64,10 +65,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def check(self) -> FinetuneConfig:
-        for name in ("steps", "batch", "seq_len", "eval_every", "save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        check_positive(self, ("steps", "batch", "seq_len", "eval_every", "save_every"))
         if self.warmup < 0 or not self.lr > 0 or not 0 <= self.eval_fraction < 1:
             raise ValueError("warmup must be >= 0, lr > 0 and eval_fraction in [0, 1)")
         self.lora.check()

@@ -40,6 +40,7 @@ from groklm.config import GrokConfig
 from groklm.formats.common import progress_bar
 from groklm.model import Grok, MoE, _capped
 from groklm.train.common import (
+    check_positive,
     checkpoint_layers,
     chunked_loss,
     cosine_schedule,
@@ -83,10 +84,7 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> TrainConfig:
-        for name in ("steps", "batch", "seq_len", "grad_accum", "eval_every", "save_every", "eval_windows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        check_positive(self, ("steps", "batch", "seq_len", "grad_accum", "eval_every", "save_every", "eval_windows"))
         if self.batch % self.grad_accum:
             raise ValueError(f"batch {self.batch} does not split into {self.grad_accum} micro-batches")
         if (self.tokenizer is None) == (self.train_tokenizer is None):
