@@ -107,9 +107,9 @@ def decode_steps(model: groklm.Grok, batch: int, steps: int, decode: Decode, con
     return statistics.median(seconds)
 
 
-def cache_bytes(model: groklm.Grok, batch: int, slots: int) -> float:
-    c = model.config
-    return 2 * c.num_layers * batch * slots * c.num_kv_heads * c.key_size * model.dtype.itemsize
+def cache_bytes(config: groklm.GrokConfig, layers: int, batch: int, slots: int) -> float:
+    """Bytes of bf16 keys and values a decode step reads over `slots` cached positions."""
+    return 2 * layers * batch * slots * config.num_kv_heads * config.key_size * 2
 
 
 def full_layer(device: torch.device, preset: str, bandwidth: float, context: int) -> dict[str, float]:
@@ -145,12 +145,8 @@ def full_layer(device: torch.device, preset: str, bandwidth: float, context: int
     with experts_touched([block.moe]) as touched:
         step()
     dt = timed(step, device, runs=20)
-    read = weight_bytes(block, statistics.mean(touched)) + cache_bytes_layer(config, context + 1)
+    read = weight_bytes(block, statistics.mean(touched)) + cache_bytes(config, 1, 1, context + 1)
     return {"layer_b1_ms": round(dt * 1e3, 3), "layer_b1_fraction_of_roofline": round(read / dt / bandwidth, 3)}
-
-
-def cache_bytes_layer(config: groklm.GrokConfig, slots: int) -> float:
-    return 2 * slots * config.num_kv_heads * config.key_size * 2
 
 
 def bench_model(args: argparse.Namespace, device: torch.device, bandwidth: float, peak: float) -> dict[str, object]:
@@ -168,7 +164,9 @@ def bench_model(args: argparse.Namespace, device: torch.device, bandwidth: float
         with experts_touched([layer.moe for layer in model.layers]) as touched:
             decode_steps(model, batch, 1, decode_one, args.context)
         # The attention reads each row's slots in use (a static cache's tail is skipped): ~context + 1.
-        read = weight_bytes(model, statistics.mean(touched)) + cache_bytes(model, batch, args.context + 1)
+        read = weight_bytes(model, statistics.mean(touched)) + cache_bytes(
+            model.config, model.config.num_layers, batch, args.context + 1
+        )
         dt = decode_steps(model, batch, args.steps, decode, args.context)
         report[f"decode_b{batch}_tokens_per_s"] = round(batch / dt, 1)
         report[f"decode_b{batch}_fraction_of_roofline"] = round(read / dt / bandwidth, 3)
