@@ -465,6 +465,10 @@ def test_a_shard_truncated_while_memory_mapped_ends_with_a_message(native: Path)
 
 def test_busy_cores_sees_a_busy_process_and_threads_follow() -> None:
     quiet = kernels.busy_cores(0.3)
+    deadline = time.monotonic() + 10
+    while quiet > 0.9 and time.monotonic() < deadline:  # let earlier tests' threads and processes settle
+        time.sleep(0.5)
+        quiet = kernels.busy_cores(0.3)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
