@@ -1,12 +1,14 @@
 """Decode/prefill speed of a `bench-mid` checkpoint against the memory-bandwidth roofline, as JSON.
 
-    .venv/bin/python benchmarks/decode.py [--preset bench-mid] [--runs 3] [--no-compile]
+    .venv/bin/python benchmarks/decode.py [--preset bench-mid] [--bits 4] [--batches 1,2,4,8,16] [--runs 3]
 
-The roofline is bytes of weights read per decoded token (from the model as loaded) divided by the
-read bandwidth measured in the same process (a large tensor reduction). This machine's bandwidth
-jumps between two levels (about 34 and 50-65 GB/s here) every few seconds, so it is measured
-between every two decode steps and each step is scored against the readings on either side of it.
-Decode runs eager and through torch.compile.
+The roofline is bytes of weights read per decode step (from the model as loaded; a batch step reads
+every expert its tokens chose) divided by the read bandwidth measured in the same process (a large
+tensor reduction). This machine's bandwidth jumps between levels (about 30 to 80 GB/s here) every
+few seconds, so it is measured between every two decode steps and each step is scored against the
+readings on either side of it. Decode runs eager and through torch.compile. With --bits 4 an int4
+copy of the checkpoint (made once, as `groklm quantize --bits 4` makes it) is measured in the same
+run, after the int8 one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 import groklm
 from groklm import kernels
 from groklm.config import get_preset
+from groklm.formats import native
 from groklm.formats.common import advise_huge_pages
 from groklm.generate import Decode, compile_decode, decode_one, prefill
 from groklm.model import Grok, KVCache, MoE
@@ -156,41 +159,35 @@ def prefill_rate(model: Grok, length: int) -> tuple[float, float]:
     return length / dt, dt
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="bench-mid")
-    parser.add_argument("--checkpoint", help="benchmark this checkpoint (e.g. an int4 one) instead of the preset's")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--no-compile", action="store_true", help="eager decode only")
-    args = parser.parse_args()
+def int4_checkpoint(source: Path, group_size: int) -> Path:
+    """An int4 copy of `source` (made once, as `groklm quantize --bits 4` makes it, and kept in the cache)."""
+    out = CACHE / f"{source.name}-int4-g{group_size}"
+    if not (out / "config.json").is_file():
+        native.convert(source, out, bits=4, group_size=group_size, progress=False, force=True)
+    return out
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
-    if not args.checkpoint and not (ckpt / "ckpt-0").is_dir():
-        groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
-    disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name != "tokenizer.model")
 
-    t = time.perf_counter()
-    model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
-    load_s = time.perf_counter() - t
-
+def measure(model: Grok, batches: list[int], args: argparse.Namespace, bandwidths: list[float]) -> dict[str, object]:
+    """Decode at each batch size (eager and, unless --no-compile, compiled), prefill and TTFT, each
+    against the roofline measured around it; the bandwidth readings are appended to `bandwidths`."""
     per_token = weight_bytes(model, model.config.num_selected_experts)
-    # A batch-8 step reads every expert that any of its 8 tokens chose: counted on the runs' own tokens.
-    with experts_touched([layer.moe for layer in model.layers]) as touched:
-        decode_rate(model, 8, args.steps)
-    per_step = {1: per_token, 8: weight_bytes(model, statistics.mean(touched))}
-    bandwidths: list[float] = []
+    # A batch step reads every expert any of its tokens chose: counted on the runs' own tokens.
+    per_step = {}
+    for batch in batches:
+        with experts_touched([layer.moe for layer in model.layers]) as touched:
+            decode_rate(model, batch, args.steps)
+        per_step[batch] = weight_bytes(model, statistics.mean(touched))
+    readings: list[float] = []
 
     def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float]]:
         """tokens/s of each run, and each run's fraction of its roofline: the median over its steps of
         (bytes a step of this batch reads / the step's time) over the bandwidth measured right
-        before and right after that step (their mean). This machine's bandwidth jumps between two
+        before and right after that step (their mean). This machine's bandwidth jumps between
         levels every few seconds, so the roofline is measured step by step."""
         rates, fractions = [], []
         for _ in range(args.runs):
             seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3))
-            bandwidths.extend(probes)
+            readings.extend(probes)
             rates.append(batch * len(seconds) / sum(seconds))
             fractions.append(step_fraction(per_step[batch], seconds, probes))
         return rates, fractions
@@ -199,56 +196,86 @@ def main() -> None:
     decoders = {"eager": decode_one}
     if not args.no_compile:
         compiled = compile_decode()
-        for batch in (1, 8):
+        for batch in batches:
             decode_rate(model, batch, 1, compiled)  # compile now, not inside a timed run
         decoders["compiled"] = compiled
     compile_s = time.perf_counter() - t
-    results = {}
+    results: dict[str, dict[str, object]] = {}
     for name, decode in decoders.items():
-        b1, f1 = scored_runs(1, decode)
-        b8, f8 = scored_runs(8, decode)
-        results[name] = {
-            "decode_b1_tokens_per_s": _spread(b1),
-            "decode_b8_tokens_per_s": _spread(b8),
-            "decode_fraction_of_roofline": _spread(f1),
-            "decode_b8_fraction_of_roofline": _spread(f8),
-            "b8_over_b1": round(statistics.median(b8) / statistics.median(b1), 2),
-            # Attention then reads ~1000 cached positions per layer (16 MB in all at bench-mid).
-            "decode_b1_at_context_1000_tokens_per_s": _spread(
-                [decode_rate(model, 1, args.steps, decode, context=1000) for _ in range(args.runs)]
-            ),
-        }
-    pre = [prefill_rate(model, args.prefill)]
-    ttft = [prefill_rate(model, 32)[1] for _ in range(args.runs)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    best = "compiled" if "compiled" in results else "eager"
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(ckpt),
-                "threads": torch.get_num_threads(),
-                "checkpoint_bytes": disk,
-                "load_s": round(load_s, 2),
-                "read_bandwidth_GBps": _spread([b / 1e9 for b in bandwidths]),
-                "kernels": kernels.isa(),
-                "weight_bytes_per_token": round(per_token),
-                "roofline_tokens_per_s": round(statistics.median(bandwidths) / per_token, 2),
-                "b8_experts_read_per_layer": round(statistics.mean(touched), 2),
-                "b8_weight_bytes_per_step": round(per_step[8]),
-                # The most batch 8 can gain over batch 1 at memory speed: 8 tokens per step, each step
-                # reading the experts all 8 chose.
-                "b8_over_b1_at_roofline": round(8 * per_token / per_step[8], 2),
-                **results[best],
-                "decode": results,
-                "compile_s": round(compile_s, 1),
-                f"prefill_{args.prefill}_tokens_per_s": round(statistics.median(p for p, _ in pre), 1),
-                "ttft_32_tokens_s": round(statistics.median(ttft), 3),
-                "peak_rss_bytes": peak,
-                "peak_rss_over_checkpoint": round(peak / disk, 3),
-            },
-            indent=1,
+        results[name] = {}
+        for batch in batches:
+            rates, fractions = scored_runs(batch, decode)
+            results[name][f"b{batch}"] = {"tokens_per_s": _spread(rates), "fraction_of_roofline": _spread(fractions)}
+        results[name]["b1_at_context_1000_tokens_per_s"] = _spread(
+            [decode_rate(model, 1, args.steps, decode, context=1000) for _ in range(args.runs)]
         )
+    # Prefill is compute-bound: its rate, and the bandwidth around it only to say which level it ran at.
+    prefills, around = [], []
+    for _ in range(args.runs):
+        around.append(read_bandwidth(0.5, 3))
+        prefills.append(prefill_rate(model, args.prefill)[0])
+    around.append(read_bandwidth(0.5, 3))
+    readings.extend(around)
+    ttft = [prefill_rate(model, 32)[1] for _ in range(args.runs)]
+    bandwidths.extend(readings)
+    return {
+        "kernels": kernels.isa(),
+        "read_bandwidth_GBps": _spread([b / 1e9 for b in readings]),
+        "weight_bytes_per_token": round(per_token),
+        "roofline_b1_tokens_per_s": round(statistics.median(readings) / per_token, 2),
+        "weight_bytes_per_step": {f"b{b}": round(per_step[b]) for b in batches},
+        # The most batch B can gain over batch 1 at memory speed: B tokens a step, each step reading
+        # the experts all B chose.
+        "over_b1_at_roofline": {f"b{b}": round(b * per_token / per_step[b], 2) for b in batches},
+        "decode": results,
+        "compile_s": round(compile_s, 1),
+        f"prefill_{args.prefill}_tokens_per_s": _spread(prefills),
+        "prefill_read_bandwidth_GBps": _spread([b / 1e9 for b in around]),
+        "ttft_32_tokens_s": round(statistics.median(ttft), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="bench-mid")
+    parser.add_argument("--checkpoint", help="benchmark this checkpoint instead of the preset's")
+    parser.add_argument(
+        "--bits",
+        type=int,
+        choices=(8, 4),
+        default=8,
+        help="4: also an int4 copy of the checkpoint (made once), measured in the same run as it",
     )
+    parser.add_argument("--group-size", type=int, default=64, help="the int4 copy's scale group")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--no-compile", action="store_true", help="eager decode only")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
+    if not args.checkpoint and not (ckpt / "ckpt-0").is_dir():
+        groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
+    checkpoints = {"int8": ckpt} if args.bits == 8 else {"int8": ckpt, "int4": int4_checkpoint(ckpt, args.group_size)}
+    report: dict[str, object] = {"threads": torch.get_num_threads()}
+    bandwidths: list[float] = []
+    for name, path in checkpoints.items():
+        disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "tokenizer.model")
+        t = time.perf_counter()
+        model = groklm.load(path, dtype=torch.bfloat16, progress=False)
+        load_s = time.perf_counter() - t
+        report[name] = {"checkpoint": str(path), "checkpoint_bytes": disk, "load_s": round(load_s, 2),
+                        **measure(model, batches, args, bandwidths)}  # fmt: skip
+        del model
+    report["read_bandwidth_GBps"] = _spread([b / 1e9 for b in bandwidths])
+    if "int4" in report:
+        int8, int4 = (report[k][f"prefill_{args.prefill}_tokens_per_s"]["median"] for k in ("int8", "int4"))
+        report["int4_prefill_over_int8"] = round(int4 / int8, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["peak_rss_bytes"] = peak
+    print(json.dumps(report, indent=1))
 
 
 def _spread(values: list[float]) -> dict[str, float]:

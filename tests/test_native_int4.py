@@ -34,16 +34,48 @@ def test_int4_round_trip_error_is_bounded(group_size: int) -> None:
     assert torch.all(err <= amax / 7 * 0.5 * (1 + 2**-7) + amax * 2**-8)  # half a step (+ bf16 scale rounding)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_kernel_matches_dequantized_matmul(rows: int, group_size: int) -> None:
+def int4_kernel_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the native int4 kernel is specified to compute, in float64, and how far activation rounding may
+    take it from x @ W.T. Activations go to int8 per segment of columns (the scale group, or its largest
+    part of 256, 128, 64 or 32 columns beyond 256): step max|x| / 127, rounded to nearest even; each
+    segment's integer sum is exact; the fold is out = out + float(sum) * float(scale * step), in order."""
+    m, k = x.shape
+    n, groups = s.shape
+    kg = k // groups
+    seg = kg if kg <= 256 else next(c for c in (256, 128, 64, 32) if kg % c == 0)
+    ints = dequantize_weight_int4(q, torch.ones_like(s), torch.float64)  # the integers -8..7
+    xf = x.float().view(m, k // seg, seg)
+    amax = xf.abs().amax(-1)  # fp32, as the kernel
+    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), 0.0)  # IEEE division (torch's fp32 one is not)
+    xq = torch.round(xf * inv[..., None]).double()  # half to even
+    step = (amax.double() / 127.0).float()
+    sums = torch.einsum("mcs,ncs->mnc", xq, ints.view(n, k // seg, seg))  # exact
+    factor = (s.float().repeat_interleave(kg // seg, dim=1)[None] * step[:, None, :]).double()  # fp32 products
+    out = torch.zeros(m, n, dtype=torch.float64)
+    for c in range(k // seg):
+        out = (out + sums[..., c] * factor[..., c]).float().double()  # fused multiply-add, rounded to fp32
+    w = dequantize_weight_int4(q, s, torch.float64)
+    bound = w.abs() @ step.double().repeat_interleave(seg, dim=1).T / 2  # |sum w (x - x_q * step)|
+    return out, bound.T
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 17, 65])
+@pytest.mark.parametrize("group_size, out_features", [(32, 48), (64, 37), (96, 16), (128, 65), (512, 33)])
+def test_int4_kernel_is_its_specified_arithmetic(rows: int, group_size: int, out_features: int) -> None:
+    """The kernel against a float64 model of its arithmetic (tight), and against x @ W.T within the bound
+    activation rounding allows: one row (rows read in place), several (weight panels), tails of rows."""
     g = torch.Generator().manual_seed(rows + group_size)
-    q, s = quantize_weight_int4(torch.randn(48, 2048, generator=g), group_size, torch.bfloat16)
+    k = 1536 if 1536 % group_size == 0 else 2048
+    q, s = quantize_weight_int4(torch.randn(out_features, k, generator=g), group_size, torch.bfloat16)
     assert kernels.supports_int4(q, s)
-    x = torch.randn(rows, 2048, generator=g).bfloat16()
-    expected = x.double() @ dequantize_weight_int4(q, s, torch.float64).T
-    got = kernels.int4_matmul(x, q, s, torch.float32)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4 * expected.abs().max().item())
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    x[0, :100] *= 40  # an outlier stretch: segments take their own steps
+    model, bound = int4_kernel_reference(x, q, s)
+    got = kernels.int4_matmul(x, q, s, torch.float32).double()
+    torch.testing.assert_close(got, model, rtol=0, atol=1e-6 * model.abs().max().item())
+    exact = x.double() @ dequantize_weight_int4(q, s, torch.float64).T
+    assert torch.all((got - exact).abs() <= bound * 1.001 + 1e-6 * exact.abs().max())
+    assert torch.equal(got[: min(rows, 3)], kernels.int4_matmul(x[: min(rows, 3)], q, s, torch.float32).double())
 
 
 def test_quantize_int4_from_int8_modules(golden_config: GrokConfig) -> None:

@@ -147,8 +147,8 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     lib, name = found
     cdll = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
-    cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i], i
-    cdll.groklm_linear.argtypes = [i, p, i, i, i, i, p, p, i, p, p, i, i]
+    cdll.groklm_chunk.argtypes, cdll.groklm_chunk.restype = [i, i, i], i
+    cdll.groklm_linear.argtypes, cdll.groklm_linear.restype = [i, p, i, i, i, i, p, p, i, p, p, i, i], i
     fl = ctypes.c_float
     cdll.groklm_moe.argtypes, cdll.groklm_moe.restype = (
         [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, fl, i, p],
@@ -339,14 +339,10 @@ def supports_linear(bits: int, parts: Sequence[Weight]) -> bool:
 
 @functools.cache
 def _chunk(bits: int, k: int, groups: int) -> int:
-    """Activation chunk: int8 takes the C library's rule; int4 the largest multiple of the scale
-    group, at most 2048, dividing K."""
-    if bits == 8:
-        lib = _library()
-        assert lib is not None
-        return lib.groklm_chunk(k, k // groups)
-    group = k // groups
-    return max(c for c in range(group, min(k, 2048) + 1, group) if k % c == 0)
+    """Activation chunk: the C library's rule (groklm_chunk)."""
+    lib = _library()
+    assert lib is not None
+    return lib.groklm_chunk(bits, k, k // groups)
 
 
 def _pointers(ctype: type, values: Sequence[int]) -> ctypes.Array:
@@ -367,13 +363,15 @@ def _linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtyp
         raise ValueError(f"the native kernels write bf16 or fp32, not {out_dtype}")
     xb = x.to(torch.bfloat16).contiguous()
     y = torch.empty(m, sum(s.shape[0] for _, s in parts), dtype=out_dtype)
-    lib.groklm_linear(
+    rc = lib.groklm_linear(
         bits, xb.data_ptr(), m, k, _chunk(bits, k, groups), len(parts),
         _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
         _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
         y.data_ptr(), int(out_dtype == torch.bfloat16), int(is_block_major(*parts[0])),
     )  # fmt: skip
+    if rc:
+        raise MemoryError(f"the native linear could not allocate its scratch for {m} rows")
     return y
 
 

@@ -55,11 +55,21 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* The int8 activation chunk for K columns in scale groups of Kg: the largest multiple of 64 (the
- * inner loop's step) <= CHUNK_MAX that divides Kg or is a multiple of Kg dividing K, so that every
- * segment of min(Kg, chunk) columns has one scale and one step. 0 if there is none: the caller
- * must use another kernel. */
-int groklm_chunk(int K, int kg) {
+/* The activation chunk (columns under one activation step) for K columns in scale groups of Kg, 0 if
+ * none fits (the caller must then use another kernel).
+ * int8 weights: the largest multiple of 64 (the inner loop's step) <= CHUNK_MAX that divides Kg or is
+ * a multiple of Kg dividing K, so that every segment of min(Kg, chunk) columns has one scale and one
+ * step.
+ * int4 weights (Kg % 32 == 0): Kg itself up to 256 columns, else the largest of 256, 128, 64, 32
+ * dividing it: a segment of int8 activations then lies within one scale group, and its int16 sums on
+ * AVX2 (at most 8 blocks of 32 columns, each pair of products < 2 * 15 * 127) cannot overflow. */
+int groklm_chunk(int bits, int K, int kg) {
+    if (bits == 4) {
+        if (kg % 32) return 0;
+        if (kg <= 256) return kg;
+        for (int c = 256; c >= 32; c /= 2)
+            if (kg % c == 0) return c;
+    }
     for (int c = CHUNK_MAX; c >= 64; c -= 64)
         if (kg % c == 0 || (c % kg == 0 && K % c == 0)) return c;
     return 0;
@@ -104,6 +114,43 @@ static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float
             const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(xc + k), inv));
             _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
         }
+    }
+}
+
+/* For int4 weights: x [K] bf16 -> xq [K] int8, with xs [K / seg] (each segment's step, max|x| / 127 of
+ * its columns: a relative step of 2^-7, against the int4 weights' 2^-3) and xc [K / seg] (8 times the
+ * sum of the segment's int8 values: the packed weights are stored + 8, see dot4). Rounds to nearest
+ * even. Where seg % 64 == 0 each 64 columns are stored in the order the packed weights unpack in:
+ * columns 0-15, 32-47, 16-31, 48-63 (the low nibbles of 32 bytes, then the high ones); else (seg 32,
+ * 96, ...) in order, as one 16-byte block unpacks. seg % 32 == 0. */
+static void quantize_row4(const uint16_t *x, int K, int seg, int8_t *xq, float *xs, int *xc) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    static const int order64[4] = {0, 32, 16, 48}; /* source column of each 16-column quarter */
+    static const int order32[4] = {0, 16, 32, 48};
+    const int *order = seg % 64 == 0 ? order64 : order32;
+    for (int c = 0; c < K / seg; c++) {
+        const uint16_t *xc0 = x + (size_t)c * seg;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int k = 0; k < seg; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load_bf16x8(xc0 + k), abs_mask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        xs[c] = amax / 127.f;
+        int8_t *q = xq + (size_t)c * seg;
+        __m256i sum = _mm256_setzero_si256();
+        for (int k = 0; k < seg; k += 16) {
+            const uint16_t *src = xc0 + (k & ~63) + order[(k & 63) / 16];
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(src), inv));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(src + 8), inv));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, b));
+            const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi16(w16, v16));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        xc[c] = 8 * _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
     }
 }
 
@@ -204,63 +251,146 @@ static inline __attribute__((always_inline)) void dot8(
         for (int i = 0; i < MT; i++) res[j][i] = hsum(out[j][i]);
 }
 
-/* The same for int4: w is K/2 bytes; each 32 input columns are 16 bytes, byte j = column j (low
- * nibble) and column j + 16 (high nibble), stored as value + 8. s holds one scale per K/G columns
- * (a multiple of 32); the activation chunk holds whole groups (chunk % (K/G) == 0). */
+/* The four totals of a, b, c, d's 8 int32 lanes each, as one vector (exact). */
+static inline __m128i isum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+/* tab[t] = the scales of groups g + t (t < 8, those < G) of rows s[0..nt), as floats, rows side by side
+ * (nt <= 4; other lanes 0): 8 groups of 4 rows loaded and transposed at once, as a segment's fold
+ * reads them. */
+static inline void scale_table(const uint16_t *const *s, int nt, int g, int G, float tab[8][4]) {
+    if (g + 8 <= G) {
+        __m256 r[4];
+        for (int j = 0; j < 4; j++) r[j] = j < nt ? load_bf16x8(s[j] + g) : _mm256_setzero_ps();
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee); /* groups 0 1 | 4 5 */
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee); /* groups 2 3 | 6 7 */
+        _mm256_storeu_ps(tab[0], _mm256_permute2f128_ps(u0, u1, 0x20));
+        _mm256_storeu_ps(tab[2], _mm256_permute2f128_ps(u2, u3, 0x20));
+        _mm256_storeu_ps(tab[4], _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(tab[6], _mm256_permute2f128_ps(u2, u3, 0x31));
+        return;
+    }
+    for (int t = 0; t < 8 && g + t < G; t++)
+        for (int j = 0; j < 4; j++) tab[t][j] = j < nt ? bf16_to_f32(s[j][g + t]) : 0.f;
+}
+
+/* The same for int4 weights against int8 activations (quantize_row4): w is K/2 bytes; each 32 input
+ * columns are 16 bytes, byte j = column j (low nibble) and column j + 16 (high nibble), stored as
+ * value + 8 (u = w + 8, 0..15). s holds one scale per K/G columns; segments of `seg` columns (one
+ * activation step, xsr, and xcr = 8 * the sum of the segment's activations) lie within one group.
+ *
+ * The unpacked nibbles are unsigned bytes that multiply the signed int8 activations directly: one
+ * vpdpbusd per 32 columns and activation row with VNNI, a maddubs and an int16 add on AVX2 (pairs of
+ * products are < 2 * 15 * 127 and a segment adds at most 8 of them in a lane: no saturation), widened
+ * once a segment. Either way a segment's sum of u * x is exact; sum w * x = that - xc, also exact. The
+ * NT weight rows' sums are then reduced together, in integers, to one vector of NT lanes, which is
+ * folded into fp32 with one fused multiply-add (scale * step): each row's result is the same sequence
+ * of float operations however many rows share the call, on either build. Where seg % 64 == 0, 32
+ * bytes (64 columns) unpack with one mask and one shift for both halves, the activations being stored
+ * in that order. NT <= 4. */
 static inline __attribute__((always_inline)) void dot4(
-    const int16_t *const *xr, const float *const *xsr, int K, const uint8_t *const *w, const uint16_t *const *s,
-    int G, int chunk, float *const *res, const int NT, const int MT) {
-    const int group = K / G;
-    const __m256i low4 = _mm256_set1_epi16(0x0f);
-    const __m256i eight = _mm256_set1_epi16(8);
-    __m256 out[4][4];
-    for (int j = 0; j < NT; j++)
-        for (int i = 0; i < MT; i++) out[j][i] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        const size_t col = (size_t)g * group;
-        __m256i acc[4][4];
-        for (int j = 0; j < NT; j++)
-            for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
-        for (int k = 0; k < group; k += 32) {
-            for (int j = 0; j < NT; j++) {
-                /* one widening of the 16 bytes, then both nibbles of each 16-bit lane */
-                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w[j] + (col + k) / 2)));
-                const __m256i wl = _mm256_sub_epi16(_mm256_and_si256(v, low4), eight);
-                const __m256i wh = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
-                for (int i = 0; i < MT; i++) {
-                    const int16_t *xp = xr[i] + col + k;
-#if VNNI
-                    acc[j][i] = _mm256_dpwssd_epi32(acc[j][i], wl, _mm256_loadu_si256((const __m256i *)xp));
-                    acc[j][i] = _mm256_dpwssd_epi32(acc[j][i], wh, _mm256_loadu_si256((const __m256i *)(xp + 16)));
-#else
-                    acc[j][i] = _mm256_add_epi32(acc[j][i], _mm256_add_epi32(
-                        _mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)xp)),
-                        _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(xp + 16)))));
+    const int8_t *const *xr, const float *const *xsr, const int *const *xcr, int K, const uint8_t *const *w,
+    const uint16_t *const *s, int G, int seg, float *const *res, const int NT, const int MT) {
+    const int per_g = K / G / seg;
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+#if !VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
 #endif
+    __m128 out[4];
+    for (int i = 0; i < MT; i++) out[i] = _mm_setzero_ps();
+    int g = 0, gn = 0, tab_at = -8;
+    float tab[8][4];
+    for (int c0 = 0, c = 0; c0 < K; c0 += seg, c++) {
+        __m256i acc[4][4];
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < MT; i++) acc[j][i] = _mm256_setzero_si256();
+#if VNNI
+#define MAC(A, U, X) A = _mm256_dpbusd_epi32(A, U, X)
+#else
+#define MAC(A, U, X) A = _mm256_add_epi16(A, _mm256_maddubs_epi16(U, X))
+#endif
+        if (seg % 64 == 0) {
+            for (int k = 0; k < seg; k += 64) {
+                __m256i xl[4], xh[4];
+                for (int i = 0; i < MT; i++) {
+                    xl[i] = _mm256_loadu_si256((const __m256i *)(xr[i] + c0 + k));
+                    xh[i] = _mm256_loadu_si256((const __m256i *)(xr[i] + c0 + k + 32));
+                }
+                for (int j = 0; j < NT; j++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(w[j] + (c0 + k) / 2));
+                    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    for (int i = 0; i < MT; i++) {
+                        MAC(acc[j][i], lo, xl[i]);
+                        MAC(acc[j][i], hi, xh[i]);
+                    }
+                }
+            }
+        } else {
+            for (int k = 0; k < seg; k += 32) {
+                __m256i xv[4];
+                for (int i = 0; i < MT; i++) xv[i] = _mm256_loadu_si256((const __m256i *)(xr[i] + c0 + k));
+                for (int j = 0; j < NT; j++) {
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(w[j] + (c0 + k) / 2));
+                    const __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low4);
+                    for (int i = 0; i < MT; i++) MAC(acc[j][i], u, xv[i]);
                 }
             }
         }
-        for (int j = 0; j < NT; j++) {
-            const float sc = bf16_to_f32(s[j][g]);
-            for (int i = 0; i < MT; i++) {
-                const __m256 f = _mm256_set1_ps(sc * xsr[i][col / chunk]);
-                out[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), f, out[j][i]);
-            }
+#undef MAC
+        if (g == tab_at + 8) scale_table(s, NT, tab_at = g, G, tab);
+        const __m128 sc = _mm_loadu_ps(tab[g - tab_at]);
+        for (int i = 0; i < MT; i++) {
+#if !VNNI
+            for (int j = 0; j < NT; j++) acc[j][i] = _mm256_madd_epi16(acc[j][i], ones);
+#endif
+            const __m128i t = _mm_sub_epi32(isum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]), _mm_set1_epi32(xcr[i][c]));
+            out[i] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(sc, _mm_set1_ps(xsr[i][c])), out[i]);
         }
+        if (++gn == per_g) gn = 0, g++;
     }
-    for (int j = 0; j < NT; j++)
-        for (int i = 0; i < MT; i++) res[j][i] = hsum(out[j][i]);
+    for (int i = 0; i < MT; i++) {
+        float o[4];
+        _mm_storeu_ps(o, out[i]);
+        for (int j = 0; j < NT; j++) res[j][i] = o[j];
+    }
 }
 
-/* Quantized activations: K int16 columns (xq) with their steps (xs, one per chunk of columns) in rows
- * ldq and lds apart. Row i of a call is row rows[i] of these, or base + i when rows is NULL. K is the
- * columns a call reads: a block-major weight's panel reads only its own. */
+/* Quantized activations: K columns (xq: int16 for int8 weights, int8 for int4 ones) with their steps
+ * (xs, one per chunk of columns; for int4 also xc, 8 * each chunk's sum) in rows ldq and lds elements
+ * apart. Row i of a call is row rows[i] of these, or base + i when rows is NULL. K is the columns a
+ * call reads: a block-major weight's panel reads only its own. */
 typedef struct {
-    const int16_t *xq;
-    const float *xs;
+    void *xq;
+    float *xs;
+    int *xc;
     int K, chunk;
     size_t ldq, lds;
 } acts;
+
+/* Buffers for M rows of K columns quantized for `bits`-bit weights, in chunks of `chunk`; 0, or -1 if
+ * memory ran out (nothing then allocated). */
+static int acts_alloc(acts *a, int bits, int M, int K, int chunk) {
+    const size_t n = (size_t)M * K, nc = (size_t)M * (K / chunk);
+    *a = (acts){malloc(n * (bits == 8 ? 2 : 1)), malloc(sizeof(float) * nc), bits == 4 ? malloc(sizeof(int) * nc) : NULL,
+                K, chunk, (size_t)K, (size_t)(K / chunk)};
+    if (a->xq && a->xs && (bits == 8 || a->xc)) return 0;
+    free(a->xq), free(a->xs), free(a->xc);
+    return -1;
+}
+
+static void acts_free(acts a) { free(a.xq), free(a.xs), free(a.xc); }
+
+/* Row r of a from x [K] bf16. */
+static void acts_quantize(acts a, int bits, size_t r, const uint16_t *x) {
+    if (bits == 8)
+        quantize_row(x, a.K, a.chunk, (int16_t *)a.xq + r * a.ldq, a.xs + r * a.lds);
+    else
+        quantize_row4(x, a.K, a.chunk, (int8_t *)a.xq + r * a.ldq, a.xs + r * a.lds, a.xc + r * a.lds);
+}
 
 /* Weight rows processed together: separate streams through memory keep more loads in flight than
  * one stream can (measured on a 2-core EPYC: 20-24 GB/s with one stream per thread, 26-40 with 4). */
@@ -273,22 +403,26 @@ typedef struct {
  * (tiles of up to MT_STREAMED rows), one by one otherwise. */
 static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt, const void *const *w,
                      size_t gstride, const uint16_t *const *s, int G, float *const *res) {
-    const int16_t *xr[4];
+    const void *xr[4];
     const float *xsr[4];
+    const int *xcr[4];
     for (int m0 = 0; m0 < M; m0 += 4) {
         const int mt = M - m0 < 4 ? M - m0 : 4;
         for (int i = 0; i < mt; i++) {
             const size_t r = (size_t)(rows ? rows[m0 + i] : base + m0 + i);
-            xr[i] = a.xq + r * a.ldq;
+            xr[i] = bits == 8 ? (const void *)((const int16_t *)a.xq + r * a.ldq) : (const void *)((const int8_t *)a.xq + r * a.ldq);
             xsr[i] = a.xs + r * a.lds;
+            xcr[i] = bits == 8 ? NULL : a.xc + r * a.lds;
         }
         float *rs[STREAMS];
         for (int j = 0; j < nt; j++) rs[j] = res[j] + m0;
 #define DOT(J, NT, MT)                                                                                              \
     if (bits == 8)                                                                                                  \
-        dot8(xr, xsr, a.K, (const int8_t *const *)w + (J), gstride, s + (J), G, a.chunk, rs + (J), NT, MT);         \
+        dot8((const int16_t *const *)xr, xsr, a.K, (const int8_t *const *)w + (J), gstride, s + (J), G, a.chunk,    \
+             rs + (J), NT, MT);                                                                                     \
     else                                                                                                            \
-        dot4(xr, xsr, a.K, (const uint8_t *const *)w + (J), s + (J), G, a.chunk, rs + (J), NT, MT);                 \
+        dot4((const int8_t *const *)xr, xsr, xcr, a.K, (const uint8_t *const *)w + (J), s + (J), G, a.chunk,        \
+             rs + (J), NT, MT);                                                                                     \
     break;
         if (nt == STREAMS && mt <= MT_STREAMED) {
             switch (mt) {
@@ -351,11 +485,188 @@ static inline int streams_for(int bits, int K, int M) {
     return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
+/* ---- int4 against many activation rows: weight panels ---------------------------------------------
+ *
+ * Where several activation rows share a weight (prefill, batches, an expert chosen by several tokens),
+ * the fold of dot4 (a reduction across lanes a segment) is most of the work. So PANEL weight rows are
+ * repacked, once a call, into a small scratch where the lanes of one vector are the rows: for each 32
+ * columns, 4 vectors of PANEL dwords, vector t holding dword t (bytes 4t..4t+3: columns 4t..4t+3 in
+ * the low nibbles, 16+4t..19+4t in the high ones) of every row. Each multiply-add then takes one
+ * activation dword broadcast to all lanes, and the lanes' sums need no reduction: a segment is folded
+ * with one fused multiply-add per PANEL rows. The integer sums and the fold are those of dot4, lane by
+ * lane, so a row gets the same bits from either kernel, on either build. */
+#define PANEL 16
+#define PANEL_MIN_M 4 /* activation rows from which a call repacks (fewer: dot4, which reads rows in place) */
+#define MT_PANEL (VNNI ? 8 : 2) /* activation rows a panel tile takes */
+
+/* Rows [0, n) (n <= PANEL; the rest zero) of a packed int4 weight, rows wrow bytes apart, into pw
+ * (K/32 blocks of 4 x PANEL dwords), and their scales (rows ls apart, G each) into ps [G][PANEL] as
+ * floats. */
+static void panel_pack(const uint8_t *w, size_t wrow, const uint16_t *s, size_t ls, int n, int K, int G, uint8_t *pw,
+                       float *ps) {
+    for (int r0 = 0; r0 < PANEL; r0 += 4)
+        for (int b = 0; b < K / 32; b++) {
+            __m128i a[4];
+            for (int r = 0; r < 4; r++)
+                a[r] = r0 + r < n ? _mm_loadu_si128((const __m128i *)(w + (size_t)(r0 + r) * wrow + (size_t)b * 16))
+                                  : _mm_setzero_si128();
+            const __m128i t0 = _mm_unpacklo_epi32(a[0], a[1]), t1 = _mm_unpackhi_epi32(a[0], a[1]);
+            const __m128i t2 = _mm_unpacklo_epi32(a[2], a[3]), t3 = _mm_unpackhi_epi32(a[2], a[3]);
+            uint8_t *d = pw + (size_t)b * 16 * PANEL + (size_t)r0 * 4;
+            _mm_storeu_si128((__m128i *)d, _mm_unpacklo_epi64(t0, t2));
+            _mm_storeu_si128((__m128i *)(d + 4 * PANEL), _mm_unpackhi_epi64(t0, t2));
+            _mm_storeu_si128((__m128i *)(d + 8 * PANEL), _mm_unpacklo_epi64(t1, t3));
+            _mm_storeu_si128((__m128i *)(d + 12 * PANEL), _mm_unpackhi_epi64(t1, t3));
+        }
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < PANEL; r++) ps[(size_t)g * PANEL + r] = r < n ? bf16_to_f32(s[(size_t)r * ls + g]) : 0.f;
+}
+
+static inline __m256i bcast4(const int8_t *p) {
+    int v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* out[i][r] = panel row r against activation row xr[i] (see dot4 for the segments, steps and sums). */
+static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const float *ps, const int8_t *const *xr,
+                                                             const float *const *xsr, const int *const *xcr, int K,
+                                                             int G, int seg, float out[][PANEL], const int MT) {
+    const int per_g = K / G / seg, perm64 = seg % 64 == 0;
+#if VNNI
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512 o[MT_PANEL];
+    for (int i = 0; i < MT; i++) o[i] = _mm512_setzero_ps();
+#else
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 o[MT_PANEL][2];
+    for (int i = 0; i < MT; i++) o[i][0] = o[i][1] = _mm256_setzero_ps();
+#endif
+    int g = 0, gn = 0;
+    for (int c0 = 0, c = 0; c0 < K; c0 += seg, c++) {
+#if VNNI
+        __m512i acc[MT_PANEL], acc2[MT_PANEL]; /* low and high nibbles: two chains of multiply-adds a row */
+        for (int i = 0; i < MT; i++) acc[i] = acc2[i] = _mm512_setzero_si512();
+#else
+        __m256i acc[MT_PANEL][2];
+        for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+#endif
+        for (int k = c0; k < c0 + seg; k += 32) {
+            /* where columns k+4t.. (low nibbles) and k+16+4t.. (high) lie in the activation row */
+            const int xa = perm64 ? (k & ~63) + ((k & 32) ? 16 : 0) : k, xb = perm64 ? xa + 32 : k + 16;
+            const uint8_t *pb = pw + (size_t)(k / 32) * 16 * PANEL;
+#if VNNI
+            for (int t = 0; t < 4; t++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(pb + t * 4 * PANEL));
+                const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                for (int i = 0; i < MT; i++) {
+                    int va, vb;
+                    memcpy(&va, xr[i] + xa + 4 * t, 4);
+                    memcpy(&vb, xr[i] + xb + 4 * t, 4);
+                    acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(va));
+                    acc2[i] = _mm512_dpbusd_epi32(acc2[i], hi, _mm512_set1_epi32(vb));
+                }
+            }
+#else
+            for (int h = 0; h < 2; h++) {
+                __m256i a16[MT_PANEL];
+                for (int i = 0; i < MT; i++) a16[i] = _mm256_setzero_si256();
+                for (int t = 0; t < 4; t++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + t * 4 * PANEL + h * 32));
+                    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    for (int i = 0; i < MT; i++)
+                        a16[i] = _mm256_add_epi16(a16[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xr[i] + xa + 4 * t)),
+                                                                           _mm256_maddubs_epi16(hi, bcast4(xr[i] + xb + 4 * t))));
+                }
+                for (int i = 0; i < MT; i++) acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(a16[i], ones));
+            }
+#endif
+        }
+#if VNNI
+        const __m512 sc = _mm512_loadu_ps(ps + (size_t)g * PANEL);
+        for (int i = 0; i < MT; i++)
+            o[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[i], acc2[i]), _mm512_set1_epi32(xcr[i][c]))),
+                                   _mm512_mul_ps(sc, _mm512_set1_ps(xsr[i][c])), o[i]);
+#else
+        for (int h = 0; h < 2; h++) {
+            const __m256 sc = _mm256_loadu_ps(ps + (size_t)g * PANEL + 8 * h);
+            for (int i = 0; i < MT; i++)
+                o[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][h], _mm256_set1_epi32(xcr[i][c]))),
+                                          _mm256_mul_ps(sc, _mm256_set1_ps(xsr[i][c])), o[i][h]);
+        }
+#endif
+        if (++gn == per_g) gn = 0, g++;
+    }
+    for (int i = 0; i < MT; i++) {
+#if VNNI
+        _mm512_storeu_ps(out[i], o[i]);
+#else
+        _mm256_storeu_ps(out[i], o[i][0]);
+        _mm256_storeu_ps(out[i] + 8, o[i][1]);
+#endif
+    }
+}
+
+/* A thread's panel scratch (grown as needed, kept for the thread's life: at most K / 2 * PANEL bytes and
+ * G * PANEL floats of the widest weight it has met), or NULL if memory ran out. */
+static uint8_t *panel_scratch(int K, int G, float **ps) {
+    static __thread uint8_t *buf;
+    static __thread size_t cap;
+    const size_t need = (size_t)K / 2 * PANEL + sizeof(float) * (size_t)G * PANEL;
+    if (need > cap) {
+        free(buf);
+        buf = malloc(need);
+        cap = buf ? need : 0;
+    }
+    *ps = buf ? (float *)(buf + (size_t)K / 2 * PANEL) : NULL;
+    return buf;
+}
+
+/* res[r * M + i] for `count` int4 rows of W (rows wrow bytes apart, scales ls apart) against M
+ * activation rows, PANEL rows at a time. Returns -1 if the scratch could not be had (nothing done). */
+static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w, size_t wrow, const uint16_t *s,
+                      int G, size_t ls, int count, float *res) {
+    float *ps;
+    uint8_t *pw = panel_scratch(a.K, G, &ps);
+    if (!pw) return -1;
+    for (int p0 = 0; p0 < count; p0 += PANEL) {
+        const int n = count - p0 < PANEL ? count - p0 : PANEL;
+        panel_pack(w + (size_t)p0 * wrow, wrow, s + (size_t)p0 * ls, ls, n, a.K, G, pw, ps);
+        for (int m0 = 0; m0 < M; m0 += MT_PANEL) {
+            const int mt = M - m0 < MT_PANEL ? M - m0 : MT_PANEL;
+            const int8_t *xr[MT_PANEL];
+            const float *xsr[MT_PANEL];
+            const int *xcr[MT_PANEL];
+            for (int i = 0; i < mt; i++) {
+                const size_t r = (size_t)(rows ? rows[m0 + i] : base + m0 + i);
+                xr[i] = (const int8_t *)a.xq + r * a.ldq;
+                xsr[i] = a.xs + r * a.lds;
+                xcr[i] = a.xc + r * a.lds;
+            }
+            float out[MT_PANEL][PANEL];
+            switch (mt) {
+#define PANEL_CASE(MT) case MT: panel_dot(pw, ps, xr, xsr, xcr, a.K, G, a.chunk, out, MT); break;
+                PANEL_CASE(1)
+                PANEL_CASE(2)
+#if VNNI
+                PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6) PANEL_CASE(7) PANEL_CASE(8)
+#endif
+#undef PANEL_CASE
+            }
+            for (int r = 0; r < n; r++)
+                for (int i = 0; i < mt; i++) res[(size_t)(p0 + r) * M + m0 + i] = out[i][r];
+        }
+    }
+    return 0;
+}
+
 /* res[r * M + i] for weight rows r < count of W (row stride wrow bytes, scale groups gstride bytes apart
  * within a row; G scales a row, rows ls apart): the rows are taken `streams_for` at a time from that
  * many equal parts of the span, then the remainder one by one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
                      size_t gstride, const uint16_t *s, int G, size_t ls, int count, float *res) {
+    if (bits == 4 && M >= PANEL_MIN_M && !panels_dot(a, rows, base, M, (const uint8_t *)w, wrow, s, G, ls, count, res))
+        return;
     const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
@@ -396,7 +707,7 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
     }
     for (int g = 0; g < G; g++) {
         acts p = a;
-        p.xq += (size_t)g * kg;
+        p.xq = (int16_t *)a.xq + (size_t)g * kg; /* int8 weights only */
         p.xs += (size_t)g * kg / a.chunk;
         p.K = kg;
         span_dot(bits, p, rows, base, M, w + g * panel, kg, kg, s + g, 1, G, count, g ? part : res);
@@ -411,18 +722,17 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
  * to end, are split across OpenMP threads (torch's own libgomp when loaded into torch). One call
  * computes e.g. an attention layer's q, k and v. y is bf16 or fp32. With `blocked` (int8 only), each
  * W_j is block-major, [G, N_j, K/G] (see weight_dot). */
-void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
+int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
                    const uint16_t *const *s, int G, const int *N, void *y, int y_bf16, int blocked) {
     int total = 0;
     for (int j = 0; j < nmat; j++) total += N[j];
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)M * K);
-    float *xs = malloc(sizeof(float) * (size_t)M * (K / chunk));
-    const acts a = {xq, xs, K, chunk, (size_t)K, (size_t)(K / chunk)};
+    acts a;
+    if (acts_alloc(&a, bits, M, K, chunk)) return -1;
     const size_t wrow = blocked ? (size_t)(K / G) : row_bytes(bits, K); /* from one row to the next */
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, chunk, xq + (size_t)m * K, xs + (size_t)m * (K / chunk));
+        for (int m = 0; m < M; m++) acts_quantize(a, bits, (size_t)m, x + (size_t)m * K);
         const int block = block_rows(M);
         float *res = malloc(sizeof(float) * 2 * block * (size_t)M), *part = res + block * (size_t)M;
         int lo, hi;
@@ -439,8 +749,8 @@ void groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nma
         }
         free(res);
     }
-    free(xq);
-    free(xs);
+    acts_free(a);
+    return 0;
 }
 
 /* ---- one MoE layer in one call: routing and the chosen experts -----------------------------------
@@ -586,14 +896,15 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
                const void *w2, const uint16_t *s2, int g2, int chunk_d, int chunk_f, int blocked1, int blocked2,
                float router_cap, int gelu_erf_, uint16_t *y) {
     const int P = N * topk;
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)N * D), *hq = malloc(sizeof(int16_t) * (size_t)P * F);
-    float *xs = malloc(sizeof(float) * (size_t)N * (D / chunk_d)), *hs = malloc(sizeof(float) * (size_t)P * (F / chunk_f));
+    acts ax, ah;
+    if (acts_alloc(&ax, bits, N, D, chunk_d)) return -1;
+    if (acts_alloc(&ah, bits, P, F, chunk_f)) return acts_free(ax), -1;
     float *pairs = malloc(sizeof(float) * (size_t)P * D);
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)P * F);
     int *idx = malloc(sizeof(int) * (size_t)(3 * P + 3 * E + 1));
     float *gates = malloc(sizeof(float) * (size_t)P);
-    if (!xq || !hq || !xs || !hs || !pairs || !h || !idx || !gates) {
-        free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx), free(gates);
+    if (!pairs || !h || !idx || !gates) {
+        acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates);
         return -1;
     }
     int *order = idx, *token = idx + P, *experts = idx + 2 * P, *count = idx + 3 * P, *start = count + E,
@@ -613,8 +924,6 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     for (int e = 0; e < E; e++) maxc = count[e] > maxc ? count[e] : maxc;
     const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F); /* bytes a row */
     const size_t step1 = blocked1 ? (size_t)(D / g1) : b1, step2 = blocked2 ? (size_t)(F / g2) : b2; /* row to row */
-    const acts ax = {xq, xs, D, chunk_d, (size_t)D, (size_t)(D / chunk_d)};
-    const acts ah = {hq, hs, F, chunk_f, (size_t)F, (size_t)(F / chunk_f)};
 #pragma omp parallel
     {
         const int block = block_rows(maxc);
@@ -622,7 +931,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
         float *part = rv + block * (size_t)maxc;
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++)
-            quantize_row(x + (size_t)t * D, D, chunk_d, xq + (size_t)t * D, xs + (size_t)t * (D / chunk_d));
+            acts_quantize(ax, bits, (size_t)t, x + (size_t)t * D);
         /* W1 and V: each expert's rows split between threads; no barrier between experts. */
         for (int e = 0; e < E; e++) {
             const int m = count[e];
@@ -642,7 +951,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++)
-            quantize_row(h + (size_t)p * F, F, chunk_f, hq + (size_t)p * F, hs + (size_t)p * (F / chunk_f));
+            acts_quantize(ah, bits, (size_t)p, h + (size_t)p * F);
         /* W2, gated, into each pair's own row. */
         for (int e = 0; e < E; e++) {
             const int m = count[e];
@@ -671,7 +980,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             }
         free(r1);
     }
-    free(xq), free(hq), free(xs), free(hs), free(pairs), free(h), free(idx), free(gates);
+    acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates);
     return 0;
 }
 

@@ -16,12 +16,12 @@
 
 namespace {
 
-using linear_fn = void (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
+using linear_fn = int (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
                            const int *, void *, int, int);
 using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
                        const void *, const void *, int, const void *, const void *, int, int, int, int, int, float, int,
                        void *);
-using chunk_fn = int (*)(int, int);
+using chunk_fn = int (*)(int, int, int);
 using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
                           float, float, const float *, void *);
 
@@ -57,19 +57,11 @@ int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, con
     return k;
 }
 
-// The activation chunk: the C library's rule for int8; for int4 the largest multiple of the scale
-// group, at most 2048, dividing K (as kernels._chunk).
+// The activation chunk: the C library's rule (as kernels._chunk).
 int chunk_of(int64_t bits, int64_t k, int64_t groups) {
-    const int64_t group = k / groups;
-    if (bits == 8) {
-        const int c = kernel_chunk((int)k, (int)group);
-        TORCH_CHECK_VALUE(c > 0, "groklm: no activation chunk fits ", groups, " groups over ", k, " columns");
-        return c;
-    }
-    int64_t best = group;
-    for (int64_t c = group; c <= std::min<int64_t>(k, 2048); c += group)
-        if (k % c == 0) best = c;
-    return (int)best;
+    const int c = kernel_chunk((int)bits, (int)k, (int)(k / groups));
+    TORCH_CHECK_VALUE(c > 0, "groklm: no activation chunk fits ", groups, " groups over ", k, " columns");
+    return c;
 }
 
 at::Tensor bf16_rows(const at::Tensor &x, int64_t k) {
@@ -101,8 +93,9 @@ at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, boo
     int64_t total = 0;
     for (size_t j = 0; j < n; j++) total += sizes[j];
     at::Tensor y = at::empty({m, total}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
-    kernel_linear((int)bits, xb.data_ptr(), (int)m, (int)k, chunk_of(bits, k, groups), (int)n, w.data(), s.data(),
-                  (int)groups, sizes.data(), y.data_ptr(), fp32 ? 0 : 1, blocked ? 1 : 0);
+    const int rc = kernel_linear((int)bits, xb.data_ptr(), (int)m, (int)k, chunk_of(bits, k, groups), (int)n, w.data(),
+                                 s.data(), (int)groups, sizes.data(), y.data_ptr(), fp32 ? 0 : 1, blocked ? 1 : 0);
+    TORCH_CHECK(rc == 0, "groklm: the native linear could not allocate its scratch for ", m, " rows");
     return y;
 }
 
