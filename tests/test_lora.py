@@ -131,3 +131,31 @@ def test_adapters_save_in_peft_names_reload_and_merge(mini_with_tokenizer: Path,
         assert torch.equal(groklm.load(tmp_path / "m", progress=False)(tokens), in_memory)
     r = cli("generate", "--checkpoint", str(mini_with_tokenizer), "--adapter", str(tmp_path), "hi")
     assert r.returncode == 2 and "no adapter here" in r.stderr
+
+
+def test_lora_on_int4_in_panels_trains_and_merges_as_in_rows(mini_ckpt: Path) -> None:
+    """An int4 base laid out for the CPU kernel (as `load` leaves it) gives the adapters the gradients,
+    and the merge the weights, that the same base in rows gives."""
+    from groklm.quant import Int4Linear, dense_weight, is_panels, pack_int4, quantize_int4
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["wq", "w1"])
+    models = []
+    for panels in (False, True):
+        model = quantize_int4(groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False), group_size=64)
+        if panels:
+            pack_int4(model)
+        assert any(isinstance(m, Int4Linear) and is_panels(m.weight, m.scales) for m in model.modules()) == panels
+        add_lora(model, lora)
+        torch.manual_seed(0)
+        for m in adapters(model).values():
+            torch.nn.init.normal_(m.lora_A, std=0.05)
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+        model(_tokens()).float().logsumexp(-1).mean().backward()
+        models.append(model)
+    rows, panels = models
+    for (name, a), (_, b) in zip(adapters(rows).items(), adapters(panels).items(), strict=True):
+        assert torch.equal(a.lora_A.grad, b.lora_A.grad) and torch.equal(a.lora_B.grad, b.lora_B.grad), name
+    merged = [merge(m) for m in models]
+    for (name, a), (_, b) in zip(merged[0].named_modules(), merged[1].named_modules(), strict=True):
+        if isinstance(a, Int4Linear):
+            assert torch.equal(dense_weight(a), dense_weight(b)), name

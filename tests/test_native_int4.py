@@ -16,10 +16,14 @@ from groklm.formats.common import CheckpointError
 from groklm.formats.native import convert, save_native
 from groklm.quant import (
     Int4ExpertLinear,
+    Int4Linear,
     dequantize_weight,
     dequantize_weight_int4,
+    from_panels,
+    is_panels,
     quantize_int4,
     quantize_weight_int4,
+    to_panels,
 )
 from tests.conftest import GOLDEN
 
@@ -76,6 +80,42 @@ def test_int4_kernel_is_its_specified_arithmetic(rows: int, group_size: int, out
     exact = x.double() @ dequantize_weight_int4(q, s, torch.float64).T
     assert torch.all((got - exact).abs() <= bound * 1.001 + 1e-6 * exact.abs().max())
     assert torch.equal(got[: min(rows, 3)], kernels.int4_matmul(x[: min(rows, 3)], q, s, torch.float32).double())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 256])
+def test_int4_panels_hold_the_rows_rearranged_and_give_the_same_bits(group_size: int) -> None:
+    """Weights laid out in the kernel's panels at load (`pack_int4`) are the rows' bytes rearranged, read
+    by the same arithmetic: every result equals the rows' bit for bit, one activation row or many."""
+    g = torch.Generator().manual_seed(group_size)
+    q, s = quantize_weight_int4(torch.randn(64, 1536, generator=g), group_size, torch.bfloat16)
+    p = to_panels(q)
+    assert p.shape == (4, 48, 256) and is_panels(p, s) and not is_panels(q, s)
+    assert torch.equal(from_panels(p), q)
+    # row 17, byte 37 (block 2, dword 1, byte 1): panel 1, block 2, run 1, row 1 of the panel, byte 1
+    assert p[1, 2, 1 * 64 + 1 * 4 + 1] == q[17, 37]
+    assert kernels.supports_int4(p, s) and kernels.in_features(p, s) == 1536
+    assert torch.equal(dequantize_weight_int4(p, s), dequantize_weight_int4(q, s))
+    for rows in (1, 2, 3, 4, 9, 17, 65):
+        x = torch.randn(rows, 1536, generator=g).bfloat16()
+        assert torch.equal(kernels.int4_matmul(x, p, s, torch.float32), kernels.int4_matmul(x, q, s, torch.float32))
+    q2, s2 = quantize_weight_int4(torch.randn(32, 1536, generator=g), group_size, torch.bfloat16)
+    x = torch.randn(5, 1536, generator=g).bfloat16()
+    together = kernels.linear(4, x, [(p, s), (to_panels(q2), s2)], torch.float32)
+    alone = kernels.linear(4, x, [(q, s), (q2, s2)], torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_fused_int4_moe_in_panels_equals_in_rows(tokens: int) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    e, d, f = 4, 256, 512
+    w1, v, w2 = (quantize_weight_int4(torch.randn(e, *shape, generator=g), 64, torch.bfloat16)
+                 for shape in ((f, d), (f, d), (d, f)))  # fmt: skip
+    router = torch.randn(e, d, generator=g)
+    x = torch.randn(tokens, d, generator=g).bfloat16()
+    rows = kernels.moe(x, router, 2, 4, w1, v, w2)
+    panels = kernels.moe(x, router, 2, 4, *[(to_panels(w), s) for w, s in (w1, v, w2)])
+    assert torch.equal(rows, panels)
 
 
 def test_quantize_int4_from_int8_modules(golden_config: GrokConfig) -> None:
@@ -146,8 +186,15 @@ def test_native_int4_round_trip_and_about_half_the_size(tmp_path: Path, mini_ckp
     quantize_int4(model, group_size=64)
     save_native(model, tmp_path / "n4")
     loaded = groklm.load(tmp_path / "n4", dtype=torch.bfloat16, progress=False)
+    int4 = [m for m in loaded.modules() if isinstance(m, (Int4Linear, Int4ExpertLinear))]
+    assert int4 and all(is_panels(m.weight, m.scales) for m in int4)  # laid out for the CPU kernel
     tokens = torch.tensor([[422, 3033, 356, 1180, 333, 9072, 360, 2175]])
-    assert torch.equal(loaded(tokens), model(tokens))
+    assert torch.equal(loaded(tokens), model(tokens))  # (model: rows, quantized in memory)
+    mapped = groklm.load(tmp_path / "n4", dtype=torch.bfloat16, progress=False, mmap=True)
+    assert not any(is_panels(m.weight, m.scales) for m in mapped.modules() if isinstance(m, Int4Linear))
+    assert torch.equal(mapped(tokens), model(tokens))
+    save_native(loaded, tmp_path / "again")  # panels are written back in rows
+    assert all(torch.equal(t, _shards(tmp_path / "n4")[name]) for name, t in _shards(tmp_path / "again").items())
 
     def layer_bytes(d: Path) -> int:
         return sum(f.stat().st_size for f in d.glob("model-*.safetensors") if not f.name.endswith("00000.safetensors"))

@@ -140,7 +140,30 @@ def load(
     `tp` x `ep` > 1 (in an initialised process group of that many ranks, as torchrun starts): this
     rank's share of the model only (`parallel`), its bytes read from the files and nothing more; calling
     it on tokens gives the full logits on every rank.
+
+    On the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's panels
+    (`quant.pack_int4`); `save_native` writes them back in rows.
     """
+    model = _load(path, config, dtype, device, progress, quantize_head, mmap, bits, tp, ep)
+    if torch.device(device).type == "cpu" and not mmap:
+        from groklm.quant import pack_int4
+
+        pack_int4(model)
+    return model
+
+
+def _load(
+    path: str | Path,
+    config: ConfigLike = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    quantize_head: bool | None = None,
+    mmap: bool = False,
+    bits: int | None = None,
+    tp: int = 1,
+    ep: int = 1,
+) -> Grok:
     config = as_config(config)
     fmt = detect_format(path)
     if bits not in (None, 8, 4):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from groklm import kernels
 from groklm.config import GrokConfig
 from groklm.formats.common import BlockMajorArray, TensorArray
 from groklm.model import MLP, Attention, ExpertLinear, Grok, MoE, TiedHead
@@ -46,6 +47,8 @@ from groklm.quant import (
     Int8ExpertLinear,
     Int8Linear,
     block_major,
+    from_panels,
+    is_panels,
 )
 
 Slices = tuple[slice, ...]
@@ -454,6 +457,8 @@ def model_reader(whole: Grok) -> Read:
         t = getattr(module, leaf, None)
         if t is None and name == "embed.weight":  # a table read from the checkpoint file
             t = module.table
+        if isinstance(module, (Int4Linear, Int4ExpertLinear)) and leaf == "weight" and is_panels(t, module.scales):
+            t = from_panels(t)  # (a copy in rows: slices of panels are not rows)
         array: Any = TensorArray(t)
         if isinstance(module, _QUANT) and leaf == "weight" and t.dim() == module.scales.dim() + 1:
             array = BlockMajorArray(array)
@@ -470,8 +475,8 @@ def global_name(name: str) -> str:
 def logical_shape(module: nn.Module) -> tuple[int, ...]:
     """An int8/int4 module's weight as [.., out, in] (int4: in counts columns, not packed bytes)."""
     w, s = module.weight, module.scales
-    if isinstance(module, (Int4Linear, Int4ExpertLinear)):
-        return (*w.shape[:-1], w.shape[-1] * 2)
+    if isinstance(module, (Int4Linear, Int4ExpertLinear)):  # in rows or in panels
+        return (*s.shape[:-1], kernels.in_features(w, s))
     if w.dim() == s.dim() + 1:  # block-major [.., G, out, in/G]
         return (*w.shape[:-3], w.shape[-2], w.shape[-3] * w.shape[-1])
     return tuple(w.shape)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
+from groklm.formats.common import advise_huge_pages
 from groklm.model import MASK_VALUE, Attention, ExpertLinear, Grok, MoE
 
 
@@ -76,10 +77,13 @@ class _FrozenMatmul(torch.autograd.Function):
         weight, scales = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         gx = torch.zeros(g.shape[0], ctx.in_features, dtype=torch.float32, device=g.device)
-        blocked = ctx.bits == 8 and weight.dim() == scales.dim() + 1
+        blocked = weight.dim() == scales.dim() + 1  # int8 block-major, int4 panels (ROWS % PANEL == 0)
         for r0 in range(0, scales.shape[0], _FrozenMatmul.ROWS):
             r1 = min(scales.shape[0], r0 + _FrozenMatmul.ROWS)
-            w = weight[:, r0:r1] if blocked else weight[r0:r1]
+            if blocked:
+                w = weight[:, r0:r1] if ctx.bits == 8 else weight[r0 // PANEL : r1 // PANEL]
+            else:
+                w = weight[r0:r1]
             deq = dequantize_weight(w, scales[r0:r1]) if ctx.bits == 8 else dequantize_weight_int4(w, scales[r0:r1])
             gx += g[:, r0:r1].float() @ deq
         return gx.to(grad.dtype).view(*grad.shape[:-1], ctx.in_features), None, None, None
@@ -299,8 +303,58 @@ def quantize_weight_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype) -
     return packed.reshape(*lead, out_features, in_features // 2), scales
 
 
+PANEL = 16
+"""Rows of an int4 weight the native CPU kernel interleaves (see `to_panels`)."""
+
+
+def to_panels(packed: Tensor, out: Tensor | None = None) -> Tensor:
+    """A packed int4 weight in rows [..., N, K/2] (N % 16 == 0, 32-column blocks) as the native CPU
+    kernel reads it: [..., N/16, K/32, 256], for each 16 rows and 32 columns 4 runs of 16 dwords, run t
+    holding bytes 4t..4t+3 of each row's 16 (columns 4t.. in the low nibbles, 16+4t.. in the high).
+    Written into `out` where given (no other copy made)."""
+    *lead, n, half = packed.shape
+    p = packed.reshape(*lead, n // PANEL, PANEL, half // 16, 4, 4).movedim(
+        -4, -2
+    )  # [.., panel, block, dword, row, byte]
+    if out is None:
+        return p.reshape(*lead, n // PANEL, half // 16, 16 * PANEL)
+    out.view(p.shape).copy_(p)
+    return out
+
+
+def from_panels(panels: Tensor) -> Tensor:
+    """Inverse of `to_panels`: [..., N/16, K/32, 256] -> [..., N, K/2]."""
+    *lead, n16, blocks, _ = panels.shape
+    p = panels.reshape(*lead, n16, blocks, 4, PANEL, 4).movedim(-2, -4)
+    return p.reshape(*lead, n16 * PANEL, blocks * 16)
+
+
+def is_panels(packed: Tensor, scales: Tensor) -> bool:
+    """Whether a packed int4 weight is in the kernel's panels (see `to_panels`), not in rows."""
+    return packed.dim() == scales.dim() + 1
+
+
+def pack_int4(model: nn.Module) -> nn.Module:
+    """Lay out every int4 weight the native CPU kernel takes in its panels (`to_panels`), in place, one
+    module at a time (each module's rows freed as its panels replace them). A transform for CPU
+    inference after loading: everything else reads either layout (`dequantize_weight_int4`), and
+    `save_native` writes rows."""
+    for module in model.modules():
+        if isinstance(module, (Int4Linear, Int4ExpertLinear)) and not is_panels(module.weight, module.scales):
+            n, groups, k = module.scales.shape[-2], module.scales.shape[-1], module.weight.shape[-1] * 2
+            if module.weight.device.type == "cpu" and n % PANEL == 0 and (k // groups) % 32 == 0:
+                rows = module.weight
+                panels = torch.empty(*rows.shape[:-2], n // PANEL, k // 32, 16 * PANEL, dtype=torch.uint8)
+                advise_huge_pages([panels])  # as the loader's weights: decode streams them every token
+                module.weight = to_panels(rows, out=panels)
+                del rows
+    return model
+
+
 def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inverse of quantize_weight_int4: -> [..., out, in] in `dtype`."""
+    """Inverse of quantize_weight_int4 (from rows or panels): -> [..., out, in] in `dtype`."""
+    if is_panels(packed, scales):
+        packed = from_panels(packed)
     *lead, out_features, half = packed.shape
     groups = scales.shape[-1]
     block = _int4_block(half * 2 // groups)
@@ -319,9 +373,9 @@ def int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
 
 
 def _int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
-    out_features = packed.shape[0]
+    out_features = scales.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, packed.shape[1] * 2)
+    x2 = x.reshape(-1, kernels.in_features(packed, scales))
     if kernels.use_triton(x):
         from groklm.kernels import triton as gpu
 

@@ -37,7 +37,16 @@ from groklm.formats.layout import allocate, part_of
 from groklm.formats.released import MappedEmbedding, open_released
 from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file
 from groklm.model import Grok
-from groklm.quant import Int4ExpertLinear, Int4Linear, Int8ExpertLinear, Int8Linear, block_major, quantize_int8
+from groklm.quant import (
+    Int4ExpertLinear,
+    Int4Linear,
+    Int8ExpertLinear,
+    Int8Linear,
+    block_major,
+    from_panels,
+    is_panels,
+    quantize_int8,
+)
 
 SHARD = "model-{:05d}.safetensors"
 
@@ -66,6 +75,10 @@ def save_native(model: Grok, out: str | Path, progress: bool = True) -> Path:
 
 def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     state = {prefix + name: t for name, t in module.state_dict().items()}
+    for name, t in state.items():  # int4 weights in the CPU kernel's panels are written in rows
+        scales = state.get(name.removesuffix("weight") + "scales")
+        if t.dtype == torch.uint8 and name.endswith("weight") and scales is not None and is_panels(t, scales):
+            state[name] = from_panels(t)
     if isinstance(getattr(module, "embed", None), MappedEmbedding):  # the table lives in the source file
         state[prefix + "embed.weight"] = module.embed.table.to(module.dtype)  # type: ignore[union-attr, operator]
     return state

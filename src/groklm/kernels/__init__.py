@@ -198,16 +198,19 @@ def available() -> bool:
 
 
 def is_block_major(weight: Tensor, scales: Tensor) -> bool:
-    """Whether an int8 weight is block-major [..., G, N, K/G] (scales [..., N, G]), not [..., N, K]."""
+    """Whether a weight is in its kernel's own layout, one dimension more than its scales: int8
+    block-major [..., G, N, K/G], int4 panels [..., N/16, K/32, 256] (scales [..., N, G]); not in rows."""
     return weight.dim() == scales.dim() + 1
 
 
 def in_features(weight: Tensor, scales: Tensor) -> int:
     """The input size K of an int8 weight, row-major [..., N, K] or block-major [..., G, N, K/G], or of a
-    packed int4 one [..., N, K/2] (uint8), with scales [..., N, G]."""
+    packed int4 one [..., N, K/2] or in panels [..., N/16, K/32, 256] (uint8), with scales [..., N, G]."""
+    if weight.dtype == torch.uint8:
+        return weight.shape[-2] * 32 if is_block_major(weight, scales) else weight.shape[-1] * 2
     if is_block_major(weight, scales):
         return weight.shape[-1] * scales.shape[-1]
-    return weight.shape[-1] * (2 if weight.dtype == torch.uint8 else 1)
+    return weight.shape[-1]
 
 
 def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, block: int) -> bool:
@@ -216,11 +219,16 @@ def _fits(weight: Tensor, scales: Tensor, dtype: torch.dtype, in_features: int, 
     groups = scales.shape[-1]
     blocked = is_block_major(weight, scales)
     lead = scales.dim() - 2
+    if not blocked:
+        rows = weight.dim() == scales.dim() and weight.shape[-2] == scales.shape[-2]
+    elif dtype == torch.int8:  # block-major
+        rows = weight.shape[lead] == groups and weight.shape[-2] == scales.shape[-2]
+    else:  # int4 panels
+        rows = weight.shape[-3] * 16 == scales.shape[-2] and weight.shape[-1] == 256
     return (
         lead >= 0
-        and (weight.dim() == scales.dim() or (blocked and dtype == torch.int8 and weight.shape[lead] == groups))
+        and rows
         and weight.shape[:lead] == scales.shape[:lead]
-        and weight.shape[-2] == scales.shape[-2]
         and weight.device.type == "cpu"
         and weight.dtype == dtype
         and scales.dtype == torch.bfloat16
@@ -238,8 +246,9 @@ def supports(weight: Tensor, scales: Tensor) -> bool:
 
 
 def supports_int4(packed: Tensor, scales: Tensor) -> bool:
-    """Whether int4_matmul takes this packed weight [N, K/2] (uint8) with bf16 scales [N, G]."""
-    return _fits(packed, scales, torch.uint8, packed.shape[-1] * 2, 32)
+    """Whether int4_matmul takes this packed weight [N, K/2] or [N/16, K/32, 256] (uint8, in rows or in
+    panels: `quant.to_panels`) with bf16 scales [N, G]."""
+    return _fits(packed, scales, torch.uint8, in_features(packed, scales), 32)
 
 
 def transpose_into(dst: Tensor, src: Tensor) -> bool:

@@ -195,6 +195,9 @@ class _Layout:
                 self.stride_wg, self.stride_wn = self.k // self.groups, weight.stride(lead)
             self.pack = 1
         else:
+            if weight.dim() != scales.dim():
+                raise ValueError("this int4 weight is in the CPU kernel's panels (quant.pack_int4): load the model "
+                                 "on the GPU, where int4 weights stay in rows")  # fmt: skip
             self.k = weight.shape[-1] * 2
             self.stride_wg, self.stride_wn = 0, weight.stride(lead)
             gs = self.k // self.groups

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from groklm import kernels
 from groklm.config import GrokConfig
 from groklm.model import ExpertLinear, Grok
 from groklm.quant import (
@@ -31,8 +32,10 @@ from groklm.quant import (
     Int8ExpertLinear,
     Int8Linear,
     dense_weight,
+    is_panels,
     quantize_weight,
     quantize_weight_int4,
+    to_panels,
 )
 
 # Our module leaf -> what `--targets` calls it; the groups `--targets` also takes.
@@ -65,10 +68,7 @@ def _features(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
     w = base.weight
     if isinstance(base, (Int8Linear, Int8ExpertLinear, Int4Linear, Int4ExpertLinear)):
-        out = base.scales.shape[-2]
-        if isinstance(base, (Int4Linear, Int4ExpertLinear)):
-            return w.shape[-1] * 2, out
-        return (w.shape[-3] * w.shape[-1] if w.dim() == base.scales.dim() + 1 else w.shape[-1]), out
+        return kernels.in_features(w, base.scales), base.scales.shape[-2]
     return w.shape[-1], w.shape[-2]
 
 
@@ -308,7 +308,8 @@ def merge(model: Grok) -> Grok:
                 elif isinstance(base, (Int4Linear, Int4ExpertLinear)):
                     scales = base.scales if e is None else base.scales[e]
                     q, s = quantize_weight_int4(w, w.shape[-1] // scales.shape[-1], scales.dtype)
-                    (base.weight if e is None else base.weight[e]).copy_(q)
+                    weight = base.weight if e is None else base.weight[e]
+                    weight.copy_(to_panels(q) if is_panels(weight, scales) else q)
                     scales.copy_(s)
                 else:
                     (base.weight if e is None else base.weight[e]).copy_(w)

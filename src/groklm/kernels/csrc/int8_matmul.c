@@ -35,6 +35,7 @@
 #include <string.h>
 
 #define CHUNK_MAX 2048
+#define PANEL 16 /* int4 weight rows interleaved in a panel (see panels_dot) */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VNNI 1
 #else
@@ -257,25 +258,24 @@ static inline __m128i isum4(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
-/* tab[t] = the scales of groups g + t (t < 8, those < G) of rows s[0..nt), as floats, rows side by side
- * (nt <= 4; other lanes 0): 8 groups of 4 rows loaded and transposed at once, as a segment's fold
- * reads them. */
-static inline void scale_table(const uint16_t *const *s, int nt, int g, int G, float tab[8][4]) {
+/* tab[t * width + lane + j] = the scale of group g + t (t < 8, those < G) of row s[j] (j < 4; 0 for
+ * j >= nt), as floats: 8 groups of 4 rows loaded and transposed at once, as a segment's fold reads them. */
+static inline void scale_table(const uint16_t *const *s, int nt, int g, int G, float *tab, int width, int lane) {
     if (g + 8 <= G) {
         __m256 r[4];
         for (int j = 0; j < 4; j++) r[j] = j < nt ? load_bf16x8(s[j] + g) : _mm256_setzero_ps();
         const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
         const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee); /* groups 0 1 | 4 5 */
-        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee); /* groups 2 3 | 6 7 */
-        _mm256_storeu_ps(tab[0], _mm256_permute2f128_ps(u0, u1, 0x20));
-        _mm256_storeu_ps(tab[2], _mm256_permute2f128_ps(u2, u3, 0x20));
-        _mm256_storeu_ps(tab[4], _mm256_permute2f128_ps(u0, u1, 0x31));
-        _mm256_storeu_ps(tab[6], _mm256_permute2f128_ps(u2, u3, 0x31));
+        const __m256 v[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xee), /* groups 0 1 | 4 5 */
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xee)}; /* groups 2 3 | 6 7 */
+        for (int t = 0; t < 4; t++) {
+            _mm_storeu_ps(tab + t * width + lane, _mm256_castps256_ps128(v[t]));
+            _mm_storeu_ps(tab + (t + 4) * width + lane, _mm256_extractf128_ps(v[t], 1));
+        }
         return;
     }
     for (int t = 0; t < 8 && g + t < G; t++)
-        for (int j = 0; j < 4; j++) tab[t][j] = j < nt ? bf16_to_f32(s[j][g + t]) : 0.f;
+        for (int j = 0; j < 4; j++) tab[t * width + lane + j] = j < nt ? bf16_to_f32(s[j][g + t]) : 0.f;
 }
 
 /* The same for int4 weights against int8 activations (quantize_row4): w is K/2 bytes; each 32 input
@@ -341,7 +341,7 @@ static inline __attribute__((always_inline)) void dot4(
             }
         }
 #undef MAC
-        if (g == tab_at + 8) scale_table(s, NT, tab_at = g, G, tab);
+        if (g == tab_at + 8) scale_table(s, NT, tab_at = g, G, tab[0], 4, 0);
         const __m128 sc = _mm_loadu_ps(tab[g - tab_at]);
         for (int i = 0; i < MT; i++) {
 #if !VNNI
@@ -460,11 +460,21 @@ static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt,
 
 static inline size_t row_bytes(int bits, int K) { return bits == 8 ? (size_t)K : (size_t)K / 2; }
 
-/* Rows [lo, hi) of this thread's share of n rows (static split, no barrier). */
+/* Units [lo, hi) of this thread's share of n units (static split, no barrier). */
 static inline void thread_span(int n, int *lo, int *hi) {
     const int t = omp_get_num_threads(), id = omp_get_thread_num();
     *lo = (int)((long)n * id / t);
     *hi = (int)((long)n * (id + 1) / t);
+}
+
+/* Rows a thread's share starts and ends on: int4 weights split between panels (see panels_dot). */
+static inline int row_align(int bits) { return bits == 4 ? PANEL : 1; }
+
+/* Rows [lo, hi) of this thread's share of n rows, in whole units of `align` rows. */
+static inline void thread_rows(int n, int align, int *lo, int *hi) {
+    thread_span((n + align - 1) / align, lo, hi);
+    *lo = *lo * align < n ? *lo * align : n;
+    *hi = *hi * align < n ? *hi * align : n;
 }
 
 /* Weight rows per span step (STREAMS parts of block / STREAMS rows) for m activation rows. A stream runs
@@ -485,25 +495,28 @@ static inline int streams_for(int bits, int K, int M) {
     return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
-/* ---- int4 against many activation rows: weight panels ---------------------------------------------
+/* ---- int4 weight panels ------------------------------------------------------------------------------
  *
- * Where several activation rows share a weight (prefill, batches, an expert chosen by several tokens),
- * the fold of dot4 (a reduction across lanes a segment) is most of the work. So PANEL weight rows are
- * repacked, once a call, into a small scratch where the lanes of one vector are the rows: for each 32
- * columns, 4 vectors of PANEL dwords, vector t holding dword t (bytes 4t..4t+3: columns 4t..4t+3 in
- * the low nibbles, 16+4t..19+4t in the high ones) of every row. Each multiply-add then takes one
- * activation dword broadcast to all lanes, and the lanes' sums need no reduction: a segment is folded
- * with one fused multiply-add per PANEL rows. The integer sums and the fold are those of dot4, lane by
- * lane, so a row gets the same bits from either kernel, on either build. */
-#define PANEL 16
-#define PANEL_MIN_M 4 /* activation rows from which a call repacks (fewer: dot4, which reads rows in place) */
+ * dot4's fold (a reduction across lanes, a segment) is most of its work. In a panel, PANEL weight rows
+ * are interleaved so that the lanes of one vector are the rows: for each 32 columns, 4 vectors of
+ * PANEL dwords, vector t holding dword t (bytes 4t..4t+3: columns 4t..4t+3 in the low nibbles,
+ * 16+4t..19+4t in the high ones) of every row, 256 bytes in all. Each multiply-add then takes one
+ * activation dword broadcast to all lanes, the lanes' sums need no reduction, and a segment is folded
+ * with one fused multiply-add per PANEL rows. The integer sums and the fold are dot4's, lane by lane,
+ * so a row gets the same bits from either kernel, on either build.
+ *
+ * Weights are held in panels from load (kernels.pack_int4: [N/16, K/32, 256], rows a multiple of 16);
+ * a weight in rows ([N, K/2], e.g. memory-mapped) is repacked into a thread's scratch a panel at a
+ * time where PANEL_MIN_M or more activation rows share it, and read in place by dot4 otherwise. */
+#define PANEL_MIN_M 4 /* activation rows from which a weight in rows is repacked, a call at a time */
 #define MT_PANEL (VNNI ? 8 : 2) /* activation rows a panel tile takes */
+#define PANEL_PREFETCH 4096 /* bytes ahead a panel's reads are prefetched */
 
-/* Rows [0, n) (n <= PANEL; the rest zero) of a packed int4 weight, rows wrow bytes apart, into pw
- * (K/32 blocks of 4 x PANEL dwords), and their scales (rows ls apart, G each) into ps [G][PANEL] as
- * floats. */
-static void panel_pack(const uint8_t *w, size_t wrow, const uint16_t *s, size_t ls, int n, int K, int G, uint8_t *pw,
-                       float *ps) {
+static inline size_t panel_bytes(int K) { return (size_t)K / 2 * PANEL; }
+
+/* Rows [0, n) (n <= PANEL; the rest zero) of a packed int4 weight in rows, wrow bytes apart, into the
+ * panel layout at pw. */
+static void panel_pack(const uint8_t *w, size_t wrow, int n, int K, uint8_t *pw) {
     for (int r0 = 0; r0 < PANEL; r0 += 4)
         for (int b = 0; b < K / 32; b++) {
             __m128i a[4];
@@ -518,8 +531,6 @@ static void panel_pack(const uint8_t *w, size_t wrow, const uint16_t *s, size_t 
             _mm_storeu_si128((__m128i *)(d + 8 * PANEL), _mm_unpacklo_epi64(t1, t3));
             _mm_storeu_si128((__m128i *)(d + 12 * PANEL), _mm_unpackhi_epi64(t1, t3));
         }
-    for (int g = 0; g < G; g++)
-        for (int r = 0; r < PANEL; r++) ps[(size_t)g * PANEL + r] = r < n ? bf16_to_f32(s[(size_t)r * ls + g]) : 0.f;
 }
 
 static inline __m256i bcast4(const int8_t *p) {
@@ -528,13 +539,23 @@ static inline __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* out[i][r] = panel row r against activation row xr[i] (see dot4 for the segments, steps and sums). */
-static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const float *ps, const int8_t *const *xr,
-                                                             const float *const *xsr, const int *const *xcr, int K,
-                                                             int G, int seg, float out[][PANEL], const int MT) {
+/* out[i][r] = panel row r (of n; scales srow[r], G each) against activation row xr[i] (see dot4 for the
+ * segments, steps and sums). The panel is read as one stream, prefetched ahead: at batch 1 that read
+ * 0.81-0.87 of a plain read, where four panels at once, in separate streams, read 0.68 (a Zen 4 VM
+ * whose memory then gave ~50 GB/s). */
+static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const uint16_t *const *srow, int n,
+                                                             const int8_t *const *xr, const float *const *xsr,
+                                                             const int *const *xcr, int K, int G, int seg,
+                                                             float out[][PANEL], const int MT) {
     const int per_g = K / G / seg, perm64 = seg % 64 == 0;
+    float tab[8][PANEL]; /* scales of 8 groups, rows side by side */
+    int tab_at = -8;
 #if VNNI
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    /* Independent chains of multiply-adds a row (half of them the high nibbles'), enough for the
+     * multiply-add latency with few rows. The high nibbles are multiplied in place, masked but not
+     * shifted (16 times their value: the sums, exact in int32, are shifted back at the fold). */
+    const int CH = MT == 1 ? 4 : 2;
+    const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8((char)0xf0);
     __m512 o[MT_PANEL];
     for (int i = 0; i < MT; i++) o[i] = _mm512_setzero_ps();
 #else
@@ -545,8 +566,9 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
     int g = 0, gn = 0;
     for (int c0 = 0, c = 0; c0 < K; c0 += seg, c++) {
 #if VNNI
-        __m512i acc[MT_PANEL], acc2[MT_PANEL]; /* low and high nibbles: two chains of multiply-adds a row */
-        for (int i = 0; i < MT; i++) acc[i] = acc2[i] = _mm512_setzero_si512();
+        __m512i acc[MT_PANEL][8];
+        for (int i = 0; i < MT; i++)
+            for (int h = 0; h < CH; h++) acc[i][h] = _mm512_setzero_si512();
 #else
         __m256i acc[MT_PANEL][2];
         for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
@@ -557,14 +579,16 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
             const uint8_t *pb = pw + (size_t)(k / 32) * 16 * PANEL;
 #if VNNI
             for (int t = 0; t < 4; t++) {
+                _mm_prefetch((const char *)(pb + PANEL_PREFETCH + t * 4 * PANEL), _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512((const void *)(pb + t * 4 * PANEL));
-                const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
+                const int h = 2 * t % CH;
                 for (int i = 0; i < MT; i++) {
                     int va, vb;
                     memcpy(&va, xr[i] + xa + 4 * t, 4);
                     memcpy(&vb, xr[i] + xb + 4 * t, 4);
-                    acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(va));
-                    acc2[i] = _mm512_dpbusd_epi32(acc2[i], hi, _mm512_set1_epi32(vb));
+                    acc[i][h] = _mm512_dpbusd_epi32(acc[i][h], lo, _mm512_set1_epi32(va));
+                    acc[i][h + 1] = _mm512_dpbusd_epi32(acc[i][h + 1], hi, _mm512_set1_epi32(vb));
                 }
             }
 #else
@@ -572,6 +596,7 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
                 __m256i a16[MT_PANEL];
                 for (int i = 0; i < MT; i++) a16[i] = _mm256_setzero_si256();
                 for (int t = 0; t < 4; t++) {
+                    if (!h) _mm_prefetch((const char *)(pb + PANEL_PREFETCH + t * 4 * PANEL), _MM_HINT_T0);
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + t * 4 * PANEL + h * 32));
                     const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for (int i = 0; i < MT; i++)
@@ -582,14 +607,23 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
             }
 #endif
         }
+        if (g == tab_at + 8) {
+            tab_at = g;
+            for (int r0 = 0; r0 < PANEL; r0 += 4)
+                scale_table(srow + r0, n - r0 < 0 ? 0 : n - r0 > 4 ? 4 : n - r0, g, G, tab[0], PANEL, r0);
+        }
 #if VNNI
-        const __m512 sc = _mm512_loadu_ps(ps + (size_t)g * PANEL);
-        for (int i = 0; i < MT; i++)
-            o[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[i], acc2[i]), _mm512_set1_epi32(xcr[i][c]))),
+        const __m512 sc = _mm512_loadu_ps(tab[g - tab_at]);
+        for (int i = 0; i < MT; i++) {
+            __m512i lo = acc[i][0], hi = acc[i][1];
+            for (int h = 2; h < CH; h += 2) lo = _mm512_add_epi32(lo, acc[i][h]), hi = _mm512_add_epi32(hi, acc[i][h + 1]);
+            const __m512i sum = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
+            o[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(xcr[i][c]))),
                                    _mm512_mul_ps(sc, _mm512_set1_ps(xsr[i][c])), o[i]);
+        }
 #else
         for (int h = 0; h < 2; h++) {
-            const __m256 sc = _mm256_loadu_ps(ps + (size_t)g * PANEL + 8 * h);
+            const __m256 sc = _mm256_loadu_ps(tab[g - tab_at] + 8 * h);
             for (int i = 0; i < MT; i++)
                 o[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][h], _mm256_set1_epi32(xcr[i][c]))),
                                           _mm256_mul_ps(sc, _mm256_set1_ps(xsr[i][c])), o[i][h]);
@@ -607,31 +641,35 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
     }
 }
 
-/* A thread's panel scratch (grown as needed, kept for the thread's life: at most K / 2 * PANEL bytes and
- * G * PANEL floats of the widest weight it has met), or NULL if memory ran out. */
-static uint8_t *panel_scratch(int K, int G, float **ps) {
+/* A thread's panel scratch (grown as needed, kept for the thread's life: one panel of the widest weight
+ * it has repacked), or NULL if memory ran out. */
+static uint8_t *panel_scratch(int K) {
     static __thread uint8_t *buf;
     static __thread size_t cap;
-    const size_t need = (size_t)K / 2 * PANEL + sizeof(float) * (size_t)G * PANEL;
-    if (need > cap) {
+    if (panel_bytes(K) > cap) {
         free(buf);
-        buf = malloc(need);
-        cap = buf ? need : 0;
+        buf = malloc(panel_bytes(K));
+        cap = buf ? panel_bytes(K) : 0;
     }
-    *ps = buf ? (float *)(buf + (size_t)K / 2 * PANEL) : NULL;
     return buf;
 }
 
-/* res[r * M + i] for `count` int4 rows of W (rows wrow bytes apart, scales ls apart) against M
- * activation rows, PANEL rows at a time. Returns -1 if the scratch could not be had (nothing done). */
-static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w, size_t wrow, const uint16_t *s,
-                      int G, size_t ls, int count, float *res) {
-    float *ps;
-    uint8_t *pw = panel_scratch(a.K, G, &ps);
-    if (!pw) return -1;
+/* res[r * M + i] for `count` int4 rows of W (scales ls apart) against M activation rows, PANEL rows at a
+ * time: W in panels (`packed`: w at a panel's start) or in rows (wrow bytes apart; repacked into the
+ * scratch). Returns -1 if a scratch was needed and could not be had (nothing done). */
+static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w, size_t wrow, int packed,
+                      const uint16_t *s, int G, size_t ls, int count, float *res) {
+    uint8_t *scratch = packed ? NULL : panel_scratch(a.K);
+    if (!packed && !scratch) return -1;
     for (int p0 = 0; p0 < count; p0 += PANEL) {
         const int n = count - p0 < PANEL ? count - p0 : PANEL;
-        panel_pack(w + (size_t)p0 * wrow, wrow, s + (size_t)p0 * ls, ls, n, a.K, G, pw, ps);
+        const uint8_t *pw = scratch;
+        if (packed)
+            pw = w + (size_t)p0 / PANEL * panel_bytes(a.K);
+        else
+            panel_pack(w + (size_t)p0 * wrow, wrow, n, a.K, scratch);
+        const uint16_t *srow[PANEL];
+        for (int r = 0; r < PANEL; r++) srow[r] = s + (size_t)(p0 + (r < n ? r : 0)) * ls;
         for (int m0 = 0; m0 < M; m0 += MT_PANEL) {
             const int mt = M - m0 < MT_PANEL ? M - m0 : MT_PANEL;
             const int8_t *xr[MT_PANEL];
@@ -645,7 +683,7 @@ static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w
             }
             float out[MT_PANEL][PANEL];
             switch (mt) {
-#define PANEL_CASE(MT) case MT: panel_dot(pw, ps, xr, xsr, xcr, a.K, G, a.chunk, out, MT); break;
+#define PANEL_CASE(MT) case MT: panel_dot(pw, srow, n, xr, xsr, xcr, a.K, G, a.chunk, out, MT); break;
                 PANEL_CASE(1)
                 PANEL_CASE(2)
 #if VNNI
@@ -665,7 +703,7 @@ static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w
  * many equal parts of the span, then the remainder one by one. */
 static void span_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t wrow,
                      size_t gstride, const uint16_t *s, int G, size_t ls, int count, float *res) {
-    if (bits == 4 && M >= PANEL_MIN_M && !panels_dot(a, rows, base, M, (const uint8_t *)w, wrow, s, G, ls, count, res))
+    if (bits == 4 && M >= PANEL_MIN_M && !panels_dot(a, rows, base, M, (const uint8_t *)w, wrow, 0, s, G, ls, count, res))
         return;
     const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
@@ -701,6 +739,10 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
 static void weight_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t panel,
                        const uint16_t *s, int G, int count, float *res, float *part) {
     const int kg = a.K / G;
+    if (bits == 4 && panel) { /* int4 in panels (count % PANEL == 0, w at a panel's start) */
+        panels_dot(a, rows, base, M, (const uint8_t *)w, 0, 1, s, G, G, count, res);
+        return;
+    }
     if (!panel || G == 1) {
         span_dot(bits, a, rows, base, M, w, row_bytes(bits, a.K), kg, s, G, G, count, res);
         return;
@@ -728,7 +770,10 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
     for (int j = 0; j < nmat; j++) total += N[j];
     acts a;
     if (acts_alloc(&a, bits, M, K, chunk)) return -1;
-    const size_t wrow = blocked ? (size_t)(K / G) : row_bytes(bits, K); /* from one row to the next */
+    const size_t wrow = blocked && bits == 8 ? (size_t)(K / G) : row_bytes(bits, K); /* from one row to the next */
+    const int align = row_align(bits);
+    int units = 0; /* all the weights' rows, end to end, in whole units of `align` rows each */
+    for (int j = 0; j < nmat; j++) units += (N[j] + align - 1) / align;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -736,11 +781,12 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
         const int block = block_rows(M);
         float *res = malloc(sizeof(float) * 2 * block * (size_t)M), *part = res + block * (size_t)M;
         int lo, hi;
-        thread_span(total, &lo, &hi);
-        for (int j = 0, base = 0; j < nmat; base += N[j], j++) {
-            const int from = lo > base ? lo : base, to = hi < base + N[j] ? hi : base + N[j];
-            for (int n0 = from - base; n0 < to - base; n0 += block) {
-                const int count = to - base - n0 < block ? to - base - n0 : block;
+        thread_span(units, &lo, &hi);
+        for (int j = 0, base = 0, ubase = 0; j < nmat; base += N[j], ubase += (N[j] + align - 1) / align, j++) {
+            const int ufrom = lo > ubase ? lo : ubase, uto = hi < ubase + (N[j] + align - 1) / align ? hi : ubase + (N[j] + align - 1) / align;
+            const int from = (ufrom - ubase) * align, to = (uto - ubase) * align < N[j] ? (uto - ubase) * align : N[j];
+            for (int n0 = from; n0 < to; n0 += block) {
+                const int count = to - n0 < block ? to - n0 : block;
                 weight_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, blocked ? (size_t)N[j] * wrow : 0,
                            s[j] + (size_t)n0 * G, G, count, res, part);
                 for (int r = 0; r < count; r++)
@@ -923,7 +969,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     int maxc = 0;
     for (int e = 0; e < E; e++) maxc = count[e] > maxc ? count[e] : maxc;
     const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F); /* bytes a row */
-    const size_t step1 = blocked1 ? (size_t)(D / g1) : b1, step2 = blocked2 ? (size_t)(F / g2) : b2; /* row to row */
+    /* row to row (int8 block-major: within a block; int4 panels: rows a multiple of PANEL apart, as in rows) */
+    const size_t step1 = blocked1 && bits == 8 ? (size_t)(D / g1) : b1, step2 = blocked2 && bits == 8 ? (size_t)(F / g2) : b2;
 #pragma omp parallel
     {
         const int block = block_rows(maxc);
@@ -938,7 +985,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             if (!m) continue;
             const char *w1e = (const char *)w1 + (size_t)e * F * b1, *wve = (const char *)wv + (size_t)e * F * b1;
             int lo, hi;
-            thread_span(F, &lo, &hi);
+            thread_rows(F, row_align(bits), &lo, &hi);
             for (int n0 = lo; n0 < hi; n0 += block) {
                 const int cnt = hi - n0 < block ? hi - n0 : block;
                 weight_dot(bits, ax, token + start[e], 0, m, w1e + n0 * step1, blocked1 ? F * step1 : 0,
@@ -958,7 +1005,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             if (!m) continue;
             const char *w2e = (const char *)w2 + (size_t)e * D * b2;
             int lo, hi;
-            thread_span(D, &lo, &hi);
+            thread_rows(D, row_align(bits), &lo, &hi);
             for (int n0 = lo; n0 < hi; n0 += block) {
                 const int cnt = hi - n0 < block ? hi - n0 : block;
                 weight_dot(bits, ah, NULL, start[e], m, w2e + n0 * step2, blocked2 ? D * step2 : 0,

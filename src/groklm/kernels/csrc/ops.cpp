@@ -35,7 +35,8 @@ attend_fn kernel_attend = nullptr;
     TORCH_CHECK_VALUE(cond, "groklm: the native int", bits, " kernel does not take these weights: ", __VA_ARGS__)
 
 // One weight with bf16 scales [*L, N, G]: row-major [*L, N, K] (int8) or packed [*L, N, K/2] (uint8,
-// bits 4), or block-major int8 [*L, G, N, K/G] (then *blocked): the conditions of kernels._fits.
+// bits 4), or in its kernel's own layout (then *blocked): int8 block-major [*L, G, N, K/G], int4 panels
+// [*L, N/16, K/32, 256]. The conditions of kernels._fits.
 // Returns K.
 int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, const char *what, bool *blocked) {
     TORCH_CHECK_VALUE(bits == 8 || bits == 4, "groklm: bits must be 8 or 4, not ", bits);
@@ -44,14 +45,17 @@ int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, con
     REFUSE_UNLESS(s.scalar_type() == at::kBFloat16, what, " scales must be bf16, not ", s.scalar_type());
     REFUSE_UNLESS(w.is_contiguous() && s.is_contiguous(), what, " weight and scales must be contiguous");
     *blocked = w.dim() == s.dim() + 1;
-    REFUSE_UNLESS(s.dim() >= 2 && (w.dim() == s.dim() || (*blocked && bits == 8)), what, " weight ", w.sizes(),
-                  ", scales ", s.sizes());
+    REFUSE_UNLESS(s.dim() >= 2 && (w.dim() == s.dim() || *blocked), what, " weight ", w.sizes(), ", scales ",
+                  s.sizes());
     const int64_t g = s.size(-1), lead = s.dim() - 2;
     for (int64_t d = 0; d < lead; d++)
         REFUSE_UNLESS(w.size(d) == s.size(d), what, " weight ", w.sizes(), ", scales ", s.sizes());
-    REFUSE_UNLESS(w.size(-2) == s.size(-2) && (!*blocked || w.size(lead) == g), what, " weight ", w.sizes(),
-                  ", scales ", s.sizes());
-    const int64_t k = *blocked ? g * w.size(-1) : w.size(-1) * (bits == 8 ? 1 : 2);
+    // rows [.., N, K(/2)]; int8 block-major [.., G, N, K/G]; int4 panels [.., N/16, K/32, 256]
+    const bool fits = !*blocked ? w.size(-2) == s.size(-2)
+                      : bits == 8 ? w.size(-2) == s.size(-2) && w.size(lead) == g
+                                  : w.size(-3) * 16 == s.size(-2) && w.size(-1) == 256;
+    REFUSE_UNLESS(fits, what, " weight ", w.sizes(), ", scales ", s.sizes());
+    const int64_t k = !*blocked ? w.size(-1) * (bits == 8 ? 1 : 2) : bits == 8 ? g * w.size(-1) : 32 * w.size(-2);
     REFUSE_UNLESS(g > 0 && k % g == 0 && (k / g) % (bits == 8 ? 64 : 32) == 0, what, ": ", g, " scale groups over ",
                   k, " columns");
     return k;
