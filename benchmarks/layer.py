@@ -1,9 +1,11 @@
-"""Decode latency of full-size Grok-1 decoder layers (int8, as released) against their roofline, as JSON.
+"""Decode latency of full-size Grok-1 decoder layers (int8, as released, or int4) against their
+roofline, as JSON.
 
-    .venv/bin/python -m benchmarks.layer [--layers 1] [--runs 5]
+    .venv/bin/python -m benchmarks.layer [--layers 1] [--runs 5] [--bits 4 [--group-size 64]]
 
-Builds the layers in memory with random int8 weights and the released scale grouping (no
-checkpoint needed; ~4.9 GB per layer), measures the read bandwidth in the same process, and times
+Builds the layers in memory with random weights: int8 with the released scale grouping (~4.9 GB per
+layer), or int4 as `groklm quantize --bits 4` lays it out and `groklm.load` holds it (in the CPU
+kernel's panels; ~2.6 GB per layer); no checkpoint needed. Measures the read bandwidth in the same process, and times
 one decode step per layer at batch 1 and 8, each step against the bandwidth read on either side of
 it. `grok1_tokens_per_s` is what 64 such layers would do per token on this machine given the memory
 (at the median bandwidth).
@@ -23,16 +25,27 @@ from benchmarks.decode import experts_touched, read_bandwidth, step_fraction, we
 from groklm.config import get_preset
 from groklm.formats.common import advise_huge_pages
 from groklm.model import Block, KVCache, rope_tables
-from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8
+from groklm.quant import (
+    Int4ExpertLinear,
+    Int4Linear,
+    Int8ExpertLinear,
+    Int8Linear,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+)
 
 
-def build_layer(seed: int) -> Block:
+def build_layer(seed: int, bits: int = 8, group_size: int = 64) -> Block:
     config = get_preset("grok-1")
     with torch.device("meta"):
         block = Block(config, torch.bfloat16)
-    quantize_int8(
-        block, lambda name: None if name.endswith("router") else 8 if name.endswith(("attn.wo", "moe.w2")) else 1
-    )
+    if bits == 8:
+        quantize_int8(
+            block, lambda name: None if name.endswith("router") else 8 if name.endswith(("attn.wo", "moe.w2")) else 1
+        )
+    else:
+        quantize_int4(block, group_size)
     block.to_empty(device="cpu")
     advise_huge_pages([*block.parameters(), *block.buffers()])  # as the loaders do
     gen = torch.Generator().manual_seed(seed)
@@ -41,10 +54,13 @@ def build_layer(seed: int) -> Block:
             if isinstance(module, (Int8Linear, Int8ExpertLinear)):
                 module.weight.random_(-127, 128, generator=gen)
                 module.scales.fill_(2e-3)
+            elif isinstance(module, (Int4Linear, Int4ExpertLinear)):
+                module.weight.random_(0, 256, generator=gen)  # two nibbles a byte
+                module.scales.fill_(3e-2)
         block.moe.router.weight.normal_(0, 0.02, generator=gen)
         for norm in (block.attn_norm, block.attn_out_norm, block.moe_norm, block.moe_out_norm):
             norm.weight.fill_(1.0)
-    return block.eval().requires_grad_(False)
+    return pack_int4(block).eval().requires_grad_(False)  # (as groklm.load leaves int4 weights)
 
 
 def step_seconds(
@@ -82,9 +98,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    parser.add_argument("--group-size", type=int, default=64, help="int4: input columns per scale")
     args = parser.parse_args()
 
-    blocks = [build_layer(seed) for seed in range(args.layers)]
+    blocks = [build_layer(seed, args.bits, args.group_size) for seed in range(args.layers)]
     c = get_preset("grok-1")
     with experts_touched([block.moe for block in blocks]) as touched:  # untimed: the hooks cost time
         step_seconds(blocks, 8, args.context, 2)
@@ -109,6 +127,7 @@ def main() -> None:
         json.dumps(
             {
                 "layers_built": args.layers,
+                "bits": args.bits,
                 "threads": torch.get_num_threads(),
                 "read_bandwidth_GBps": {
                     "min": round(min(bandwidths) / 1e9, 2),

@@ -21,6 +21,7 @@ from groklm.quant import (
     dequantize_weight_int4,
     from_panels,
     is_panels,
+    pack_int4,
     quantize_int4,
     quantize_weight_int4,
     to_panels,
@@ -169,6 +170,22 @@ def _fake_int4(model: groklm.Grok, group_size: int) -> None:
             step = (blocks.abs().amax(-1, keepdim=True) / 7).bfloat16().float()
             fq = ((blocks / step).round().clamp(-8, 7) * step).reshape(d.shape)
             module.forward = (lambda w: lambda x, *e: torch.nn.functional.linear(x, w[e[0]] if e else w))(fq)
+
+
+def test_int4_kernels_in_bf16_are_as_near_fp32_as_bf16_itself(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model in int4 (mini, group 64): bf16 on the native kernels (int8 activations, panels) is about
+    as far from the same int4 weights computed in fp32 as bf16 through torch's matmuls is: measured
+    0.090 against 0.087 mean |diff| (logits of std 1.0). Activation rounding adds little to bf16's own."""
+    tokens = torch.tensor([[422, 3033, 356, 1180, 333, 9072, 360, 2175, 17, 900, 4000, 12]])
+
+    def int4(dtype: torch.dtype) -> torch.Tensor:
+        model = quantize_int4(groklm.load(mini_ckpt, dtype=dtype, progress=False), group_size=64)
+        return pack_int4(model)(tokens)[0].double()
+
+    exact, kernel = int4(torch.float32), int4(torch.bfloat16)
+    monkeypatch.setattr(kernels, "supports_int4", lambda *_: False)
+    plain = int4(torch.bfloat16)
+    assert (kernel - exact).abs().mean() <= 1.15 * (plain - exact).abs().mean()
 
 
 def test_int4_model_equals_an_independent_fake_quantization(golden_config: GrokConfig) -> None:

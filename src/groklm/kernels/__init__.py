@@ -70,10 +70,10 @@ def needs_grad(x: Tensor) -> bool:
 
 _SOURCE = Path(__file__).parent / "csrc" / "int8_matmul.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-# AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later): a fused int16 multiply-add
-# (vpdpwssd) and 32 vector registers. The same source, built with these, takes 4 activation rows
-# against 4 weight streams at once: 3-8 rows (batches, MoE experts at batch 8) run about 1.5x faster,
-# int4 1.2-1.4x (measured on a Zen 4); one row is memory-bound either way.
+# AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later): fused int16 and int8 multiply-adds
+# (vpdpwssd, vpdpbusd) and 32 vector registers. The same source, built with these, takes 4 activation
+# rows against 4 int8 weight streams at once (3-8 rows, batches and MoE experts at batch 8, about 1.5x
+# faster, measured on a Zen 4) and int4 panels of 16 rows a vector.
 _VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 _VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 

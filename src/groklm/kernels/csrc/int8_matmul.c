@@ -7,22 +7,27 @@
  * [N, G]: G scale blocks of Kg = K/G input columns. x is bf16 [M, K]; y is [M, N], written in
  * bf16 (rounded to nearest even, as a torch cast does) or fp32.
  *
- * Activations are quantized to int16 per row and per chunk of columns (step = max|x| / 32767 of
- * that chunk, a 2^-15 relative step: far finer than bf16's 2^-8), so each 16 weights cost one
- * widening load and one madd (16 int16 products summed pairwise into 8 int32 lanes). The inner
- * loop takes 64 columns a step (four madds summed as a tree, then one add into the accumulator),
- * scale groups and chunks are tracked by counters, not divisions: the vector work per weight byte
- * is what bounds the small-group layouts (the output head's 64-column groups). Each
- * thread streams four separate stretches of weight rows at once: that is what reaches memory speed
- * (one stream per thread measured 20-24 GB/s on a 2-core EPYC, four 26-40). Within a segment an
- * int32 lane sums at most CHUNK_MAX/32 * 2 * 32767 * 128 < 2^30, so it cannot overflow; each
- * segment is then folded into fp32 with its weight scale and activation step.
+ * int8 weights (the released model's): activations are quantized to int16 per row and per chunk of
+ * columns (step = max|x| / 32767 of that chunk, a 2^-15 relative step: far finer than bf16's 2^-8),
+ * so each 16 weights cost one widening load and one madd (16 int16 products summed pairwise into 8
+ * int32 lanes). The inner loop takes 64 columns a step (four madds summed as a tree, then one add into
+ * the accumulator), scale groups and chunks are tracked by counters, not divisions. Each thread
+ * streams four separate stretches of weight rows at once: that is what reaches memory speed (one
+ * stream per thread measured 20-24 GB/s on a 2-core EPYC, four 26-40). Within a segment an int32
+ * lane sums at most CHUNK_MAX/32 * 2 * 32767 * 128 < 2^30, so it cannot overflow; each segment is
+ * then folded into fp32 with its weight scale and activation step.
  *
- * Built with AVX-512 VNNI (32 vector registers), each 32 columns cost one 512-bit fused multiply-add
- * (vpdpwssd) per activation row instead of two madds and two adds, and up to 4 activation rows run
- * against the 4 weight streams at once, where AVX2's 16 registers allow 2: batches and prefill are
- * compute-bound, and this is where they gain. The integer sums are exact either way and are folded
- * alike, so both builds give the same bits.
+ * int4 weights: activations are int8 per segment of at most 256 columns within a scale group (step
+ * max|x| / 127, 2^-7, against the weights' own 2^-3), the nibbles multiply them as unsigned bytes
+ * (one vpdpbusd per 4 columns x 16 rows with VNNI, maddubs on AVX2) and their +8 offset is taken off
+ * with the segment's activation sum. Weights are held in 16-row panels (see panels_dot): the lanes of
+ * a vector are rows, so a segment's sums need no reduction and fold with one multiply-add per 16 rows.
+ *
+ * Built with AVX-512 VNNI (32 vector registers), each 32 int8 columns cost one 512-bit fused
+ * multiply-add (vpdpwssd) per activation row instead of two madds and two adds, and up to 4
+ * activation rows run against the 4 weight streams at once, where AVX2's 16 registers allow 2:
+ * batches and prefill are compute-bound, and this is where they gain. The integer sums are exact
+ * either way and are folded alike, so both builds give the same bits.
  *
  * Output rows are split across OpenMP threads (torch's own libgomp, which the dynamic linker shares
  * with this library under the same soname).
@@ -539,6 +544,40 @@ static inline __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
+#if VNNI
+/* tab[t][r] = the scale of group g + t of row srow[r] as a float, t < 8 (g + 8 <= G), r < PANEL: the 16 x 8
+ * bf16 scales transposed with two rounds of two-source word permutes (about 50 instructions where 4
+ * scale_table calls take about 110). */
+static int16_t idx1[2][32], idx2[4][32]; /* panel_scales' permutes, built when the library loads */
+
+__attribute__((constructor)) static void panel_scales_init(void) {
+    for (int h = 0; h < 2; h++) /* groups 4h..4h+3 of 8 rows: [t][row] from [row][t] in two sources */
+        for (int t = 0; t < 4; t++)
+            for (int r = 0; r < 8; r++) idx1[h][t * 8 + r] = (int16_t)((r / 4) * 32 + (r % 4) * 8 + 4 * h + t);
+    for (int k = 0; k < 4; k++) /* groups 2k, 2k + 1 of 16 rows: rows 0-7 from the first source, 8-15 the second */
+        for (int tt = 0; tt < 2; tt++)
+            for (int r = 0; r < 16; r++) idx2[k][tt * 16 + r] = (int16_t)((r / 8) * 32 + ((2 * k + tt) % 4) * 8 + r % 8);
+}
+
+static inline void panel_scales(const uint16_t *const *srow, int g, float tab[8][PANEL]) {
+    __m512i z[4];
+    for (int q = 0; q < 4; q++) {
+        z[q] = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(srow[4 * q] + g)));
+        for (int j = 1; j < 4; j++)
+            z[q] = _mm512_inserti32x4(z[q], _mm_loadu_si128((const __m128i *)(srow[4 * q + j] + g)), j);
+    }
+    const __m512i i1a = _mm512_loadu_si512((const void *)idx1[0]), i1b = _mm512_loadu_si512((const void *)idx1[1]);
+    const __m512i a[2] = {_mm512_permutex2var_epi16(z[0], i1a, z[1]), _mm512_permutex2var_epi16(z[0], i1b, z[1])};
+    const __m512i b[2] = {_mm512_permutex2var_epi16(z[2], i1a, z[3]), _mm512_permutex2var_epi16(z[2], i1b, z[3])};
+    for (int k = 0; k < 4; k++) {
+        const __m512i t2 = _mm512_permutex2var_epi16(a[k / 2], _mm512_loadu_si512((const void *)idx2[k]), b[k / 2]);
+        _mm512_storeu_ps(tab[2 * k], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(t2)), 16)));
+        _mm512_storeu_ps(tab[2 * k + 1],
+                         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(t2, 1)), 16)));
+    }
+}
+#endif
+
 /* out[i][r] = panel row r (of n; scales srow[r], G each) against activation row xr[i] (see dot4 for the
  * segments, steps and sums). The panel is read as one stream, prefetched ahead: at batch 1 that read
  * 0.81-0.87 of a plain read, where four panels at once, in separate streams, read 0.68 (a Zen 4 VM
@@ -609,8 +648,13 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
         }
         if (g == tab_at + 8) {
             tab_at = g;
-            for (int r0 = 0; r0 < PANEL; r0 += 4)
-                scale_table(srow + r0, n - r0 < 0 ? 0 : n - r0 > 4 ? 4 : n - r0, g, G, tab[0], PANEL, r0);
+#if VNNI
+            if (g + 8 <= G)
+                panel_scales(srow, g, tab);
+            else
+#endif
+                for (int r0 = 0; r0 < PANEL; r0 += 4)
+                    scale_table(srow + r0, n - r0 < 0 ? 0 : n - r0 > 4 ? 4 : n - r0, g, G, tab[0], PANEL, r0);
         }
 #if VNNI
         const __m512 sc = _mm512_loadu_ps(tab[g - tab_at]);
@@ -760,10 +804,11 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
 
 /* y [M, N_0 + N_1 + ...] = x @ W_j.T, side by side, for nmat weights W_j [N_j, K] (int8, or packed int4
  * [N_j, K/2]) sharing one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
- * `chunk` (groklm_chunk's for int8; a multiple of K/G for int4), and the rows of all the weights, end
- * to end, are split across OpenMP threads (torch's own libgomp when loaded into torch). One call
- * computes e.g. an attention layer's q, k and v. y is bf16 or fp32. With `blocked` (int8 only), each
- * W_j is block-major, [G, N_j, K/G] (see weight_dot). */
+ * `chunk` (groklm_chunk's), and the rows of all the weights, end to end, are split across OpenMP
+ * threads (torch's own libgomp when loaded into torch; int4 at panel boundaries). One call computes
+ * e.g. an attention layer's q, k and v. y is bf16 or fp32. With `blocked`, each W_j is in its kernel's
+ * own layout: int8 block-major, [G, N_j, K/G] (see weight_dot); int4 in panels, [N_j/16, K/32, 256]
+ * (see panels_dot). Returns 0, or -1 if memory ran out (y then unwritten). */
 int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
                    const uint16_t *const *s, int G, const int *N, void *y, int y_bf16, int blocked) {
     int total = 0;
@@ -811,8 +856,9 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
  * three calls per layer (a matmul, a softmax and a top-k), each started with cold caches. Pairs
  * (t, j) are grouped by expert (a counting sort, stable), and each chosen expert's weights are read
  * once for all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
- * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]; int8 W1 and V with `blocked1`, W2
- * with `blocked2`, are block-major, [E, G, rows, cols / G] (see weight_dot). Its scratch is allocated here
+ * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]; W1 and V with `blocked1`, W2 with
+ * `blocked2`, are in their kernel's own layout: int8 block-major, [E, G, rows, cols / G] (see
+ * weight_dot), int4 in panels, [E, rows / 16, cols / 32, 256] (see panels_dot). Its scratch is allocated here
  * (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
  * (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
 static inline float gelu_tanh(float x) {
