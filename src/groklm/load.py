@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from groklm import kernels
 from groklm.config import GrokConfig
 from groklm.formats.common import CheckpointError, progress_bar
 from groklm.model import Grok
@@ -141,11 +142,11 @@ def load(
     rank's share of the model only (`parallel`), its bytes read from the files and nothing more; calling
     it on tokens gives the full logits on every rank.
 
-    On the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's panels
-    (`quant.pack_int4`); `save_native` writes them back in rows.
+    In bf16 on the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's
+    panels (`quant.pack_int4`); `save_native` writes them back in rows.
     """
     model = _load(path, config, dtype, device, progress, quantize_head, mmap, bits, tp, ep)
-    if torch.device(device).type == "cpu" and not mmap:
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not mmap and kernels.available():
         from groklm.quant import pack_int4
 
         pack_int4(model)

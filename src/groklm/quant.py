@@ -313,9 +313,8 @@ def to_panels(packed: Tensor, out: Tensor | None = None) -> Tensor:
     holding bytes 4t..4t+3 of each row's 16 (columns 4t.. in the low nibbles, 16+4t.. in the high).
     Written into `out` where given (no other copy made)."""
     *lead, n, half = packed.shape
-    p = packed.reshape(*lead, n // PANEL, PANEL, half // 16, 4, 4).movedim(
-        -4, -2
-    )  # [.., panel, block, dword, row, byte]
+    # [.., panel, row, block, dword, byte] -> [.., panel, block, dword, row, byte]
+    p = packed.reshape(*lead, n // PANEL, PANEL, half // 16, 4, 4).movedim(-4, -2)
     if out is None:
         return p.reshape(*lead, n // PANEL, half // 16, 16 * PANEL)
     out.view(p.shape).copy_(p)
