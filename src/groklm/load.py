@@ -145,26 +145,6 @@ def load(
     In bf16 on the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's
     panels (`quant.pack_int4`); `save_native` writes them back in rows.
     """
-    model = _load(path, config, dtype, device, progress, quantize_head, mmap, bits, tp, ep)
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not mmap and kernels.available():
-        from groklm.quant import pack_int4
-
-        pack_int4(model)
-    return model
-
-
-def _load(
-    path: str | Path,
-    config: ConfigLike = None,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    quantize_head: bool | None = None,
-    mmap: bool = False,
-    bits: int | None = None,
-    tp: int = 1,
-    ep: int = 1,
-) -> Grok:
     config = as_config(config)
     fmt = detect_format(path)
     if bits not in (None, 8, 4):
@@ -178,14 +158,15 @@ def _load(
 
         found, _ = checkpoint_config(path, config)
         mesh = parallel.make_mesh(found, tp, ep, device)  # every check before any weight is read
-        return load_sharded(path, mesh, found, dtype, device, progress, quantize_head and fmt != "native", bits)
+        model = load_sharded(path, mesh, found, dtype, device, progress, quantize_head and fmt != "native", bits)
+        return _for_kernels(model, dtype, device)
     if fmt == "native":
         from groklm.formats.native import load_native
 
         model = load_native(path, dtype, device, mmap=mmap)
         if config is not None and config != model.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
-        return model
+        return model if mmap else _for_kernels(model, dtype, device)
     if mmap:
         raise ValueError(
             f"{path}: mmap loading needs groklm's own layout (the {fmt} files are not laid out as it runs); "
@@ -216,7 +197,16 @@ def _load(
     for part in parts(model):
         source.fill(part, device, bar)
     bar.close()
-    return model.eval().requires_grad_(False)
+    return _for_kernels(model.eval().requires_grad_(False), dtype, device)
+
+
+def _for_kernels(model: Grok, dtype: torch.dtype, device: str | torch.device) -> Grok:
+    """In bf16 on the CPU with the native kernels: int4 weights laid out in their panels (`quant.pack_int4`)."""
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and kernels.available():
+        from groklm.quant import pack_int4
+
+        pack_int4(model)
+    return model
 
 
 def load_sharded(path: str | Path, mesh: Any, config: GrokConfig, dtype: torch.dtype = torch.bfloat16,

@@ -102,17 +102,22 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
+/* max |x[k]| over n bf16 values (n % 8 == 0), as a float. */
+static inline float abs_max(const uint16_t *x, int n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    for (int k = 0; k < n; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load_bf16x8(x + k), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+}
+
 /* x [K] bf16 -> xq [K] int16 and xs [K / chunk] (dequantization step of each chunk); chunk % 8 == 0.
  * Rounds to nearest even, as lrintf does. */
 static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float *xs) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int c = 0; c < K / chunk; c++) {
         const uint16_t *xc = x + (size_t)c * chunk;
-        __m256 vmax = _mm256_setzero_ps();
-        for (int k = 0; k < chunk; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load_bf16x8(xc + k), abs_mask));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const float amax = abs_max(xc, chunk);
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
         xs[c] = amax / 32767.f;
         int16_t *q = xq + (size_t)c * chunk;
@@ -130,17 +135,12 @@ static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float
  * columns 0-15, 32-47, 16-31, 48-63 (the low nibbles of 32 bytes, then the high ones); else (seg 32,
  * 96, ...) in order, as one 16-byte block unpacks. seg % 32 == 0. */
 static void quantize_row4(const uint16_t *x, int K, int seg, int8_t *xq, float *xs, int *xc) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     static const int order64[4] = {0, 32, 16, 48}; /* source column of each 16-column quarter */
     static const int order32[4] = {0, 16, 32, 48};
     const int *order = seg % 64 == 0 ? order64 : order32;
     for (int c = 0; c < K / seg; c++) {
         const uint16_t *xc0 = x + (size_t)c * seg;
-        __m256 vmax = _mm256_setzero_ps();
-        for (int k = 0; k < seg; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load_bf16x8(xc0 + k), abs_mask));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const float amax = abs_max(xc0, seg);
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         xs[c] = amax / 127.f;
         int8_t *q = xq + (size_t)c * seg;
