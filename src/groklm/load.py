@@ -201,10 +201,12 @@ def load(
 
 
 def _for_kernels(model: Grok, dtype: torch.dtype, device: str | torch.device) -> Grok:
-    """In bf16 on the CPU with the native kernels: int4 weights laid out in their panels (`quant.pack_int4`)."""
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and kernels.available():
-        from groklm.quant import pack_int4
+    """In bf16 on the CPU with the native kernels: int4 weights laid out in their panels (`quant.pack_int4`).
+    A model without int4 weights is left alone, the kernels not even loaded (which costs memory)."""
+    from groklm.quant import Int4ExpertLinear, Int4Linear, pack_int4
 
+    int4 = any(isinstance(m, (Int4Linear, Int4ExpertLinear)) for m in model.modules())
+    if int4 and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and kernels.available():
         pack_int4(model)
     return model
 
