@@ -179,18 +179,20 @@ def measure(model: Grok, batches: list[int], args: argparse.Namespace, bandwidth
         per_step[batch] = weight_bytes(model, statistics.mean(touched))
     readings: list[float] = []
 
-    def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float]]:
-        """tokens/s of each run, and each run's fraction of its roofline: the median over its steps of
-        (bytes a step of this batch reads / the step's time) over the bandwidth measured right
-        before and right after that step (their mean). This machine's bandwidth jumps between
-        levels every few seconds, so the roofline is measured step by step."""
-        rates, fractions = [], []
+    def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float], list[float]]:
+        """tokens/s of each run, each run's fraction of its roofline (the median over its steps of
+        (bytes a step of this batch reads / the step's time) over the bandwidth measured right before
+        and right after that step, their mean) and each run's median bandwidth reading. This
+        machine's bandwidth jumps between levels every few seconds, so the roofline is measured step
+        by step."""
+        rates, fractions, levels = [], [], []
         for _ in range(args.runs):
             seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3))
             readings.extend(probes)
             rates.append(batch * len(seconds) / sum(seconds))
             fractions.append(step_fraction(per_step[batch], seconds, probes))
-        return rates, fractions
+            levels.append(statistics.median(probes) / 1e9)
+        return rates, fractions, levels
 
     t = time.perf_counter()
     decoders = {"eager": decode_one}
@@ -204,8 +206,12 @@ def measure(model: Grok, batches: list[int], args: argparse.Namespace, bandwidth
     for name, decode in decoders.items():
         results[name] = {}
         for batch in batches:
-            rates, fractions = scored_runs(batch, decode)
-            results[name][f"b{batch}"] = {"tokens_per_s": _spread(rates), "fraction_of_roofline": _spread(fractions)}
+            rates, fractions, levels = scored_runs(batch, decode)
+            results[name][f"b{batch}"] = {
+                "tokens_per_s": _spread(rates),
+                "fraction_of_roofline": _spread(fractions),
+                "read_bandwidth_GBps": _spread(levels),
+            }
         results[name]["b1_at_context_1000_tokens_per_s"] = _spread(
             [decode_rate(model, 1, args.steps, decode, context=1000) for _ in range(args.runs)]
         )

@@ -779,7 +779,8 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
  * (part: scratch for count * M floats). Prefill reads them block by block too, although whole rows
  * were 4% faster there (bench-mid, 512 tokens): a row's sums then add up in the same order whatever
  * the number of activation rows, so a prompt prefilled in chunks (a server's) or with other tokens
- * routed to the same expert gets the bits it gets alone. */
+ * routed to the same expert gets the bits it gets alone. For int4, panel != 0 says the weight is in
+ * panels (see panels_dot). */
 static void weight_dot(int bits, acts a, const int *rows, int base, int M, const char *w, size_t panel,
                        const uint16_t *s, int G, int count, float *res, float *part) {
     const int kg = a.K / G;
