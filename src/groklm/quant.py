@@ -330,7 +330,7 @@ def from_panels(panels: Tensor) -> Tensor:
 
 def is_panels(packed: Tensor, scales: Tensor) -> bool:
     """Whether a packed int4 weight is in the kernel's panels (see `to_panels`), not in rows."""
-    return packed.dim() == scales.dim() + 1
+    return kernels.is_block_major(packed, scales)  # (the kernels' own layout, one dimension more than the scales)
 
 
 def pack_int4(model: nn.Module) -> nn.Module:
