@@ -29,6 +29,8 @@ from groklm.quant import (
     quantize_int8,
     quantize_weight,
     quantize_weight_int4,
+    scales_to_panels,
+    to_panels,
 )
 
 T = TypeVar("T")
@@ -71,19 +73,23 @@ def test_kernel_is_built_here() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
 def test_vnni_and_avx2_builds_agree_bit_for_bit(bits: int, rows: int) -> None:
-    """Integer dot products are exact and both builds fold them alike, so their outputs are equal."""
+    """Integer dot products are exact and both builds fold them alike, so their outputs are equal (int4:
+    weights in rows and in panels, which give the rows' bits)."""
     if kernels.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX-512 VNNI")
     g = torch.Generator().manual_seed(rows + bits)
     w = torch.randn(1030, 2048, generator=g)
     q, s = quantize_weight(w, 8, torch.bfloat16) if bits == 8 else quantize_weight_int4(w, 64, torch.bfloat16)
+    layouts = [(q, s)] if bits == 8 else [(q, s), (to_panels(q[:1024]), scales_to_panels(s[:1024]))]
     x = torch.randn(rows, 2048, generator=g).bfloat16()
-    outs = [
-        _on_build(name, lambda: (kernels.isa(), kernels.linear(bits, x, [(q, s)], torch.float32)[0]))
-        for name in ("", "avx2")
-    ]
-    assert [isa for isa, _ in outs] == ["avx512vnni", "avx2"]  # each call ran on the build it names
-    assert torch.equal(outs[0][1], outs[1][1])
+    for weight in layouts:
+        outs = [
+            _on_build(name, lambda: (kernels.isa(), kernels.linear(bits, x, [weight], torch.float32)[0]))  # noqa: B023
+            for name in ("", "avx2")
+        ]
+        assert [isa for isa, _ in outs] == ["avx512vnni", "avx2"]  # each call ran on the build it names
+        assert torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(outs[0][1][:, :1024], kernels.linear(bits, x, [(q, s)], torch.float32)[0][:, :1024])
 
 
 _SHAPES = [(1, 2048, 72), (8, 10240, 77), (8, 512, 1030), (96, 6144, 9), (32, 2048, 13), (4, 32768, 21)]

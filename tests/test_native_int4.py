@@ -24,6 +24,8 @@ from groklm.quant import (
     pack_int4,
     quantize_int4,
     quantize_weight_int4,
+    scales_from_panels,
+    scales_to_panels,
     to_panels,
 )
 from tests.conftest import GOLDEN
@@ -89,19 +91,21 @@ def test_int4_panels_hold_the_rows_rearranged_and_give_the_same_bits(group_size:
     by the same arithmetic: every result equals the rows' bit for bit, one activation row or many."""
     g = torch.Generator().manual_seed(group_size)
     q, s = quantize_weight_int4(torch.randn(64, 1536, generator=g), group_size, torch.bfloat16)
-    p = to_panels(q)
-    assert p.shape == (4, 48, 256) and is_panels(p, s) and not is_panels(q, s)
-    assert torch.equal(from_panels(p), q)
+    p, ps = to_panels(q), scales_to_panels(s)
+    assert p.shape == (4, 48, 256) and is_panels(p, ps) and not is_panels(q, s)
+    assert torch.equal(from_panels(p), q) and torch.equal(scales_from_panels(ps), s) and ps.shape == s.shape
     # row 17, byte 37 (block 2, dword 1, byte 1): panel 1, block 2, run 1, row 1 of the panel, byte 1
     assert p[1, 2, 1 * 64 + 1 * 4 + 1] == q[17, 37]
-    assert kernels.supports_int4(p, s) and kernels.in_features(p, s) == 1536
-    assert torch.equal(dequantize_weight_int4(p, s), dequantize_weight_int4(q, s))
+    # row 17's scale of group 2: panel 1, group 2, row 1 of the panel
+    assert ps.view(4, -1, 16)[1, 2, 1] == s[17, 2] and not torch.equal(ps, s)
+    assert kernels.supports_int4(p, ps) and kernels.in_features(p, ps) == 1536
+    assert torch.equal(dequantize_weight_int4(p, ps), dequantize_weight_int4(q, s))
     for rows in (1, 2, 3, 4, 9, 17, 65):
         x = torch.randn(rows, 1536, generator=g).bfloat16()
-        assert torch.equal(kernels.int4_matmul(x, p, s, torch.float32), kernels.int4_matmul(x, q, s, torch.float32))
+        assert torch.equal(kernels.int4_matmul(x, p, ps, torch.float32), kernels.int4_matmul(x, q, s, torch.float32))
     q2, s2 = quantize_weight_int4(torch.randn(32, 1536, generator=g), group_size, torch.bfloat16)
     x = torch.randn(5, 1536, generator=g).bfloat16()
-    together = kernels.linear(4, x, [(p, s), (to_panels(q2), s2)], torch.float32)
+    together = kernels.linear(4, x, [(p, ps), (to_panels(q2), scales_to_panels(s2))], torch.float32)
     alone = kernels.linear(4, x, [(q, s), (q2, s2)], torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
 
@@ -115,7 +119,7 @@ def test_fused_int4_moe_in_panels_equals_in_rows(tokens: int) -> None:
     router = torch.randn(e, d, generator=g)
     x = torch.randn(tokens, d, generator=g).bfloat16()
     rows = kernels.moe(x, router, 2, 4, w1, v, w2)
-    panels = kernels.moe(x, router, 2, 4, *[(to_panels(w), s) for w, s in (w1, v, w2)])
+    panels = kernels.moe(x, router, 2, 4, *[(to_panels(w), scales_to_panels(s)) for w, s in (w1, v, w2)])
     assert torch.equal(rows, panels)
 
 

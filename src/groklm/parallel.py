@@ -49,6 +49,7 @@ from groklm.quant import (
     block_major,
     from_panels,
     is_panels,
+    scales_from_panels,
 )
 
 Slices = tuple[slice, ...]
@@ -457,8 +458,9 @@ def model_reader(whole: Grok) -> Read:
         t = getattr(module, leaf, None)
         if t is None and name == "embed.weight":  # a table read from the checkpoint file
             t = module.table
-        if isinstance(module, (Int4Linear, Int4ExpertLinear)) and leaf == "weight" and is_panels(t, module.scales):
-            t = from_panels(t)  # (a copy in rows: slices of panels are not rows)
+        if isinstance(module, (Int4Linear, Int4ExpertLinear)) and is_panels(module.weight, module.scales):
+            # (a copy in rows: slices of panels are not rows)
+            t = from_panels(t) if leaf == "weight" else scales_from_panels(t) if leaf == "scales" else t
         array: Any = TensorArray(t)
         if isinstance(module, _QUANT) and leaf == "weight" and t.dim() == module.scales.dim() + 1:
             array = BlockMajorArray(array)

@@ -328,14 +328,30 @@ def from_panels(panels: Tensor) -> Tensor:
     return p.reshape(*lead, n16 * PANEL, blocks * 16)
 
 
+def scales_to_panels(scales: Tensor) -> Tensor:
+    """The scales [..., N, G] of a weight in panels, as the kernel reads them: the same shape, but each
+    panel's 16 x G scales group by group, so that `.view(..., N/16, G, 16)[.., p, g, r]` is row
+    16p + r's scale of group g (a panel's scales are then one run, read in order with its weight)."""
+    *lead, n, groups = scales.shape
+    return scales.reshape(*lead, n // PANEL, PANEL, groups).transpose(-1, -2).reshape(*lead, n, groups)
+
+
+def scales_from_panels(scales: Tensor) -> Tensor:
+    """Inverse of `scales_to_panels`: scales [..., N, G] back in rows."""
+    *lead, n, groups = scales.shape
+    return scales.reshape(*lead, n // PANEL, groups, PANEL).transpose(-1, -2).reshape(*lead, n, groups)
+
+
 def is_panels(packed: Tensor, scales: Tensor) -> bool:
-    """Whether a packed int4 weight is in the kernel's panels (see `to_panels`), not in rows."""
+    """Whether a packed int4 weight is in the kernel's panels (see `to_panels`; its scales then in panel
+    order, `scales_to_panels`), not in rows."""
     return kernels.is_block_major(packed, scales)  # (the kernels' own layout, one dimension more than the scales)
 
 
 def pack_int4(model: nn.Module) -> nn.Module:
-    """Lay out every int4 weight the native CPU kernel takes in its panels (`to_panels`), in place, one
-    module at a time (each module's rows freed as its panels replace them). A transform for CPU
+    """Lay out every int4 weight the native CPU kernel takes in its panels (`to_panels`, its scales in
+    panel order: `scales_to_panels`), in place, one module at a time (each module's rows freed as its
+    panels replace them). A transform for CPU
     inference after loading: everything else reads either layout (`dequantize_weight_int4`), and
     `save_native` writes rows."""
     for module in model.modules():
@@ -346,6 +362,7 @@ def pack_int4(model: nn.Module) -> nn.Module:
                 panels = torch.empty(*rows.shape[:-2], n // PANEL, k // 32, 16 * PANEL, dtype=torch.uint8)
                 advise_huge_pages([panels])  # as the loader's weights: decode streams them every token
                 module.weight = to_panels(rows, out=panels)
+                module.scales = scales_to_panels(module.scales).contiguous()
                 del rows
     return model
 
@@ -353,7 +370,7 @@ def pack_int4(model: nn.Module) -> nn.Module:
 def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of quantize_weight_int4 (from rows or panels): -> [..., out, in] in `dtype`."""
     if is_panels(packed, scales):
-        packed = from_panels(packed)
+        packed, scales = from_panels(packed), scales_from_panels(scales)
     *lead, out_features, half = packed.shape
     groups = scales.shape[-1]
     block = _int4_block(half * 2 // groups)

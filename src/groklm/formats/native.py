@@ -46,6 +46,7 @@ from groklm.quant import (
     from_panels,
     is_panels,
     quantize_int8,
+    scales_from_panels,
 )
 
 SHARD = "model-{:05d}.safetensors"
@@ -75,10 +76,11 @@ def save_native(model: Grok, out: str | Path, progress: bool = True) -> Path:
 
 def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     state = {prefix + name: t for name, t in module.state_dict().items()}
-    for name, t in state.items():  # int4 weights in the CPU kernel's panels are written in rows
-        scales = state.get(name.removesuffix("weight") + "scales")
+    for name, t in list(state.items()):  # int4 weights in the CPU kernel's panels are written in rows
+        scales_name = name.removesuffix("weight") + "scales"
+        scales = state.get(scales_name)
         if t.dtype == torch.uint8 and name.endswith("weight") and scales is not None and is_panels(t, scales):
-            state[name] = from_panels(t)
+            state[name], state[scales_name] = from_panels(t), scales_from_panels(scales)
     if isinstance(getattr(module, "embed", None), MappedEmbedding):  # the table lives in the source file
         state[prefix + "embed.weight"] = module.embed.table.to(module.dtype)  # type: ignore[union-attr, operator]
     return state

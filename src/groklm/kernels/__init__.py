@@ -199,7 +199,8 @@ def available() -> bool:
 
 def is_block_major(weight: Tensor, scales: Tensor) -> bool:
     """Whether a weight is in its kernel's own layout, one dimension more than its scales: int8
-    block-major [..., G, N, K/G], int4 panels [..., N/16, K/32, 256] (scales [..., N, G]); not in rows."""
+    block-major [..., G, N, K/G], int4 panels [..., N/16, K/32, 256] (scales [..., N, G], for panels in
+    panel order: `quant.scales_to_panels`); not in rows."""
     return weight.dim() == scales.dim() + 1
 
 
@@ -247,7 +248,7 @@ def supports(weight: Tensor, scales: Tensor) -> bool:
 
 def supports_int4(packed: Tensor, scales: Tensor) -> bool:
     """Whether int4_matmul takes this packed weight [N, K/2] or [N/16, K/32, 256] (uint8, in rows or in
-    panels: `quant.to_panels`) with bf16 scales [N, G]."""
+    panels: `quant.to_panels`, the scales then in panel order) with bf16 scales [N, G]."""
     return _fits(packed, scales, torch.uint8, in_features(packed, scales), 32)
 
 

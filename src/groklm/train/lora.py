@@ -35,6 +35,7 @@ from groklm.quant import (
     is_panels,
     quantize_weight,
     quantize_weight_int4,
+    scales_to_panels,
     to_panels,
 )
 
@@ -309,8 +310,9 @@ def merge(model: Grok) -> Grok:
                     scales = base.scales if e is None else base.scales[e]
                     q, s = quantize_weight_int4(w, w.shape[-1] // scales.shape[-1], scales.dtype)
                     weight = base.weight if e is None else base.weight[e]
-                    weight.copy_(to_panels(q) if is_panels(weight, scales) else q)
-                    scales.copy_(s)
+                    panels = is_panels(weight, scales)
+                    weight.copy_(to_panels(q) if panels else q)
+                    scales.copy_(scales_to_panels(s) if panels else s)
                 else:
                     (base.weight if e is None else base.weight[e]).copy_(w)
             parent, _, child = name.rpartition(".")

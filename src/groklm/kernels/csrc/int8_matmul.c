@@ -510,9 +510,14 @@ static inline int streams_for(int bits, int K, int M) {
  * with one fused multiply-add per PANEL rows. The integer sums and the fold are dot4's, lane by lane,
  * so a row gets the same bits from either kernel, on either build.
  *
- * Weights are held in panels from load (kernels.pack_int4: [N/16, K/32, 256], rows a multiple of 16);
- * a weight in rows ([N, K/2], e.g. memory-mapped) is repacked into a thread's scratch a panel at a
- * time where PANEL_MIN_M or more activation rows share it, and read in place by dot4 otherwise. */
+ * Weights are held in panels from load (quant.pack_int4: [N/16, K/32, 256], rows a multiple of 16), and
+ * so are their scales: [N, G] still, but each panel's 16 x G of them group by group (16 rows of group 0,
+ * then of group 1, ...), so that a panel's scales are one more stream, read in order, where scales in
+ * rows are 16 streams of 16 bytes every 8 groups (plus a transposition, panel_scales). A full-size
+ * Grok-1 layer read 0.89 of its roofline with them against 0.79 (0.81 with those 16 streams prefetched;
+ * a Zen 5 VM whose memory gave ~52 GB/s). A weight in rows ([N, K/2], e.g. memory-mapped) is repacked
+ * into a thread's scratch a panel at a time (its scales read in rows) where PANEL_MIN_M or more
+ * activation rows share it, and read in place by dot4 otherwise. */
 #define PANEL_MIN_M 4 /* activation rows from which a weight in rows is repacked, a call at a time */
 #define MT_PANEL (VNNI ? 8 : 2) /* activation rows a panel tile takes */
 #define PANEL_PREFETCH 4096 /* bytes ahead a panel's reads are prefetched */
@@ -578,11 +583,12 @@ static inline void panel_scales(const uint16_t *const *srow, int g, float tab[8]
 }
 #endif
 
-/* out[i][r] = panel row r (of n; scales srow[r], G each) against activation row xr[i] (see dot4 for the
- * segments, steps and sums). The panel is read as one stream, prefetched ahead: at batch 1 that read
+/* out[i][r] = panel row r (of n) against activation row xr[i] (see dot4 for the segments, steps and sums).
+ * Scales: in panel order at ps (16 a group), or, with ps NULL, G a row at srow[r]. The panel is read as one stream, prefetched ahead: at batch 1 that read
  * 0.81-0.87 of a plain read, where four panels at once, in separate streams, read 0.68 (a Zen 4 VM
  * whose memory then gave ~50 GB/s). */
-static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const uint16_t *const *srow, int n,
+static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const uint16_t *ps,
+                                                             const uint16_t *const *srow, int n,
                                                              const int8_t *const *xr, const float *const *xsr,
                                                              const int *const *xcr, int K, int G, int seg,
                                                              float out[][PANEL], const int MT) {
@@ -646,7 +652,7 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
             }
 #endif
         }
-        if (g == tab_at + 8) {
+        if (!ps && g == tab_at + 8) {
             tab_at = g;
 #if VNNI
             if (g + 8 <= G)
@@ -657,7 +663,12 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
                     scale_table(srow + r0, n - r0 < 0 ? 0 : n - r0 > 4 ? 4 : n - r0, g, G, tab[0], PANEL, r0);
         }
 #if VNNI
-        const __m512 sc = _mm512_loadu_ps(tab[g - tab_at]);
+        __m512 sc;
+        if (ps) {
+            _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH / 16), _MM_HINT_T0);
+            sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(ps + (size_t)g * PANEL))), 16));
+        } else
+            sc = _mm512_loadu_ps(tab[g - tab_at]);
         for (int i = 0; i < MT; i++) {
             __m512i lo = acc[i][0], hi = acc[i][1];
             for (int h = 2; h < CH; h += 2) lo = _mm512_add_epi32(lo, acc[i][h]), hi = _mm512_add_epi32(hi, acc[i][h + 1]);
@@ -667,7 +678,7 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
         }
 #else
         for (int h = 0; h < 2; h++) {
-            const __m256 sc = _mm256_loadu_ps(tab[g - tab_at] + 8 * h);
+            const __m256 sc = ps ? load_bf16x8(ps + (size_t)g * PANEL + 8 * h) : _mm256_loadu_ps(tab[g - tab_at] + 8 * h);
             for (int i = 0; i < MT; i++)
                 o[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][h], _mm256_set1_epi32(xcr[i][c]))),
                                           _mm256_mul_ps(sc, _mm256_set1_ps(xsr[i][c])), o[i][h]);
@@ -698,9 +709,9 @@ static uint8_t *panel_scratch(int K) {
     return buf;
 }
 
-/* res[r * M + i] for `count` int4 rows of W (scales ls apart) against M activation rows, PANEL rows at a
- * time: W in panels (`packed`: w at a panel's start) or in rows (wrow bytes apart; repacked into the
- * scratch). Returns -1 if a scratch was needed and could not be had (nothing done). */
+/* res[r * M + i] for `count` int4 rows of W against M activation rows, PANEL rows at a time: W in
+ * panels (`packed`: w and s at a panel's start, the scales in panel order) or in rows (wrow bytes apart,
+ * scales ls apart; repacked into the scratch). Returns -1 if a scratch was needed and could not be had (nothing done). */
 static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w, size_t wrow, int packed,
                       const uint16_t *s, int G, size_t ls, int count, float *res) {
     uint8_t *scratch = packed ? NULL : panel_scratch(a.K);
@@ -712,7 +723,7 @@ static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w
             pw = w + (size_t)p0 / PANEL * panel_bytes(a.K);
         else
             panel_pack(w + (size_t)p0 * wrow, wrow, n, a.K, scratch);
-        const uint16_t *srow[PANEL];
+        const uint16_t *srow[PANEL], *ps = packed ? s + (size_t)p0 * ls : NULL; /* packed: ls == G */
         for (int r = 0; r < PANEL; r++) srow[r] = s + (size_t)(p0 + (r < n ? r : 0)) * ls;
         for (int m0 = 0; m0 < M; m0 += MT_PANEL) {
             const int mt = M - m0 < MT_PANEL ? M - m0 : MT_PANEL;
@@ -727,7 +738,7 @@ static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w
             }
             float out[MT_PANEL][PANEL];
             switch (mt) {
-#define PANEL_CASE(MT) case MT: panel_dot(pw, srow, n, xr, xsr, xcr, a.K, G, a.chunk, out, MT); break;
+#define PANEL_CASE(MT) case MT: panel_dot(pw, ps, srow, n, xr, xsr, xcr, a.K, G, a.chunk, out, MT); break;
                 PANEL_CASE(1)
                 PANEL_CASE(2)
 #if VNNI
@@ -808,8 +819,8 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
  * `chunk` (groklm_chunk's), and the rows of all the weights, end to end, are split across OpenMP
  * threads (torch's own libgomp when loaded into torch; int4 at panel boundaries). One call computes
  * e.g. an attention layer's q, k and v. y is bf16 or fp32. With `blocked`, each W_j is in its kernel's
- * own layout: int8 block-major, [G, N_j, K/G] (see weight_dot); int4 in panels, [N_j/16, K/32, 256]
- * (see panels_dot). Returns 0, or -1 if memory ran out (y then unwritten). */
+ * own layout: int8 block-major, [G, N_j, K/G] (see weight_dot); int4 in panels, [N_j/16, K/32, 256],
+ * scales in panel order (see panels_dot). Returns 0, or -1 if memory ran out (y then unwritten). */
 int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
                    const uint16_t *const *s, int G, const int *N, void *y, int y_bf16, int blocked) {
     int total = 0;
@@ -859,8 +870,8 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
  * once for all its tokens; experts nobody chose are never touched. Weights are [E, F, D] (W1, V) and
  * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]; W1 and V with `blocked1`, W2 with
  * `blocked2`, are in their kernel's own layout: int8 block-major, [E, G, rows, cols / G] (see
- * weight_dot), int4 in panels, [E, rows / 16, cols / 32, 256] (see panels_dot). Its scratch is allocated here
- * (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
+ * weight_dot), int4 in panels, [E, rows / 16, cols / 32, 256], scales in panel order (see panels_dot).
+ * Its scratch is allocated here (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
  * (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
