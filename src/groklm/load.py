@@ -10,7 +10,7 @@ import torch
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, progress_bar
+from groklm.formats.common import CheckpointError, progress_bar, return_freed_memory
 from groklm.model import Grok
 
 ConfigLike = GrokConfig | dict[str, Any] | str | Path | None
@@ -253,6 +253,7 @@ def load_sharded(path: str | Path, mesh: Any, config: GrokConfig, dtype: torch.d
             for name in names:
                 if name not in done:
                     parallel.fill_module(model, whole, p, name, lambda n, sl: lazy(n).read(sl))
+                    return_freed_memory()
                 bar.update(1)
         else:
             read = parallel.model_reader(whole)
