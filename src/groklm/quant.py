@@ -351,9 +351,8 @@ def is_panels(packed: Tensor, scales: Tensor) -> bool:
 def pack_int4(model: nn.Module) -> nn.Module:
     """Lay out every int4 weight the native CPU kernel takes in its panels (`to_panels`, its scales in
     panel order: `scales_to_panels`), in place, one module at a time (each module's rows freed as its
-    panels replace them). A transform for CPU
-    inference after loading: everything else reads either layout (`dequantize_weight_int4`), and
-    `save_native` writes rows."""
+    panels replace them). A transform for CPU inference after loading: everything else reads either
+    layout (`dequantize_weight_int4`), and `save_native` writes rows."""
     for module in model.modules():
         if isinstance(module, (Int4Linear, Int4ExpertLinear)) and not is_panels(module.weight, module.scales):
             n, groups, k = module.scales.shape[-2], module.scales.shape[-1], module.weight.shape[-1] * 2

@@ -514,8 +514,8 @@ static inline int streams_for(int bits, int K, int M) {
  * so are their scales: [N, G] still, but each panel's 16 x G of them group by group (16 rows of group 0,
  * then of group 1, ...), so that a panel's scales are one more stream, read in order, where scales in
  * rows are 16 streams of 16 bytes every 8 groups (plus a transposition, panel_scales). A full-size
- * Grok-1 layer read 0.89 of its roofline with them against 0.79 (0.81 with those 16 streams prefetched;
- * a Zen 5 VM whose memory gave ~52 GB/s). A weight in rows ([N, K/2], e.g. memory-mapped) is repacked
+ * Grok-1 layer read 0.84-0.90 of its roofline with them against 0.79 (0.81 with those 16 streams
+ * prefetched; a Zen 5 VM whose memory gave 40-52 GB/s). A weight in rows ([N, K/2], e.g. memory-mapped) is repacked
  * into a thread's scratch a panel at a time (its scales read in rows) where PANEL_MIN_M or more
  * activation rows share it, and read in place by dot4 otherwise. */
 #define PANEL_MIN_M 4 /* activation rows from which a weight in rows is repacked, a call at a time */
@@ -584,8 +584,8 @@ static inline void panel_scales(const uint16_t *const *srow, int g, float tab[8]
 #endif
 
 /* out[i][r] = panel row r (of n) against activation row xr[i] (see dot4 for the segments, steps and sums).
- * Scales: in panel order at ps (16 a group), or, with ps NULL, G a row at srow[r]. The panel is read as one stream, prefetched ahead: at batch 1 that read
- * 0.81-0.87 of a plain read, where four panels at once, in separate streams, read 0.68 (a Zen 4 VM
+ * Scales: in panel order at ps (16 a group), or, with ps NULL, G a row at srow[r]. The panel is read as
+ * one stream, prefetched ahead: at batch 1 that read 0.81-0.87 of a plain read, where four panels at once, in separate streams, read 0.68 (a Zen 4 VM
  * whose memory then gave ~50 GB/s). */
 static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, const uint16_t *ps,
                                                              const uint16_t *const *srow, int n,
@@ -666,7 +666,8 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
         __m512 sc;
         if (ps) {
             _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH / 16), _MM_HINT_T0);
-            sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(ps + (size_t)g * PANEL))), 16));
+            const __m256i s16 = _mm256_loadu_si256((const __m256i *)(ps + (size_t)g * PANEL));
+            sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16));
         } else
             sc = _mm512_loadu_ps(tab[g - tab_at]);
         for (int i = 0; i < MT; i++) {
@@ -711,7 +712,8 @@ static uint8_t *panel_scratch(int K) {
 
 /* res[r * M + i] for `count` int4 rows of W against M activation rows, PANEL rows at a time: W in
  * panels (`packed`: w and s at a panel's start, the scales in panel order) or in rows (wrow bytes apart,
- * scales ls apart; repacked into the scratch). Returns -1 if a scratch was needed and could not be had (nothing done). */
+ * scales ls apart; repacked into the scratch). Returns -1 if a scratch was needed and could not be had
+ * (nothing done). */
 static int panels_dot(acts a, const int *rows, int base, int M, const uint8_t *w, size_t wrow, int packed,
                       const uint16_t *s, int G, size_t ls, int count, float *res) {
     uint8_t *scratch = packed ? NULL : panel_scratch(a.K);
@@ -871,8 +873,8 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
  * [E, D, F] (W2), int8 or packed int4, with bf16 scales [E, rows, G]; W1 and V with `blocked1`, W2 with
  * `blocked2`, are in their kernel's own layout: int8 block-major, [E, G, rows, cols / G] (see
  * weight_dot), int4 in panels, [E, rows / 16, cols / 32, 256], scales in panel order (see panels_dot).
- * Its scratch is allocated here (P = N * topk rows of F and D): the caller allocates only y. Returns 0, or -1 if memory ran out
- * (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
+ * Its scratch is allocated here (P = N * topk rows of F and D): the caller allocates only y. Returns 0,
+ * or -1 if memory ran out (y then unwritten). D % 8 == 0, 1 <= topk <= E. */
 static inline float gelu_tanh(float x) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2/pi), as torch and JAX */
     return 0.5f * x * (1.f + tanhf(beta * (x + kappa * x * x * x)));
