@@ -176,16 +176,23 @@ class Attention(nn.Module):
         # run in fp32 on the bf16 values (products of bf16 numbers are exact in fp32, and CPU bf16
         # matmuls are slow); Grok-1's reference rounds their results to the compute dtype (its bf16
         # einsums), SGLang's kernels keep them in fp32. Grok-2 then scales the capped logits by its
-        # temperature, before the mask.
-        scores = torch.einsum("btkgd,bskd->bkgts", q.float(), k.float())
+        # temperature, before the mask. On the CPU all of it runs in fp64 and is rounded where the
+        # reference rounds: the bf16 products are exact in fp64, and so, short of a 2^37 spread in their
+        # sizes, are their sums, and a last-bit difference in tanh or exp there almost never survives
+        # the rounding. A row's result then does not depend on the shapes at hand, so a prompt
+        # prefilled in chunks (a server's) gets the bits it gets whole; in fp32 it did not (on a
+        # Skylake-SP): MKL's order changes with the shapes, and elementwise ops compute a tensor's
+        # last few elements with scalar, not vector, tanh and exp.
+        acc = torch.float64 if q.device.type == "cpu" else torch.float32
+        scores = torch.einsum("btkgd,bskd->bkgts", q.to(acc), k.to(acc))
         if c.jax_rounding:
-            scores = scores.to(q.dtype).float()
+            scores = scores.to(q.dtype).to(acc)
         scores = _capped(scores * c.attn_output_multiplier, c.attn_softcap)
         if temp is not None:
             scores = scores * temp
         scores = scores.masked_fill(~mask, MASK_VALUE)
-        probs = scores.softmax(dim=-1).to(v.dtype).float()  # [B, K, G, T, S], rounded as the reference
-        return torch.einsum("bkgts,bskd->btkgd", probs, v.float()).to(v.dtype).reshape(b, t, c.q_size)
+        probs = scores.softmax(dim=-1).to(v.dtype).to(acc)  # [B, K, G, T, S], rounded as the reference
+        return torch.einsum("bkgts,bskd->btkgd", probs, v.to(acc)).float().to(v.dtype).reshape(b, t, c.q_size)
 
 
 class ExpertLinear(nn.Module):

@@ -113,8 +113,20 @@ def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     elif x.device.type != "cpu":
         y = scaled_int8_matmul(x2, weight, scales)
     else:  # CPU without the native kernel (or fp32, the exact reference mode)
-        y = F.linear(x2, dequantize_weight(weight, scales, x.dtype))
+        y = dequantized_linear(x2, dequantize_weight(weight, scales, x.dtype))
     return y.view(*lead, out_features)
+
+
+def dequantized_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, K] @ weight [N, K].T, a dequantized weight no native kernel takes. In bf16 on the CPU the
+    sums run in fp64 (the bf16 products are exact there, and so, short of a 2^37 spread in their sizes,
+    are their sums): a row's result then does not depend on how many rows share the call, as with the
+    native kernels, which a server's batches and chunked prefills rely on. MKL's own order changes
+    with the shapes (a Skylake-SP's bf16 matmul gave 21 rows other bits than the same rows among 40).
+    fp32, the exact reference mode, stays in fp32."""
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return F.linear(x, weight)
+    return F.linear(x.double(), weight.double()).to(x.dtype)
 
 
 def scaled_int8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
@@ -398,7 +410,7 @@ def _int4_linear(x: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.supports_int4(packed, scales):
         y = kernels.int4_matmul(x2, packed, scales)
     else:
-        y = F.linear(x2, dequantize_weight_int4(packed, scales, x.dtype))
+        y = dequantized_linear(x2, dequantize_weight_int4(packed, scales, x.dtype))
     return y.view(*lead, out_features)
 
 
