@@ -45,9 +45,11 @@
  * VM (AVX-512 VNNI) whose memory gave 28-30 GB/s, against a plain read (a torch sum, itself not
  * prefetched) at 2 threads: int8 [32768, 6144] batch 1 0.93 -> 1.02, batch 8 0.65 -> 0.79; an int4
  * panel matvec 0.76 (4096 bytes ahead into L1, as before) -> 0.89-0.92 (8192-16384 into L2; 2048
- * into L1 0.87); a full-size int4 Grok-1 layer at batch 1 0.71-0.72 -> 0.80-0.82 of its roofline
- * (alternating runs). The hardware's prefetchers alone left those reads short of memory speed. Not
- * yet measured on the Zen VMs the 4096-into-L1 distance was chosen on. */
+ * into L1 0.87). A full-size Grok-1 layer (benchmarks/layer.py, alternating runs), of its roofline:
+ * int4 batch 1 0.72 -> 0.82, batch 8 0.77-0.83 -> 0.91; int8 batch 1 0.83 -> 0.94, batch 8 0.79 ->
+ * 0.89; the AVX2 build int4 0.81 -> 0.85, int8 0.77 -> 0.91 (batch 8 0.60 -> 0.80). The hardware's
+ * prefetchers alone left those reads short of memory speed. Not yet measured on the Zen VMs the
+ * 4096-into-L1 distance was chosen on. */
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
