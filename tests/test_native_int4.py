@@ -23,6 +23,7 @@ from groklm.quant import (
     is_panels,
     pack_int4,
     quantize_int4,
+    quantize_weight,
     quantize_weight_int4,
     scales_from_panels,
     scales_to_panels,
@@ -121,6 +122,38 @@ def test_fused_int4_moe_in_panels_equals_in_rows(tokens: int) -> None:
     rows = kernels.moe(x, router, 2, 4, w1, v, w2)
     panels = kernels.moe(x, router, 2, 4, *[(to_panels(w), scales_to_panels(s)) for w, s in (w1, v, w2)])
     assert torch.equal(rows, panels)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernels_give_the_same_bits_however_threads_share_the_rows(bits: int) -> None:
+    """The rows of a linear and of the MoE's experts are shared between threads that take them as they
+    finish (groklm_linear, groklm_moe): 1 thread or 7 on these cores (oversubscribed, so they run
+    unevenly and take from each other's shares, at odd share boundaries), the same bits, every row
+    written. The int4 weights in panels (taken in 128 KB chunks) and in rows (taken a block at a time)."""
+    g = torch.Generator().manual_seed(bits)
+    e, d, f, n = 6, 256, 2560, 4112  # n: rows past one block (4096) in rows, 257 panels
+    quant = (lambda w: quantize_weight_int4(w, 64, torch.bfloat16)) if bits == 4 else (
+        lambda w: quantize_weight(w, 2, torch.bfloat16))  # fmt: skip
+    layouts = [lambda w: w]
+    if bits == 4:
+        layouts.append(lambda w: (to_panels(w[0]), scales_to_panels(w[1])))
+    lin = [quant(torch.randn(rows, d, generator=g)) for rows in (n, 48)]
+    w1, v, w2 = (quant(torch.randn(e, *shape, generator=g)) for shape in ((f, d), (f, d), (d, f)))
+    router = torch.randn(e, d, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for layout in layouts:
+            for tokens in (1, 5):
+                x = torch.randn(tokens, d, generator=g).bfloat16()
+                results = []
+                for t in (1, 7, 7, 3):
+                    torch.set_num_threads(t)
+                    ys = kernels.linear(bits, x, [layout(w) for w in lin], torch.float32)
+                    results.append((*ys, kernels.moe(x, router, 2, bits, *map(layout, (w1, v, w2)))))
+                for other in results[1:]:
+                    assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_quantize_int4_from_int8_modules(golden_config: GrokConfig) -> None:

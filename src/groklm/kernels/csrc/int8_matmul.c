@@ -35,6 +35,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -483,22 +484,80 @@ static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt,
 
 static inline size_t row_bytes(int bits, int K) { return bits == 8 ? (size_t)K : (size_t)K / 2; }
 
-/* Units [lo, hi) of this thread's share of n units (static split, no barrier). */
-static inline void thread_span(int n, int *lo, int *hi) {
-    const int t = omp_get_num_threads(), id = omp_get_thread_num();
-    *lo = (int)((long)n * id / t);
-    *hi = (int)((long)n * (id + 1) / t);
+/* Units (rows, or int4 panels) shared between the threads of a parallel region. They start split evenly,
+ * each thread's share one contiguous stretch that it takes from the front a chunk at a time (one long
+ * stream through memory); a thread that finishes its share takes chunks from the back of the share with
+ * most left. On a VM whose cores run at different speeds from moment to moment (other tenants), a static
+ * split left the faster thread waiting at the barrier: 8.6% of a 2-core Zen 4 VM's time in bench-mid
+ * int4 decode (perf), 4.2% with the shares (the rest is the MoE's barriers between its phases). The
+ * step time it saves there is within that machine's noise; rows are computed alike whoever takes them. */
+typedef struct {
+    _Atomic uint64_t left; /* units [front, back) not yet taken: front | back << 32 */
+    char pad[56];          /* a cache line each */
+} share;
+
+static inline uint64_t share_pack(int front, int back) { return (uint32_t)front | (uint64_t)(uint32_t)back << 32; }
+
+/* t shares of n units (freed by the caller), or NULL if memory ran out. */
+static share *shares_new(int t, int n) {
+    share *sh = aligned_alloc(64, sizeof(share) * (size_t)t);
+    if (sh)
+        for (int i = 0; i < t; i++) atomic_init(&sh[i].left, share_pack((int)((long)n * i / t), (int)((long)n * (i + 1) / t)));
+    return sh;
 }
 
-/* Rows a thread's share starts and ends on: int4 weights split between panels (see panels_dot). */
+/* Takes up to `chunk` units [*lo, *hi) from the front of s (its owner) or its back (another thread); 0
+ * if none are left. */
+static int share_take(share *s, int chunk, int from_back, int *lo, int *hi) {
+    uint64_t old = atomic_load(&s->left);
+    for (;;) {
+        const int front = (int)(uint32_t)old, back = (int)(old >> 32);
+        if (front >= back) return 0;
+        *lo = from_back ? (back - chunk > front ? back - chunk : front) : front;
+        *hi = from_back ? back : (front + chunk < back ? front + chunk : back);
+        if (atomic_compare_exchange_weak(&s->left, &old, from_back ? share_pack(front, *lo) : share_pack(*hi, back)))
+            return 1;
+    }
+}
+
+/* The next units [*lo, *hi) for this thread: from its own share while it lasts, then from the others'
+ * (t shares, one a thread of the team that was asked for; a smaller team takes the rest by stealing). */
+static int share_next(share *sh, int t, int chunk, int *lo, int *hi) {
+    const int id = omp_get_thread_num();
+    if (id < t && share_take(&sh[id], chunk, 0, lo, hi)) return 1;
+    for (;;) {
+        int most = 0, from = -1;
+        for (int i = 0; i < t; i++) {
+            const uint64_t v = atomic_load(&sh[i].left);
+            const int left = (int)(v >> 32) - (int)(uint32_t)v;
+            if (left > most) most = left, from = i;
+        }
+        if (from < 0) return 0;
+        if (share_take(&sh[from], chunk, 1, lo, hi)) return 1;
+    }
+}
+
+/* Units a chunk takes, of `most` (a block's): int4 panels, read as one stream whatever the chunk, about
+ * 128 KB of them (unit_bytes each); a weight in rows a whole block, which its kernel reads as STREAMS
+ * runs (see block_rows), long ones. */
+static inline int share_chunk(int panels, size_t unit_bytes, int most) {
+    const int c = panels ? (int)((131072 + unit_bytes - 1) / unit_bytes) : most;
+    return c < most ? c : most > 0 ? most : 1;
+}
+
+/* The part of units [u, hi) in one expert's weight (n units of `align` rows, `rows` rows in all, the
+ * experts end to end): the expert's place *k among them and its rows [*rlo, *rhi). Returns the units it
+ * spans. */
+static inline int expert_piece(int u, int hi, int n, int align, int rows, int *k, int *rlo, int *rhi) {
+    const int at = u % n, end = at + (hi - u) < n ? at + (hi - u) : n;
+    *k = u / n;
+    *rlo = at * align;
+    *rhi = end * align < rows ? end * align : rows;
+    return end - at;
+}
+
+/* Rows a unit of shared work holds: int4 weights are split between panels (see panels_dot). */
 static inline int row_align(int bits) { return bits == 4 ? PANEL : 1; }
-
-/* Rows [lo, hi) of this thread's share of n rows, in whole units of `align` rows. */
-static inline void thread_rows(int n, int align, int *lo, int *hi) {
-    thread_span((n + align - 1) / align, lo, hi);
-    *lo = *lo * align < n ? *lo * align : n;
-    *hi = *hi * align < n ? *hi * align : n;
-}
 
 /* Weight rows per span step (STREAMS parts of block / STREAMS rows) for m activation rows. A stream runs
  * on through its part before jumping: at batch sizes up to 16, 4096 rows (2 MB runs at width 2048)
@@ -853,27 +912,32 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
     const int align = row_align(bits);
     int units = 0; /* all the weights' rows, end to end, in whole units of `align` rows each */
     for (int j = 0; j < nmat; j++) units += (N[j] + align - 1) / align;
-#pragma omp parallel
+    const int team = omp_get_max_threads(), block = block_rows(M);
+    const int take = share_chunk(bits == 4 && blocked, align * row_bytes(bits, K), block / align);
+    share *sh = shares_new(team, units);
+    if (!sh) return acts_free(a), -1;
+#pragma omp parallel num_threads(team)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) acts_quantize(a, bits, (size_t)m, x + (size_t)m * K);
-        const int block = block_rows(M);
         float *res = malloc(sizeof(float) * 2 * block * (size_t)M), *part = res + block * (size_t)M;
         int lo, hi;
-        thread_span(units, &lo, &hi);
-        for (int j = 0, base = 0, ubase = 0; j < nmat; base += N[j], ubase += (N[j] + align - 1) / align, j++) {
-            const int ufrom = lo > ubase ? lo : ubase, uto = hi < ubase + (N[j] + align - 1) / align ? hi : ubase + (N[j] + align - 1) / align;
-            const int from = (ufrom - ubase) * align, to = (uto - ubase) * align < N[j] ? (uto - ubase) * align : N[j];
-            for (int n0 = from; n0 < to; n0 += block) {
-                const int count = to - n0 < block ? to - n0 : block;
-                weight_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, blocked ? (size_t)N[j] * wrow : 0,
-                           s[j] + (size_t)n0 * G, G, count, res, part);
-                for (int r = 0; r < count; r++)
-                    for (int m = 0; m < M; m++) store(y, y_bf16, (size_t)m * total + base + n0 + r, res[(size_t)r * M + m]);
+        while (share_next(sh, team, take, &lo, &hi)) {
+            for (int j = 0, base = 0, ubase = 0; j < nmat; base += N[j], ubase += (N[j] + align - 1) / align, j++) {
+                const int ufrom = lo > ubase ? lo : ubase, uto = hi < ubase + (N[j] + align - 1) / align ? hi : ubase + (N[j] + align - 1) / align;
+                const int from = (ufrom - ubase) * align, to = (uto - ubase) * align < N[j] ? (uto - ubase) * align : N[j];
+                for (int n0 = from; n0 < to; n0 += block) {
+                    const int count = to - n0 < block ? to - n0 : block;
+                    weight_dot(bits, a, NULL, 0, M, (const char *)w[j] + (size_t)n0 * wrow, blocked ? (size_t)N[j] * wrow : 0,
+                               s[j] + (size_t)n0 * G, G, count, res, part);
+                    for (int r = 0; r < count; r++)
+                        for (int m = 0; m < M; m++) store(y, y_bf16, (size_t)m * total + base + n0 + r, res[(size_t)r * M + m]);
+                }
             }
         }
         free(res);
     }
+    free(sh);
     acts_free(a);
     return 0;
 }
@@ -1027,14 +1091,14 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     if (acts_alloc(&ah, bits, P, F, chunk_f)) return acts_free(ax), -1;
     float *pairs = malloc(sizeof(float) * (size_t)P * D);
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)P * F);
-    int *idx = malloc(sizeof(int) * (size_t)(3 * P + 3 * E + 1));
+    int *idx = malloc(sizeof(int) * (size_t)(3 * P + 4 * E + 1));
     float *gates = malloc(sizeof(float) * (size_t)P);
     if (!pairs || !h || !idx || !gates) {
         acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates);
         return -1;
     }
     int *order = idx, *token = idx + P, *experts = idx + 2 * P, *count = idx + 3 * P, *start = count + E,
-        *fill = start + E + 1;
+        *fill = start + E + 1, *used = fill + E;
     route(x, N, D, router, E, topk, router_cap, experts, gates);
     memset(count, 0, sizeof(int) * (size_t)E);
     for (int p = 0; p < P; p++) count[experts[p]]++;
@@ -1046,57 +1110,68 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
         order[at] = p;
         token[at] = p / topk;
     }
-    int maxc = 0;
-    for (int e = 0; e < E; e++) maxc = count[e] > maxc ? count[e] : maxc;
+    int maxc = 0, ne = 0; /* the most tokens an expert has; the experts chosen, used[0..ne) */
+    for (int e = 0; e < E; e++) {
+        maxc = count[e] > maxc ? count[e] : maxc;
+        if (count[e]) used[ne++] = e;
+    }
     const size_t b1 = row_bytes(bits, D), b2 = row_bytes(bits, F); /* bytes a row */
     /* row to row (int8 block-major: within a block; int4 panels: rows a multiple of PANEL apart, as in rows) */
     const size_t step1 = blocked1 && bits == 8 ? (size_t)(D / g1) : b1, step2 = blocked2 && bits == 8 ? (size_t)(F / g2) : b2;
-#pragma omp parallel
+    /* The chosen experts' rows, end to end, in units of `align`: fu an expert's W1 (and V), du its W2. */
+    const int align = row_align(bits), fu = (F + align - 1) / align, du = (D + align - 1) / align;
+    const int team = omp_get_max_threads(), block = block_rows(maxc);
+    const int take1 = share_chunk(bits == 4 && blocked1, 2 * align * b1, block / align);
+    const int take2 = share_chunk(bits == 4 && blocked2, align * b2, block / align);
+    share *sh1 = shares_new(team, ne * fu), *sh2 = shares_new(team, ne * du);
+    if (!sh1 || !sh2) {
+        acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates), free(sh1), free(sh2);
+        return -1;
+    }
+#pragma omp parallel num_threads(team)
     {
-        const int block = block_rows(maxc);
         float *r1 = malloc(sizeof(float) * 3 * block * (size_t)maxc), *rv = r1 + block * (size_t)maxc;
         float *part = rv + block * (size_t)maxc;
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++)
             acts_quantize(ax, bits, (size_t)t, x + (size_t)t * D);
-        /* W1 and V: each expert's rows split between threads; no barrier between experts. */
-        for (int e = 0; e < E; e++) {
-            const int m = count[e];
-            if (!m) continue;
-            const char *w1e = (const char *)w1 + (size_t)e * F * b1, *wve = (const char *)wv + (size_t)e * F * b1;
-            int lo, hi;
-            thread_rows(F, row_align(bits), &lo, &hi);
-            for (int n0 = lo; n0 < hi; n0 += block) {
-                const int cnt = hi - n0 < block ? hi - n0 : block;
-                weight_dot(bits, ax, token + start[e], 0, m, w1e + n0 * step1, blocked1 ? F * step1 : 0,
-                           s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1, part);
-                weight_dot(bits, ax, token + start[e], 0, m, wve + n0 * step1, blocked1 ? F * step1 : 0,
-                           sv + ((size_t)e * F + n0) * gv, gv, cnt, rv, part);
-                gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F, gelu_erf_);
+        /* W1 and V of the chosen experts, shared between threads; no barrier between experts. */
+        int lo, hi;
+        while (share_next(sh1, team, take1, &lo, &hi))
+            for (int u = lo, k, rlo, rhi, n; u < hi; u += n) {
+                n = expert_piece(u, hi, fu, align, F, &k, &rlo, &rhi);
+                const int e = used[k], m = count[e];
+                const char *w1e = (const char *)w1 + (size_t)e * F * b1, *wve = (const char *)wv + (size_t)e * F * b1;
+                for (int n0 = rlo; n0 < rhi; n0 += block) {
+                    const int cnt = rhi - n0 < block ? rhi - n0 : block;
+                    weight_dot(bits, ax, token + start[e], 0, m, w1e + n0 * step1, blocked1 ? F * step1 : 0,
+                               s1 + ((size_t)e * F + n0) * g1, g1, cnt, r1, part);
+                    weight_dot(bits, ax, token + start[e], 0, m, wve + n0 * step1, blocked1 ? F * step1 : 0,
+                               sv + ((size_t)e * F + n0) * gv, gv, cnt, rv, part);
+                    gelu_product(r1, rv, cnt, m, h + (size_t)start[e] * F + n0, F, gelu_erf_);
+                }
             }
-        }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int p = 0; p < P; p++)
             acts_quantize(ah, bits, (size_t)p, h + (size_t)p * F);
         /* W2, gated, into each pair's own row. */
-        for (int e = 0; e < E; e++) {
-            const int m = count[e];
-            if (!m) continue;
-            const char *w2e = (const char *)w2 + (size_t)e * D * b2;
-            int lo, hi;
-            thread_rows(D, row_align(bits), &lo, &hi);
-            for (int n0 = lo; n0 < hi; n0 += block) {
-                const int cnt = hi - n0 < block ? hi - n0 : block;
-                weight_dot(bits, ah, NULL, start[e], m, w2e + n0 * step2, blocked2 ? D * step2 : 0,
-                           s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1, part);
-                for (int r = 0; r < cnt; r++)
-                    for (int i = 0; i < m; i++) {
-                        const int p = order[start[e] + i];
-                        pairs[(size_t)p * D + n0 + r] = bf16_round(r1[r * m + i]) * gates[p];
-                    }
+        while (share_next(sh2, team, take2, &lo, &hi))
+            for (int u = lo, k, rlo, rhi, n; u < hi; u += n) {
+                n = expert_piece(u, hi, du, align, D, &k, &rlo, &rhi);
+                const int e = used[k], m = count[e];
+                const char *w2e = (const char *)w2 + (size_t)e * D * b2;
+                for (int n0 = rlo; n0 < rhi; n0 += block) {
+                    const int cnt = rhi - n0 < block ? rhi - n0 : block;
+                    weight_dot(bits, ah, NULL, start[e], m, w2e + n0 * step2, blocked2 ? D * step2 : 0,
+                               s2 + ((size_t)e * D + n0) * g2, g2, cnt, r1, part);
+                    for (int r = 0; r < cnt; r++)
+                        for (int i = 0; i < m; i++) {
+                            const int p = order[start[e] + i];
+                            pairs[(size_t)p * D + n0 + r] = bf16_round(r1[r * m + i]) * gates[p];
+                        }
+                }
             }
-        }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int t = 0; t < N; t++)
@@ -1107,7 +1182,7 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
             }
         free(r1);
     }
-    acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates);
+    acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates), free(sh1), free(sh2);
     return 0;
 }
 
