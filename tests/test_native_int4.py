@@ -129,7 +129,7 @@ def test_kernels_give_the_same_bits_however_threads_share_the_rows(bits: int) ->
     """The rows of a linear and of the MoE's experts are shared between threads that take them as they
     finish (groklm_linear, groklm_moe): 1 thread or 7 on these cores (oversubscribed, so they run
     unevenly and take from each other's shares, at odd share boundaries), the same bits, every row
-    written. The int4 weights in panels (taken in 128 KB chunks) and in rows (taken a block at a time)."""
+    written. The int4 weights in panels (taken in chunks of panels) and in rows (taken a block at a time)."""
     g = torch.Generator().manual_seed(bits)
     e, d, f, n = 6, 256, 2560, 4112  # n: rows past one block (4096) in rows, 257 panels
     quant = (lambda w: quantize_weight_int4(w, 64, torch.bfloat16)) if bits == 4 else (

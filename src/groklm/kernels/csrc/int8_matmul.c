@@ -489,7 +489,7 @@ static inline size_t row_bytes(int bits, int K) { return bits == 8 ? (size_t)K :
  * stream through memory); a thread that finishes its share takes chunks from the back of the share with
  * most left. On a VM whose cores run at different speeds from moment to moment (other tenants), a static
  * split left the faster thread waiting at the barrier: 8.6% of a 2-core Zen 4 VM's time in bench-mid
- * int4 decode (perf), 4.2% with the shares (the rest is the MoE's barriers between its phases). The
+ * int4 decode (perf), 3.3% with the shares (the rest is the MoE's barriers between its phases). The
  * step time it saves there is within that machine's noise; rows are computed alike whoever takes them. */
 typedef struct {
     _Atomic uint64_t left; /* units [front, back) not yet taken: front | back << 32 */
@@ -537,12 +537,17 @@ static int share_next(share *sh, int t, int chunk, int *lo, int *hi) {
     }
 }
 
-/* Units a chunk takes, of `most` (a block's): int4 panels, read as one stream whatever the chunk, about
- * 128 KB of them (unit_bytes each); a weight in rows a whole block, which its kernel reads as STREAMS
- * runs (see block_rows), long ones. */
-static inline int share_chunk(int panels, size_t unit_bytes, int most) {
-    const int c = panels ? (int)((131072 + unit_bytes - 1) / unit_bytes) : most;
-    return c < most ? c : most > 0 ? most : 1;
+/* Units a chunk takes, of `most` (a block's): a weight in rows a whole block, which its kernel reads as
+ * STREAMS runs (see block_rows), long ones; int4 panels, read as one stream whatever the chunk, about 1 MB
+ * of them (unit_bytes each), or a quarter of a thread's share if that is less. Chunks of 128 KB, as
+ * often switching a thread between W1 and V, left 4.2% of the time at the barriers, 1 MB 3.3%. */
+static inline int share_chunk(int panels, size_t unit_bytes, int most, int units, int team) {
+    int c = most;
+    if (panels) {
+        c = (int)(((1 << 20) + unit_bytes - 1) / unit_bytes);
+        c = units / (4 * team) < c ? units / (4 * team) : c;
+    }
+    return c < 1 ? 1 : c < most ? c : most;
 }
 
 /* The part of units [u, hi) in one expert's weight (n units of `align` rows, `rows` rows in all, the
@@ -913,7 +918,7 @@ int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat
     int units = 0; /* all the weights' rows, end to end, in whole units of `align` rows each */
     for (int j = 0; j < nmat; j++) units += (N[j] + align - 1) / align;
     const int team = omp_get_max_threads(), block = block_rows(M);
-    const int take = share_chunk(bits == 4 && blocked, align * row_bytes(bits, K), block / align);
+    const int take = share_chunk(bits == 4 && blocked, align * row_bytes(bits, K), block / align, units, team);
     share *sh = shares_new(team, units);
     if (!sh) return acts_free(a), -1;
 #pragma omp parallel num_threads(team)
@@ -1121,8 +1126,8 @@ int groklm_moe(int bits, const uint16_t *x, int N, int D, const float *router, i
     /* The chosen experts' rows, end to end, in units of `align`: fu an expert's W1 (and V), du its W2. */
     const int align = row_align(bits), fu = (F + align - 1) / align, du = (D + align - 1) / align;
     const int team = omp_get_max_threads(), block = block_rows(maxc);
-    const int take1 = share_chunk(bits == 4 && blocked1, 2 * align * b1, block / align);
-    const int take2 = share_chunk(bits == 4 && blocked2, align * b2, block / align);
+    const int take1 = share_chunk(bits == 4 && blocked1, 2 * align * b1, block / align, ne * fu, team);
+    const int take2 = share_chunk(bits == 4 && blocked2, align * b2, block / align, ne * du, team);
     share *sh1 = shares_new(team, ne * fu), *sh2 = shares_new(team, ne * du);
     if (!sh1 || !sh2) {
         acts_free(ax), acts_free(ah), free(pairs), free(h), free(idx), free(gates), free(sh1), free(sh2);
