@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import groklm
 from groklm.config import GrokConfig
+from groklm.quant import QuantizedMoE, dense_weight
 from groklm.train.finetune import FinetuneConfig, finetune
 from groklm.train.lora import LoraConfig, adapters, add_lora, load_adapter, merge
 from tests.conftest import GOLDEN, TOKENIZER
@@ -41,9 +42,13 @@ def _tokens() -> torch.Tensor:
     return torch.tensor(np.load(GOLDEN / "golden.npz")["batch"], dtype=torch.long)
 
 
-def test_zero_adapters_leave_the_logits_exactly_unchanged(golden_config: GrokConfig, mini_ckpt: Path) -> None:
+def test_zero_adapters_leave_the_logits_exactly_unchanged(
+    golden_config: GrokConfig, mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """B starts at zero. fp32 (torch paths) with every target; bf16 on mini (native int8 kernels) with the
-    attention and the router, whose base modules run the same kernels wrapped or not."""
+    attention, whose base modules run the same kernels wrapped or not, and the router. An adapted router
+    takes the MoE off its fused native call (which routes inside) onto the plain MoE path: the same
+    function, not always the same bits (they differed on a Zen 4 VM), so it is held to that path's."""
     model = groklm.load(GOLDEN, golden_config, dtype=torch.float32, progress=False)
     tokens = _tokens()
     with torch.no_grad():
@@ -54,8 +59,13 @@ def test_zero_adapters_leave_the_logits_exactly_unchanged(golden_config: GrokCon
     model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
     with torch.no_grad():
         before = model(tokens)
-        add_lora(model, LoraConfig(4, 8, 0.0, ["attn", "router"]))
+        add_lora(model, LoraConfig(4, 8, 0.0, ["attn"]))
         assert torch.equal(model(tokens), before)
+        with monkeypatch.context() as m:
+            m.setattr(QuantizedMoE, "native", lambda self, x: None)
+            plain = model(tokens)
+        add_lora(model, LoraConfig(4, 8, 0.0, ["router"]))
+        assert torch.equal(model(tokens), plain)
 
 
 def _finetune(ckpt: Path, tmp: Path, out: str, **kw: object) -> dict[str, object]:
@@ -101,14 +111,22 @@ def test_adapters_save_in_peft_names_reload_and_merge(mini_with_tokenizer: Path,
         again = load_adapter(groklm.load(mini_with_tokenizer, dtype=fp32, progress=False), saved)(tokens)
         assert torch.equal(adapted, again)  # the file holds exactly what was trained
         effect = (adapted - plain).abs().mean().item()
+        wrapped = base.layers[1].attn.wq
+        folded = dense_weight(wrapped.base_layer) + wrapped.delta_weight().float()
         merged = merge(base)(tokens)
     assert not adapters(base)
-    # Merging folds W + BA back into int8 with the base's grouping: in fp32 the requantization moves the
-    # logits by a tenth of what the adapter itself does (measured 0.027 against 0.29; in bf16 the random
-    # model's near-tied routers add their own noise: 0.13).
+    # Merging folds W + BA back into int8 with the base's grouping: each weight within half a step of it.
+    wq = base.layers[1].attn.wq
+    step = wq.scales.float().repeat_interleave(folded.shape[1] // wq.scales.shape[1], dim=1)
+    assert ((dense_weight(wq) - folded).abs() <= 0.5 * step * (1 + 2**-7)).all()
+    # In logits the requantization moved them by a tenth of what the adapter itself does on some VMs
+    # (0.027 against 0.29, top-1 kept at 0.85 or more of the 16 positions), by 0.12 on a Zen 4 VM (the
+    # fine-tuning's own numerics differ; 13 of 16 kept): where a random model's near-tied routers flip,
+    # a token's logits move far. A merge that lost the adapter (or doubled it) moves them by the whole
+    # effect.
     diff = (merged - adapted).abs().mean().item()
-    assert effect > 0.1 and diff < 0.15 * effect, (diff, effect)
-    assert (merged.argmax(-1) == adapted.argmax(-1)).float().mean() >= 0.85
+    assert effect > 0.1 and diff < 0.5 * effect, (diff, effect)
+    assert (merged.argmax(-1) == adapted.argmax(-1)).float().mean() >= 0.75
 
     # The command line: generate with the adapter, merge, and generate from the merged checkpoint.
     def cli(*a: str) -> subprocess.CompletedProcess[str]:
