@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import groklm
 from groklm.config import GrokConfig
+from groklm.model import MoE
 from groklm.quant import QuantizedMoE, dense_weight
 from groklm.train.finetune import FinetuneConfig, finetune
 from groklm.train.lora import LoraConfig, adapters, add_lora, load_adapter, merge
@@ -90,7 +91,9 @@ def test_finetuning_lowers_the_loss_and_resumes_exactly(mini_with_tokenizer: Pat
     assert [r["loss"] for r in split] == [r["loss"] for r in log]
 
 
-def test_adapters_save_in_peft_names_reload_and_merge(mini_with_tokenizer: Path, tmp_path: Path) -> None:
+def test_adapters_save_in_peft_names_reload_and_merge(
+    mini_with_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _finetune(mini_with_tokenizer, tmp_path, "a", steps=15)
     saved = tmp_path / "a"
     cfg = json.loads((saved / "adapter_config.json").read_text())
@@ -105,28 +108,46 @@ def test_adapters_save_in_peft_names_reload_and_merge(mini_with_tokenizer: Path,
     tokens = _tokens()
     fp32 = torch.float32
     base = groklm.load(mini_with_tokenizer, dtype=fp32, progress=False)
-    with torch.no_grad():
+    # The merged model is run on the adapted model's expert choices (its gates its own router's): in a
+    # random model near-tied routers flip on the requantization's smallest changes, and a flipped token's
+    # logits move far, by how much depending on the fine-tuning's numerics (0.12 against the adapter's
+    # 0.29 on a Zen 4 VM, 0.027 elsewhere), which would hide what merging itself does.
+    chosen: list[torch.Tensor] = []
+    route = MoE.route
+
+    def recording(moe: MoE, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates, experts = route(moe, xs)
+        chosen.append(experts)
+        return gates, experts
+
+    def replaying(moe: MoE, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert moe.router_softcap is None  # Grok-1's router: a plain softmax
+        experts = chosen.pop(0)
+        return moe.router(xs.float()).softmax(dim=-1).gather(-1, experts), experts
+
+    with torch.no_grad(), monkeypatch.context() as m:
         plain = base(tokens)
+        m.setattr(MoE, "route", recording)
         adapted = load_adapter(base, saved)(tokens)
+        m.setattr(MoE, "route", route)
         again = load_adapter(groklm.load(mini_with_tokenizer, dtype=fp32, progress=False), saved)(tokens)
         assert torch.equal(adapted, again)  # the file holds exactly what was trained
         effect = (adapted - plain).abs().mean().item()
         wrapped = base.layers[1].attn.wq
         folded = dense_weight(wrapped.base_layer) + wrapped.delta_weight().float()
+        m.setattr(MoE, "route", replaying)
         merged = merge(base)(tokens)
+        assert not chosen
     assert not adapters(base)
     # Merging folds W + BA back into int8 with the base's grouping: each weight within half a step of it.
     wq = base.layers[1].attn.wq
     step = wq.scales.float().repeat_interleave(folded.shape[1] // wq.scales.shape[1], dim=1)
     assert ((dense_weight(wq) - folded).abs() <= 0.5 * step * (1 + 2**-7)).all()
-    # In logits the requantization moved them by a tenth of what the adapter itself does on some VMs
-    # (0.027 against 0.29, top-1 kept at 0.85 or more of the 16 positions), by 0.12 on a Zen 4 VM (the
-    # fine-tuning's own numerics differ; 13 of 16 kept): where a random model's near-tied routers flip,
-    # a token's logits move far. A merge that lost the adapter (or doubled it) moves them by the whole
-    # effect.
+    # In logits, on the same expert choices, the requantization moves them by a small part of what the
+    # adapter itself does (0.024 against 0.29 on a Zen 4 VM, top-1 kept at 15 of 16 positions).
     diff = (merged - adapted).abs().mean().item()
-    assert effect > 0.1 and diff < 0.5 * effect, (diff, effect)
-    assert (merged.argmax(-1) == adapted.argmax(-1)).float().mean() >= 0.75
+    assert effect > 0.1 and diff < 0.15 * effect, (diff, effect)
+    assert (merged.argmax(-1) == adapted.argmax(-1)).float().mean() >= 0.85
 
     # The command line: generate with the adapter, merge, and generate from the merged checkpoint.
     def cli(*a: str) -> subprocess.CompletedProcess[str]:
