@@ -110,3 +110,17 @@ def test_cli_stop_string(mini_ckpt: Path) -> None:
 def test_cli_errors_are_clear(args: list[str], message: str) -> None:
     r = _cli(*args)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_decode_rate_leaves_out_the_prefill_and_the_compile() -> None:
+    from groklm.cli import decode_timing
+
+    # Tokens at 2 s (prefill), 32 s (the first decode step), then one every 0.1 s: 20 tokens in all.
+    at = [2.0, 32.0, *(32.0 + 0.1 * i for i in range(1, 19))]
+    total = at[-1]
+    rate, compile_s = decode_timing(at, total, compiled=True)
+    assert compile_s == pytest.approx(30.0) and rate == pytest.approx(10.0)
+    rate, compile_s = decode_timing(at, total, compiled=False)  # eager: the second step is a decode step
+    assert compile_s is None and rate == pytest.approx(19 / 31.8)
+    assert decode_timing([2.0, 32.0], 32.0, compiled=True) == (None, pytest.approx(30.0))
+    assert decode_timing([2.0], 2.0, compiled=False) == (None, None)

@@ -187,6 +187,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ranks.close()
 
 
+def decode_timing(at: list[float], total_s: float, compiled: bool) -> tuple[float | None, float | None]:
+    """(decode tokens/s, compile seconds or None) from the times `at` each new token came (from the start
+    of generation) and the total. The rate counts the tokens after the first (the prefill's); compiled,
+    after the second: the first decode step is the one that compiles (tens of seconds), reported apart."""
+    compile_s = at[1] - at[0] if compiled and len(at) > 1 else None
+    skip = 1 if compile_s is None else 2
+    if len(at) <= skip or total_s <= at[skip - 1]:
+        return None, compile_s
+    return (len(at) - skip) / (total_s - at[skip - 1]), compile_s
+
+
 def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     from groklm.generate import check_sampling, decoder, generate_stream
     from groklm.load import checkpoint_config, detect_format, load
@@ -275,11 +286,11 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         decode=decoder(args.compile, model.device),
     )  # fmt: skip
     t1 = time.perf_counter()
-    first_s = None
+    at: list[float] = []  # seconds from t1 to each new token
     for step in steps:
         if step[0] is None:
             break
-        first_s = first_s or time.perf_counter() - t1
+        at.append(time.perf_counter() - t1)
         new.append(step[0])
         if show:
             piece = pieces.pop() if pieces else ""
@@ -290,8 +301,8 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         print(tail)
     stopped = (stream is not None and stream.stopped) or (new and new[-1] == config.eos_token and not args.ignore_eos)
     finish = "stop" if stopped else "length"
-    decode_s = total_s - (first_s or 0.0)
-    rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None
+    first_s = at[0] if at else None
+    rate, compile_s = decode_timing(at, total_s, args.compile)
     if not ranks.leader:
         return 0
     if args.json:
@@ -303,13 +314,15 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
             "finish_reason": finish,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)},
             "timing": {"load_s": round(load_s, 3), "first_token_s": round(first_s or 0.0, 3),
-                       "total_s": round(total_s, 3), "decode_tokens_per_s": rate and round(rate, 2)},
+                       "total_s": round(total_s, 3), "decode_tokens_per_s": rate and round(rate, 2),
+                       **({"compile_s": round(compile_s, 3)} if compile_s is not None else {})},
             "threads": threads,
             **({"tp": ranks.tp, "ep": ranks.ep} if ranks.parallel else {}),
         }  # fmt: skip
         print(json.dumps(result, ensure_ascii=False))
     elif not args.quiet:
-        speed = f", {rate:.1f} tok/s after the first" if rate else ""
+        after = "the first" if compile_s is None else f"the second (the compile took {compile_s:.1f} s)"
+        speed = f", {rate:.1f} tok/s after {after}" if rate else ""
         print(
             f"[load {load_s:.1f} s · prompt {len(ids)} tokens, first token after {first_s or 0:.2f} s · "
             f"{len(new)} tokens in {total_s:.2f} s{speed} · {finish} · {threads} threads"
