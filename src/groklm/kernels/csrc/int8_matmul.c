@@ -50,7 +50,16 @@
  * int4 batch 1 0.72 -> 0.82, batch 8 0.77-0.83 -> 0.91; int8 batch 1 0.83 -> 0.94, batch 8 0.79 ->
  * 0.89; the AVX2 build int4 0.81 -> 0.85, int8 0.77 -> 0.91 (batch 8 0.60 -> 0.80). The hardware's
  * prefetchers alone left those reads short of memory speed. Not yet measured on the Zen VMs the
- * 4096-into-L1 distance was chosen on. */
+ * 4096-into-L1 distance was chosen on.
+ *
+ * A panel's weights and scales are prefetched a second time, further ahead (PANEL_PREFETCH2, hint T2):
+ * on another Intel Xeon VM (AVX-512 VNNI + AMX, 480 MB L3, memory 30-32 GB/s to a torch sum; one core
+ * alone read 15.6 GB/s, so a core's misses in flight are the limit, not the memory), an int4 panel
+ * matvec streaming 1 GB went from 0.88-0.89 of a plain read to 0.97-0.99 with the weights' second
+ * prefetch (16-24 KB ahead; 32 KB 0.96, 64 KB 0.94), and to 1.0 with the scales' too; bench-mid int4
+ * decode, batch 1, compiled, 29.2 -> 27.2-27.8 ms a step (0.77 -> 0.82-0.85 of its roofline). Fewer
+ * prefetches (one every 128 or 256 bytes) read 0.70-0.80; the T2 prefetch on the int8 rows' streams
+ * made bench-mid int8 decode slower (0.93 -> 0.90), so they have one. */
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
@@ -507,12 +516,16 @@ static share *shares_new(int t, int n) {
 }
 
 /* Takes up to `chunk` units [*lo, *hi) from the front of s (its owner) or its back (another thread); 0
- * if none are left. */
+ * if none are left. Near a share's end the chunks shrink (a quarter of what is left, down to a sixteenth
+ * of `chunk`), so that the threads finish together: with whole chunks to the end, each thread of a
+ * bench-mid int4 decode step waited 4-9% of its time at the barriers (the other one's last chunk). */
 static int share_take(share *s, int chunk, int from_back, int *lo, int *hi) {
     uint64_t old = atomic_load(&s->left);
+    const int least = chunk / 16 > 1 ? chunk / 16 : 1;
     for (;;) {
-        const int front = (int)(uint32_t)old, back = (int)(old >> 32);
+        const int front = (int)(uint32_t)old, back = (int)(old >> 32), quarter = (back - front + 3) / 4;
         if (front >= back) return 0;
+        chunk = quarter < chunk ? (quarter > least ? quarter : least) : chunk;
         *lo = from_back ? (back - chunk > front ? back - chunk : front) : front;
         *hi = from_back ? back : (front + chunk < back ? front + chunk : back);
         if (atomic_compare_exchange_weak(&s->left, &old, from_back ? share_pack(front, *lo) : share_pack(*hi, back)))
@@ -604,6 +617,9 @@ static inline int streams_for(int bits, int K, int M) {
 #define MT_PANEL (VNNI ? 8 : 2) /* activation rows a panel tile takes */
 #ifndef PANEL_PREFETCH
 #define PANEL_PREFETCH 8192
+#endif
+#ifndef PANEL_PREFETCH2
+#define PANEL_PREFETCH2 24576
 #endif
 
 static inline size_t panel_bytes(int K) { return (size_t)K / 2 * PANEL; }
@@ -708,6 +724,7 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
             const uint8_t *pb = pw + (size_t)(k / 32) * 16 * PANEL;
 #if VNNI
             for (int t = 0; t < 4; t++) {
+                _mm_prefetch((const char *)(pb + PANEL_PREFETCH2 + t * 4 * PANEL), _MM_HINT_T2);
                 _mm_prefetch((const char *)(pb + PANEL_PREFETCH + t * 4 * PANEL), PF_HINT);
                 const __m512i v = _mm512_loadu_si512((const void *)(pb + t * 4 * PANEL));
                 const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(v, high4);
@@ -725,7 +742,10 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
                 __m256i a16[MT_PANEL];
                 for (int i = 0; i < MT; i++) a16[i] = _mm256_setzero_si256();
                 for (int t = 0; t < 4; t++) {
-                    if (!h) _mm_prefetch((const char *)(pb + PANEL_PREFETCH + t * 4 * PANEL), PF_HINT);
+                    if (!h) {
+                        _mm_prefetch((const char *)(pb + PANEL_PREFETCH2 + t * 4 * PANEL), _MM_HINT_T2);
+                        _mm_prefetch((const char *)(pb + PANEL_PREFETCH + t * 4 * PANEL), PF_HINT);
+                    }
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + t * 4 * PANEL + h * 32));
                     const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                     for (int i = 0; i < MT; i++)
@@ -750,6 +770,7 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
         __m512 sc;
         if (ps) {
             _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH / 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH2 / 8), _MM_HINT_T2);
             const __m256i s16 = _mm256_loadu_si256((const __m256i *)(ps + (size_t)g * PANEL));
             sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16));
         } else
