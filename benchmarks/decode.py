@@ -31,7 +31,7 @@ from groklm import kernels
 from groklm.config import get_preset
 from groklm.formats import native
 from groklm.formats.common import advise_huge_pages
-from groklm.generate import Decode, compile_decode, decode_one, prefill
+from groklm.generate import Decode, compile_decode, decode_one, prefill, sample
 from groklm.model import Grok, KVCache, MoE
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -126,7 +126,7 @@ def decode_steps(
             if step and probe:
                 readings.append(probe())
             t = time.perf_counter()
-            tokens = decode(model, tokens, positions, cache.prefix(context + step + 1)).argmax(-1)
+            tokens = sample(decode(model, tokens, positions, cache.prefix(context + step + 1)), 0.0, 1.0, 0, None)
             if step:
                 seconds.append(time.perf_counter() - t)
             positions += 1

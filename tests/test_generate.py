@@ -81,6 +81,8 @@ def test_top_k_and_greedy() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isfinite(top_k_filter(logits, 2))[0].tolist() == [False, True, True, False]
     assert sample(logits, 0.0, 1.0, 0, None).tolist() == [1]
+    tied = torch.tensor([[0.0, 2.0, 1.0, 2.0], [float("nan"), 0.0, float("nan"), 5.0]])
+    assert sample(tied, 0.0, 1.0, 0, None).tolist() == [1, 0]  # the first maximum, NaN above all, as argmax
     draws = {sample(logits, 1.0, 1.0, 2, [torch.Generator().manual_seed(s)]).item() for s in range(40)}
     assert draws == {1, 2}
 
