@@ -771,6 +771,8 @@ static inline __attribute__((always_inline)) void panel_dot(const uint8_t *pw, c
         __m512 sc;
         if (ps) {
             _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH / 16), _MM_HINT_T0);
+            /* the scales, 1/16 of the weights' bytes, 6 KB ahead (PANEL_PREFETCH2 / 8 of these 2-byte
+             * elements): on the 1 GB matvec 1.01 of a plain read, 3 KB ahead 0.98-1.01 */
             _mm_prefetch((const char *)(ps + (size_t)g * PANEL + PANEL_PREFETCH2 / 8), _MM_HINT_T2);
             const __m256i s16 = _mm256_loadu_si256((const __m256i *)(ps + (size_t)g * PANEL));
             sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s16), 16));
