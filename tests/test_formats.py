@@ -27,6 +27,7 @@ from groklm.formats import hf
 from groklm.formats.common import CheckpointError
 from groklm.formats.convert import convert
 from groklm.formats.verify import verify
+from groklm.model import ExpertLinear
 from groklm.quant import Int8ExpertLinear, Int8Linear, dequantize_weight
 from tests.conftest import GOLDEN, TOKENIZER
 
@@ -71,13 +72,22 @@ def test_lossless_paths_give_the_released_logits_exactly(
 
 
 def _plain_where_plain(model: groklm.Grok, like: groklm.Grok) -> groklm.Grok:
-    """`model` with its int8 linears made plain ones (their dequantized bf16 weight) where `like`'s are."""
+    """`model` with its int8 linears and expert linears made plain ones (their dequantized bf16 weight)
+    where `like`'s are, so that both run the same bf16 operations: a plain bf16 matmul and the int8
+    fallback round differently on CPUs without native bf16 (AVX2), and agree only by chance elsewhere."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Linear) and type(like.get_submodule(name)) is torch.nn.Linear:
-            plain = torch.nn.Linear(module.in_features, module.out_features, bias=False, dtype=torch.bfloat16)
-            plain.weight.data = dequantize_weight(module.weight, module.scales, torch.bfloat16)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, plain)
+        other = type(like.get_submodule(name))
+        if isinstance(module, Int8Linear) and other is torch.nn.Linear:
+            w = dequantize_weight(module.weight, module.scales, torch.bfloat16)  # [out, in]
+            plain: torch.nn.Module = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+        elif isinstance(module, Int8ExpertLinear) and other is ExpertLinear:
+            w = dequantize_weight(module.weight, module.scales, torch.bfloat16)  # [E, out, in]
+            plain = ExpertLinear(w.shape[0], w.shape[2], w.shape[1], torch.bfloat16)
+        else:
+            continue
+        plain.weight.data = w
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
     return model
 
 
