@@ -697,6 +697,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port}: not a port")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, not {args.threads}")
+    for name in ("body_timeout", "shutdown_timeout"):
+        if not 0 < getattr(args, name) < 1e6:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
+                             f"not {getattr(args, name)}")  # fmt: skip
     _check_device(args.device)
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
     _check_plan(config, args.tp, args.ep)
@@ -750,7 +754,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"groklm serve: {args.max_batch} rows of {max_model_len} tokens, {threads} threads"
                   + (f", tp {ranks.tp} x ep {ranks.ep}" if ranks.parallel else "")
                   + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
-        run(engine, name, args.host, args.port, api_key, chat)
+        run(engine, name, args.host, args.port, api_key, chat, body_timeout=args.body_timeout,
+            shutdown_timeout=args.shutdown_timeout)  # fmt: skip
         return 0
     finally:
         ranks.close()
@@ -877,6 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set GROKLM_API_KEY)")
     s.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (default: Grok's Human/Assistant)")
     s.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send its body (408 after)")
+    s.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM lets running requests finish before aborting them")  # fmt: skip
     config_options(s, "for a checkpoint without config.json (default: Grok-1's)")
     s.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

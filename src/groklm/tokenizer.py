@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -16,9 +17,21 @@ class AnyTokenizer(Protocol):
     def vocab_size(self) -> int: ...
     @property
     def eos_id(self) -> int: ...
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, plain: Sequence[tuple[int, int]] = ()) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_bytes(self, token: int) -> bytes: ...
+
+
+Spans = Sequence[tuple[int, int]]  # [start, end) character offsets
+
+
+def _special_pattern(specials: Sequence[str]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)")
+
+
+def _untrusted(text: str, pattern: re.Pattern[str], plain: Spans) -> list[re.Match[str]]:
+    """The special-token strings in `text`, leftmost first, that overlap a span of `plain`."""
+    return [m for m in pattern.finditer(text) if any(s < m.end() and m.start() < e for s, e in plain)]
 
 
 class Tokenizer:
@@ -27,6 +40,12 @@ class Tokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no tokenizer.model there")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        # The user-defined pieces SentencePiece matches anywhere in text (`<|separator|>`, `<|mask|>`,
+        # `<|controlN|>`); its control pieces ([BOS], [EOS]) never come from text.
+        pieces = {str(self.sp.id_to_piece(i)): i for i in range(int(self.sp.get_piece_size()))}
+        self.specials = {p: i for p, i in pieces.items() if re.fullmatch(r"<\|[^|\s]+\|>", p)
+                         and not self.sp.is_control(i) and not self.sp.is_unknown(i)}  # fmt: skip
+        self.special_pattern = _special_pattern(list(self.specials))
 
     @property
     def vocab_size(self) -> int:
@@ -36,9 +55,40 @@ class Tokenizer:
     def eos_id(self) -> int:
         return int(self.sp.eos_id())
 
-    def encode(self, text: str) -> list[int]:
-        """No BOS is added: the reference does not add one."""
-        return list(self.sp.encode(text))
+    def encode(self, text: str, plain: Spans = ()) -> list[int]:
+        """No BOS is added: the reference does not add one. Special-token strings overlapping a span of
+        `plain` (a client's text in a chat prompt) become the plain characters they are, never the special
+        piece. (SentencePiece matches its special pieces as atoms: each one there is swapped for one
+        chosen marker piece, which segments its neighbours exactly as the original would, and each marker
+        id is then swapped for the characters' ids.)"""
+        hits = _untrusted(text, self.special_pattern, plain) if plain else []
+        if not hits:
+            return list(self.sp.encode(text))
+        marker = "<|separator|>" if "<|separator|>" in self.specials else next(iter(self.specials))
+        marked, swaps, at = [], [], 0  # swaps: per marker in the marked text, the surface it stands for (or None)
+        for m in hits:
+            marked += [text[at : m.start()], marker]
+            swaps += [None] * text.count(marker, at, m.start()) + [m.group()]
+            at = m.end()
+        marked.append(text[at:])
+        swaps += [None] * text.count(marker, at)
+        out: list[int] = []
+        pending = iter(swaps)
+        for t in self.sp.encode("".join(marked)):
+            surface = next(pending, None) if t == self.specials[marker] else None
+            out += [t] if surface is None else self._plain(surface)
+        return out
+
+    def _plain(self, text: str) -> list[int]:
+        """Ids of `text` one character at a time (a byte piece where no plain piece has it)."""
+        out = []
+        for c in text:
+            t = int(self.sp.piece_to_id(c))
+            if t == self.sp.unk_id() or c in self.specials:
+                out += [int(self.sp.piece_to_id(f"<0x{b:02X}>")) for b in c.encode()]
+            else:
+                out.append(t)
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return str(self.sp.decode(ids))
@@ -80,6 +130,7 @@ class TiktokenTokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{self.path}: not a Grok-2 tokenizer.tok.json ({type(e).__name__}: {e})") from None
         self.specials = specials
+        self.special_pattern = _special_pattern(list(specials))
         self.known = frozenset(ranks.values()) | frozenset(specials.values())
         self.enc = tiktoken.Encoding(
             self.path.name, pat_str=split, mergeable_ranks=ranks, special_tokens=specials,
@@ -94,8 +145,19 @@ class TiktokenTokenizer:
     def eos_id(self) -> int:
         return self.specials.get("<|eos|>", 2)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.enc.encode(text, allowed_special=set(self.specials), disallowed_special=()))
+    def encode(self, text: str, plain: Spans = ()) -> list[int]:
+        """Special-token strings overlapping a span of `plain` (a client's text in a chat prompt) are
+        encoded as plain text; tiktoken encodes the text between two special tokens on its own, so the
+        other tokens are the ones a plain encode gives."""
+        hits = {m.start() for m in _untrusted(text, self.special_pattern, plain)} if plain else set()
+        if not hits:
+            return list(self.enc.encode(text, allowed_special=set(self.specials), disallowed_special=()))
+        out, at = [], 0
+        for m in self.special_pattern.finditer(text):
+            if m.start() not in hits:
+                out += [*self.enc.encode_ordinary(text[at : m.start()]), self.specials[m.group()]]
+                at = m.end()
+        return out + self.enc.encode_ordinary(text[at:])
 
     def decode(self, ids: list[int]) -> str:
         """The text of these ids; ids the file does not define (a model's vocabulary may be larger than

@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
+import time
 from types import FrameType
 from typing import Any
 
-from groklm.serve.api import create_app
+from groklm.serve.api import BODY_TIMEOUT, create_app
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.engine import Engine
 
+SHUTDOWN_TIMEOUT = 60.0
+
 
 def run(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        chat: ChatTemplate | None = None, log_level: str = "warning") -> None:  # fmt: skip
-    """Serve until SIGTERM or Ctrl-C: then stop admitting (503), finish what is running, and return.
-    Prints the URL once the socket is bound (`port` 0 picks a free one)."""
+        chat: ChatTemplate | None = None, log_level: str = "warning", body_timeout: float = BODY_TIMEOUT,
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:  # fmt: skip
+    """Serve until SIGTERM or Ctrl-C: then answer new requests 503 (the socket stays open), let running
+    ones finish for up to `shutdown_timeout` s, abort what is left, and return; a second signal stops
+    at once. A client has `body_timeout` s to send its request body (408 after). Prints the URL once the
+    socket is bound (`port` 0 picks a free one)."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key, chat)
+    app = create_app(engine, model_name, api_key, chat, body_timeout=body_timeout)
 
     class Server(uvicorn.Server):
+        draining = False
+
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             bound = self.servers[0].sockets[0].getsockname() if self.servers else (host, port)
@@ -30,17 +39,30 @@ def run(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 80
                   flush=True)  # fmt: skip
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.draining:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
             engine.drain()  # new requests get 503 from now on; running ones finish
-            super().handle_exit(sig, frame)
+            threading.Thread(target=self._drain, name="groklm-drain", daemon=True).start()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
-                            lifespan="off", access_log=False)  # fmt: skip
+        def _drain(self) -> None:
+            deadline = time.monotonic() + shutdown_timeout
+            if not engine.wait_idle(shutdown_timeout):
+                engine.abort_all()
+                engine.wait_idle(5.0)
+            # What is left (a response still being written, a body being read) gets the rest of the time.
+            self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=max(1, int(shutdown_timeout)))  # fmt: skip
     previous = {s: signal.signal(s, _quiet) for s in (signal.SIGTERM, signal.SIGINT)}
     engine.start()
     try:
         Server(config).run()
     finally:
-        engine.stop()
+        engine.stop(timeout=0)
         for s, handler in previous.items():
             signal.signal(s, handler)
         print("groklm: server stopped", file=sys.stderr, flush=True)

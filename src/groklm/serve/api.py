@@ -18,120 +18,74 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
+from groklm.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Limits,
+    Message,
+    Sampling,
+    TokenizeRequest,
+    bad,
+    parse,
+)
 
 MAX_BODY = 8 << 20
+BODY_TIMEOUT = 30.0
+OFF_LOOP = 16 << 10  # bodies and texts larger than this (bytes, characters) are parsed and tokenized off the loop
+T = TypeVar("T")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind, self.headers = (
-            status, message, param, code, kind, headers)  # fmt: skip
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _bad(e: ValueError) -> ApiError:
-    """A ValueError from the checks, whose message starts with the setting's name, as a 400 naming it."""
-    message = str(e).replace("max_new_tokens", "max_tokens")
-    param = message.split(":")[0].split(" ")[0]
-    return ApiError(400, message, param=param if param.isidentifier() else None)
-
-
-# -- request bodies ---------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    """Fields both endpoints take. Unknown fields are ignored, as vLLM does."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
-
-
-class TokenizeRequest(BaseModel):
-    prompt: str | None = None
-    messages: list[Message] | None = None
-
-
-class DetokenizeRequest(BaseModel):
-    tokens: list[int]
+async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on a worker thread when the input is large, so that no request stalls the others' streams."""
+    return await asyncio.to_thread(fn, *args) if size > OFF_LOOP else fn(*args)
 
 
 # -- the app -----------------------------------------------------------------------------------
 
 
 class Server:
-    """Everything a request handler needs: the engine, the tokenizer, the names."""
+    """Everything a request handler needs: the engine, the tokenizer, the names, the limits."""
 
     def __init__(self, engine: Engine, model_name: str, api_key: str | None, chat: ChatTemplate) -> None:
         self.engine, self.model_name, self.api_key, self.chat = engine, model_name, api_key, chat
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
+        tok = self.tokenizer
+        longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) if tok is not None else 1
+        self.limits = Limits(max(1, engine.max_waiting), engine.max_model_len, engine.max_model_len * max(1, longest))
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def _encoder(self, param: str) -> Any:
         if self.tokenizer is None:
             raise ApiError(400, f"{param}: text needs a tokenizer and this server has none; send token ids", param)
-        return self.tokenizer.encode(text)
+        return self.tokenizer
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        return await off_loop(len(text), self._encoder(param).encode, text)
+
+    async def encode_all(self, texts: list[str], param: str) -> list[list[int]]:
+        tok = self._encoder(param)
+        return await off_loop(sum(map(len, texts)), lambda: [tok.encode(t) for t in texts])
+
+    async def encode_chat(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+        """The chat prompt's ids; the clients' contents are text (special-token strings in them too)."""
+        tok = self._encoder("messages")
+
+        def run() -> list[int]:
+            text, spans = _render(self, messages, add_generation_prompt)
+            return tok.encode(text, spans)  # type: ignore[no-any-return]
+
+        return await off_loop(sum(len(m.text()) for m in messages), run)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -172,58 +126,88 @@ class Server:
         return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
 
-class _Guard:
-    """ASGI middleware (pure: it leaves streaming and disconnects alone): with an API key, every /v1
-    route needs `Authorization: Bearer KEY` (401 otherwise); a body over `limit` bytes gets 413
-    before the app reads it."""
+OPEN = ("/health", "/metrics", "/")  # routes without the API key, answered while draining too
 
-    def __init__(self, app: Any, limit: int, api_key: str | None) -> None:
-        self.app, self.limit, self.api_key = app, limit, api_key
+
+class _Guard:
+    """ASGI middleware in front of every route. While the server drains, new requests get 503. With an
+    API key, every route but OPEN needs `Authorization: Bearer KEY` (401 otherwise). Then it reads the
+    whole body before the app sees it: over `limit` bytes gets 413 (announced or chunked), a body not
+    complete within `timeout` seconds gets 408; the app then reads the buffered body, and later
+    `receive` calls (disconnects) go to the server."""
+
+    def __init__(self, app: Any, limit: int, api_key: str | None, timeout: float, engine: Engine) -> None:
+        self.app, self.limit, self.api_key, self.timeout, self.engine = app, limit, api_key, timeout, engine
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                await ApiError(401, "Incorrect API key provided", None, "invalid_api_key").response()(
-                    scope, receive, send
-                )
-                return
-        length = headers.get(b"content-length")
-        too_big = ApiError(413, f"the request body exceeds {self.limit} bytes", None, "body_too_large")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await too_big.response()(scope, receive, send)
+        error = self._refuse(scope)
+        if error is None and scope["method"] not in ("GET", "HEAD"):
+            body, error = await self._read(scope, receive)
+            if error is None:
+                receive = _replay(body, receive)
+        if error is not None:
+            await error.response()(scope, receive, send)
             return
-        seen = 0
+        await self.app(scope, receive, send)
 
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message  # type: ignore[no-any-return]
+    def _refuse(self, scope: dict[str, Any]) -> ApiError | None:
+        path = scope["path"]
+        if self.engine.draining and path not in OPEN:
+            return ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
+                            {"Retry-After": "5", "Connection": "close"})  # fmt: skip
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if self.api_key and path not in OPEN and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            return ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
+        return None
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await too_big.response()(scope, receive, send)
+    async def _read(self, scope: dict[str, Any], receive: Callable[..., Any]) -> tuple[bytes, ApiError | None]:
+        too_big = ApiError(413, f"the request body exceeds {self.limit} bytes", None, "body_too_large",
+                           headers={"Connection": "close"})  # fmt: skip
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return b"", too_big
+        chunks, seen = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
+            except TimeoutError:
+                return b"", ApiError(408, f"the request body did not arrive within {self.timeout:g} s", None,
+                                     "body_timeout", headers={"Connection": "close"})  # fmt: skip
+            if message["type"] == "http.disconnect":
+                return b"", ApiError(400, "the client left before sending its body")
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                return b"", too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(body: bytes, receive: Callable[..., Any]) -> Callable[..., Any]:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await receive()  # type: ignore[no-any-return]
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat: ChatTemplate | None = None,
-               max_body: int = MAX_BODY) -> FastAPI:  # fmt: skip
+               max_body: int = MAX_BODY, body_timeout: float = BODY_TIMEOUT) -> FastAPI:  # fmt: skip
     server = Server(engine, model_name, api_key, chat or ChatTemplate())
-    app = FastAPI(title="groklm", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="groklm", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(_Guard, limit=max_body, api_key=api_key)
+    app.add_middleware(_Guard, limit=max_body, api_key=api_key, timeout=body_timeout, engine=engine)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -233,19 +217,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return ApiError(e.status_code, str(e.detail), None, None).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON ({first.get('msg')})").response()
-        param = loc[0] if loc else None
-        where = ".".join(loc) or "body"
-        return ApiError(400, f"{where}: {first.get('msg')}", param).response()
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error",
+                        "server_error").response()  # fmt: skip
+
+    async def body(request: Request, model: type[T]) -> T:
+        raw = await request.body()
+        return await off_loop(len(raw), parse, model, raw)  # type: ignore[arg-type, no-any-return]
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        draining = engine._draining
+        draining = engine.draining
         return JSONResponse({"status": "stopping" if draining else "ok"}, status_code=503 if draining else 200)
 
     @app.get("/metrics")
@@ -263,45 +246,56 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         return resources.files("groklm.serve").joinpath("static/index.html").read_text()
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await body(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give one of prompt or messages", "prompt")
-        text = req.prompt if req.prompt is not None else _render(server, req.messages or [], True)
-        ids = server.encode(text, "prompt")
+        if req.prompt is not None:
+            ids = await server.encode(req.prompt, "prompt")
+        else:
+            ids = await server.encode_chat(req.messages or [], True)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await body(request, DetokenizeRequest)
         vocab = engine.model.config.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"tokens: ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
+        bad_ids = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad_ids:
+            raise ApiError(400, f"tokens: ids {bad_ids[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
         if server.tokenizer is None:
             raise ApiError(400, "tokens: this server has no tokenizer", "tokens")
-        return {"prompt": server.tokenizer.decode(req.tokens)}
+        return {"prompt": await off_loop(len(req.tokens), server.tokenizer.decode, req.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        req = await body(request, CompletionRequest)
         server.check_model(req.model)
         if req.suffix:
             raise ApiError(400, "suffix: not supported", "suffix")
         if req.best_of not in (None, req.n):
             raise ApiError(400, "best_of: only best_of = n is supported", "best_of")
-        prompts = _prompts(server, req.prompt)
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise ApiError(400, f"logprobs: must be in 0..5, not {req.logprobs}", "logprobs")
+        server.limits.completion(req)
         params = server.params(req, req.logprobs, req.echo and req.logprobs is not None, chat=False, default_max=16)
+        prompts = await _prompts(server, req.prompt)
         run = _Run(server, prompts, params, req.n, request)
         if req.stream:
             return _sse(_completion_chunks(run, req))
         return JSONResponse(await _completion_body(run, req))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        req = await body(request, ChatRequest)
         server.check_model(req.model)
         if req.top_logprobs is not None and not (req.logprobs and 0 <= req.top_logprobs <= 20):
             raise ApiError(400, "top_logprobs: needs logprobs true and a value in 0..20", "top_logprobs")
-        prompt = server.encode(_render(server, req.messages, req.add_generation_prompt), "messages")
+        server.limits.chat(req)
+        for i, m in enumerate(req.messages):
+            if m.role == "user" and not m.text():
+                raise ApiError(400, f"messages.{i}.content: a user message needs content", "messages")
+        prompt = await server.encode_chat(req.messages, req.add_generation_prompt)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         rest = max(1, engine.max_model_len - len(prompt))  # no limit given: the rest of the context, as vLLM does
         params = server.params(req, logprobs, False, chat=True, default_max=rest)
@@ -313,25 +307,23 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
     return app
 
 
-def _render(server: Server, messages: list[Message], add_generation_prompt: bool) -> str:
-    plain = []
-    for i, m in enumerate(messages):
-        content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        if m.role == "user" and not content:
-            raise ApiError(400, f"messages.{i}.content: a user message needs content", "messages")
-    return server.chat.render(plain, add_generation_prompt)
+def _render(server: Server, messages: list[Message], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    try:
+        return server.chat.render_spans(plain, add_generation_prompt)
+    except ValueError as e:
+        raise bad(e) from None
 
 
-def _prompts(server: Server, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompts(server: Server, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [server.encode(prompt, "prompt")]
+        return [await server.encode(prompt, "prompt")]
     if not prompt:
         raise ApiError(400, "prompt: empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
+    if isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
-    if all(isinstance(p, str) for p in prompt):
-        return [server.encode(p, "prompt") for p in prompt]  # type: ignore[arg-type]
+    if isinstance(prompt[0], str):
+        return await server.encode_all(prompt, "prompt")  # type: ignore[arg-type]
     return [list(p) for p in prompt]  # type: ignore[union-attr]
 
 
@@ -340,18 +332,16 @@ class _Run:
 
     def __init__(self, server: Server, prompts: list[list[int]], params: Params, n: int, request: Request) -> None:
         engine = server.engine
-        if not 1 <= n <= max(1, engine.max_waiting):
-            raise ApiError(400, f"n: must be in 1..{max(1, engine.max_waiting)}, not {n}", "n")
         self.server, self.prompts, self.params, self.request = server, prompts, params, request
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for p in prompts:
             try:
                 engine.check(p, params)
             except ValueError as e:
-                raise _bad(e) from None
+                raise bad(e) from None
         self.seq_ids: list[int] = []
         try:
             for choice in range(len(prompts) * n):
@@ -369,7 +359,7 @@ class _Run:
                            {"Retry-After": "5"}) from None  # fmt: skip
         except ValueError as e:
             self.abort()
-            raise _bad(e) from None
+            raise bad(e) from None
         self.choices = len(self.seq_ids)
 
     def _emitter(self, loop: asyncio.AbstractEventLoop, choice: int) -> Callable[[Event], None]:
@@ -386,22 +376,28 @@ class _Run:
             self.server.engine.abort(seq_id)
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """Every event of every choice, until all have finished; aborts them if the client leaves."""
+        """Every event of every choice, until all have finished; aborts them as soon as the client
+        leaves (streaming or not: the server's `receive` says so the moment the connection closes)."""
         left = len(self.seq_ids)
+        watch = asyncio.create_task(self._watch())
         try:
             while left:
-                try:
-                    choice, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-                except TimeoutError:
-                    if await self.request.is_disconnected():
-                        return
-                    continue
+                choice, event = await self.queue.get()
+                if event is None:  # the client left
+                    return
                 if isinstance(event, FinishEvent):
                     left -= 1
                 yield choice, event
         finally:
+            watch.cancel()
             if left:
                 self.abort()
+
+    async def _watch(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.abort()
+        self.queue.put_nowait((-1, None))
 
     def usage(self, finishes: list[FinishEvent]) -> dict[str, Any]:
         prompt = sum(len(p) for p in self.prompts)

@@ -9,10 +9,16 @@ card gives for Grok-2 and that SGLang and vLLM use for Grok ("Human: ...<|separa
 `<|separator|>`, which the server adds as a stop string for chat. `--chat-template FILE` replaces the
 template: it sees `messages` (each a `role` and a `content` string), `add_generation_prompt`, and
 `bos_token` / `eos_token`, as Hugging Face chat templates do.
+
+Whatever the template, the clients' contents are text: `render_spans` says where they lie in the
+prompt, and the tokenizer encodes special-token strings there (`<|separator|>` in a user message) as
+plain characters, so no message can forge a turn of another role.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +62,35 @@ class ChatTemplate:
             )
         except TemplateError as e:
             raise ValueError(f"messages: the chat template failed on them ({e})") from None
+
+    def render_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+                     ) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+        """The prompt, and the [start, end) spans of it that came from the messages' contents. Found by
+        rendering once more with each content's text between two markers no client can guess (outside
+        its surrounding space, which `trim` may take); a template that changes the text it is given
+        instead has every place where a content's text appears marked."""
+        text = self.render(messages, add_generation_prompt)
+        nonce = secrets.token_hex(8)
+        start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+        marked = []
+        for m in messages:
+            content = m.get("content") or ""
+            core = content.strip()
+            if core:
+                at = content.index(core)
+                content = content[:at] + start + core + end + content[at + len(core) :]
+            marked.append({**m, "content": content})
+        out = self.render(marked, add_generation_prompt)
+        pieces, spans, at, length = [], [], 0, 0
+        for m in re.finditer(re.escape(start) + "(.*?)" + re.escape(end), out, re.S):
+            pieces.append(out[at : m.start()])
+            length += m.start() - at
+            spans.append((length, length + len(m.group(1))))
+            pieces.append(m.group(1))
+            length += len(m.group(1))
+            at = m.end()
+        pieces.append(out[at:])
+        if "".join(pieces) == text:
+            return text, spans
+        cores = {(m.get("content") or "").strip() for m in messages} - {""}
+        return text, sorted((f.start(), f.end()) for c in cores for f in re.finditer(re.escape(c), text))

@@ -262,13 +262,28 @@ class Engine:
         with self._cv:
             self._draining = True
 
-    def stop(self, timeout: float = 300.0) -> None:
-        """Drain, wait (up to `timeout` s) for every sequence to finish, then stop the thread."""
-        self.drain()
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every sequence to finish; whether they all did."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while self.by_id and time.monotonic() < deadline:
-                self._cv.wait(0.1)
+                self._cv.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            return not self.by_id
+
+    def abort_all(self) -> None:
+        with self._cv:
+            ids = list(self.by_id)
+        for seq_id in ids:
+            self.abort(seq_id)
+
+    def stop(self, timeout: float = 300.0) -> None:
+        """Drain, wait (up to `timeout` s) for every sequence to finish, abort what is left (it is freed
+        at the next step, within a few seconds), then stop the thread."""
+        self.drain()
+        if not self.wait_idle(timeout):
+            self.abort_all()
+            self.wait_idle(5.0)
+        with self._cv:
             self._stopped = True
             self._cv.notify_all()
         if self._thread is not None:
@@ -277,6 +292,10 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self.by_id
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- the engine's thread --------------------------------------------------------------------
 
@@ -399,6 +418,15 @@ class Engine:
             self._take(seq, row_logits)  # type: ignore[arg-type]
 
     def _take(self, seq: Sequence, logits: Tensor) -> None:
+        """`_next`, but a failure there (sampling, detokenizing, reporting) fails this sequence alone: its
+        row's keys and values were written by the step, which went well, so the others and the prefix
+        cache go on."""
+        try:
+            self._next(seq, logits)
+        except Exception as e:
+            self._finish(seq, "error", f"{type(e).__name__}: {e}")
+
+    def _next(self, seq: Sequence, logits: Tensor) -> None:
         """Sample this sequence's next token from its logits [V], report it, and finish it if it is done."""
         p = seq.params
         gens = None if seq.generator is None else [seq.generator]
@@ -429,7 +457,10 @@ class Engine:
         if seq.state == "finished":
             return
         if seq.text is not None and reason in ("stop", "length"):
-            rest = seq.text.finish()
+            try:
+                rest = seq.text.finish()
+            except Exception as e:  # detokenizing failed: this sequence fails, no other
+                reason, error, rest = "error", f"{type(e).__name__}: {e}", ""
             if rest:
                 seq.emit(TokenEvent(-1, rest))  # held-back text, no new token
         if seq.row >= 0:
