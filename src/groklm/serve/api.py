@@ -11,12 +11,15 @@ body over the limit, 503 with Retry-After when the wait queue is full or the ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
 import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -44,11 +47,25 @@ MAX_BODY = 8 << 20
 BODY_TIMEOUT = 30.0
 OFF_LOOP = 16 << 10  # bodies and texts larger than this (bytes, characters) are parsed and tokenized off the loop
 T = TypeVar("T")
+# One thread for the large jobs: they wait for each other, never for the loop, and the memory they
+# take comes back to one allocator arena (trimmed after each), not one arena per worker thread.
+_HEAVY = ThreadPoolExecutor(1, thread_name_prefix="groklm-heavy")
+
+
+def _trim_after(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    finally:
+        with contextlib.suppress(OSError, AttributeError):  # glibc only: give freed memory back to the system
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on a worker thread when the input is large, so that no request stalls the others' streams."""
-    return await asyncio.to_thread(fn, *args) if size > OFF_LOOP else fn(*args)
+    """fn(*args) on the heavy-work thread when the input is large, so that no request stalls the event loop
+    (and with it the others' streams)."""
+    if size <= OFF_LOOP:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_HEAVY, _trim_after, fn, *args)
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -251,14 +268,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give one of prompt or messages", "prompt")
         if req.prompt is not None:
+            server.limits.text(req.prompt, "prompt")
             ids = await server.encode(req.prompt, "prompt")
         else:
+            server.limits.chat(req)
             ids = await server.encode_chat(req.messages or [], True)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await body(request, DetokenizeRequest)
+        server.limits.ids(req.tokens, "tokens", at_most=engine.max_model_len)
         vocab = engine.model.config.vocab_size
         bad_ids = [t for t in req.tokens if not 0 <= t < vocab]
         if bad_ids:

@@ -192,9 +192,10 @@ class Limits:
             raise ApiError(400, f"{param}: {len(text)} characters can not fit the context of {self.max_model_len} "
                                 "tokens", param)  # fmt: skip
 
-    def ids(self, ids: list[int], param: str) -> None:
-        if len(ids) >= self.max_model_len:
-            raise ApiError(400, f"{param}: {len(ids)} tokens leave no room in the context of {self.max_model_len} "
+    def ids(self, ids: list[int], param: str, at_most: int | None = None) -> None:
+        """A prompt must leave room for one new token; `at_most` ids otherwise."""
+        if len(ids) > (self.max_model_len - 1 if at_most is None else at_most):
+            raise ApiError(400, f"{param}: {len(ids)} tokens do not fit the context of {self.max_model_len} "
                                 "tokens", param)  # fmt: skip
 
     def completion(self, req: CompletionRequest) -> None:
