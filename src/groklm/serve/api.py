@@ -4,8 +4,10 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /he
 POST /tokenize, POST /detokenize, GET /metrics (Prometheus), GET / (the playground). Request and
 response shapes are the OpenAI API's, with vLLM's extensions (`top_k`, `ignore_eos`,
 `stop_token_ids`). Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400
-with the field named for a bad request, 401 for a wrong API key, 404 for an unknown model, 413 for a
-body over the limit, 503 with Retry-After when the wait queue is full or the server is stopping.
+with the field named for a bad request (`protocol.py` parses and bounds every body), 401 for a wrong
+API key, 404 for an unknown model, 408 for a body too slow and 413 for one too big (`guard.py`), 500
+for a request whose generation failed (that request alone), 503 with Retry-After when the wait queue
+is full or the server is stopping.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import hmac
 import json
 import time
 import uuid
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
+from groklm.serve.guard import Guard
 from groklm.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -143,88 +145,12 @@ class Server:
         return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
 
-OPEN = ("/health", "/metrics", "/")  # routes without the API key, answered while draining too
-
-
-class _Guard:
-    """ASGI middleware in front of every route. While the server drains, new requests get 503. With an
-    API key, every route but OPEN needs `Authorization: Bearer KEY` (401 otherwise). Then it reads the
-    whole body before the app sees it: over `limit` bytes gets 413 (announced or chunked), a body not
-    complete within `timeout` seconds gets 408; the app then reads the buffered body, and later
-    `receive` calls (disconnects) go to the server."""
-
-    def __init__(self, app: Any, limit: int, api_key: str | None, timeout: float, engine: Engine) -> None:
-        self.app, self.limit, self.api_key, self.timeout, self.engine = app, limit, api_key, timeout, engine
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        error = self._refuse(scope)
-        if error is None and scope["method"] not in ("GET", "HEAD"):
-            body, error = await self._read(scope, receive)
-            if error is None:
-                receive = _replay(body, receive)
-        if error is not None:
-            await error.response()(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _refuse(self, scope: dict[str, Any]) -> ApiError | None:
-        path = scope["path"]
-        if self.engine.draining and path not in OPEN:
-            return ApiError(503, "the server is shutting down", None, "shutting_down", "server_error",
-                            {"Retry-After": "5", "Connection": "close"})  # fmt: skip
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if self.api_key and path not in OPEN and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-            return ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
-        return None
-
-    async def _read(self, scope: dict[str, Any], receive: Callable[..., Any]) -> tuple[bytes, ApiError | None]:
-        too_big = ApiError(413, f"the request body exceeds {self.limit} bytes", None, "body_too_large",
-                           headers={"Connection": "close"})  # fmt: skip
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return b"", too_big
-        chunks, seen = [], 0
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
-            except TimeoutError:
-                return b"", ApiError(408, f"the request body did not arrive within {self.timeout:g} s", None,
-                                     "body_timeout", headers={"Connection": "close"})  # fmt: skip
-            if message["type"] == "http.disconnect":
-                return b"", ApiError(400, "the client left before sending its body")
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.limit:
-                return b"", too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
-
-
-def _replay(body: bytes, receive: Callable[..., Any]) -> Callable[..., Any]:
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return await receive()  # type: ignore[no-any-return]
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat: ChatTemplate | None = None,
                max_body: int = MAX_BODY, body_timeout: float = BODY_TIMEOUT) -> FastAPI:  # fmt: skip
     server = Server(engine, model_name, api_key, chat or ChatTemplate())
     app = FastAPI(title="groklm", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(_Guard, limit=max_body, api_key=api_key, timeout=body_timeout, engine=engine)
+    app.add_middleware(Guard, limit=max_body, api_key=api_key, timeout=body_timeout, engine=engine)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
