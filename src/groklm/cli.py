@@ -879,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
     s.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
     s.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint's directory)")
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /(de)tokenize (or set GROKLM_API_KEY)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /(de)tokenize (or GROKLM_API_KEY)")
     s.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (default: Grok's Human/Assistant)")
     s.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
     s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send its body (408 after)")
