@@ -109,6 +109,14 @@ def _check_adapter(args: argparse.Namespace, parallel: bool) -> None:
         raise UsageError(f"--adapter {e}") from None
 
 
+def _tokenizer_fits(tokenizer: Any, config: Any, command: str) -> None:
+    """Refuse a tokenizer larger than the model's vocabulary; warn of one far smaller (see `check_vocabulary`)."""
+    from groklm.tokenizer import check_vocabulary
+
+    if tokenizer is not None and (warning := check_vocabulary(tokenizer, config.vocab_size)):
+        print(f"groklm {command}: warning: {warning}", file=sys.stderr)
+
+
 def _check_plan(config: Any, tp: int, ep: int) -> None:
     from groklm import parallel
 
@@ -237,12 +245,14 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         except FileNotFoundError:
             if args.tokenizer:
                 raise
+    _tokenizer_fits(tokenizer, config, "generate")
     ids = tokenizer.encode(text) if text is not None else _parse_ids(args.prompt_ids)  # type: ignore[union-attr]
     if not ids:
         raise UsageError("the prompt is empty: it encodes to no tokens")
     bad = [t for t in ids if not 0 <= t < config.vocab_size]
     if bad:
-        raise UsageError(f"--prompt-ids: token ids {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+        what = "--prompt-ids: token ids" if text is None else f"the tokenizer {tokenizer.path} gave token ids"  # type: ignore[union-attr]
+        raise UsageError(f"{what} {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
     if len(ids) + args.max_new_tokens > config.sequence_len:
         raise UsageError(
             f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the context of "
@@ -493,6 +503,7 @@ def cmd_analyze_routing(args: argparse.Namespace) -> int:
                 raise UsageError(f"--text {args.text}: {getattr(e, 'strerror', None) or e}") from None
         else:
             text = args.prompt
+        _tokenizer_fits(tokenizer, config, "analyze")
         ids = tokenizer.encode(text)
     ids = ids[: args.max_tokens]
     if not ids:
@@ -726,6 +737,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"groklm serve: warning: {e}; serving token ids only (no text prompts, chat or stop strings)",
               file=sys.stderr)  # fmt: skip
         tokenizer = None
+    _tokenizer_fits(tokenizer, config, "serve")
     api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
     ranks = _start_ranks(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,11 @@ _FIXED_IN_REFERENCE = frozenset({"rope_base", "norm_eps", "attn_softcap"})
 # Grok-2's optional parts: left out, they are off.
 _GROK2_PARTS = frozenset({"dense_ffn_size", "router_softcap", "gelu", "attn_temperature_len", "final_softcap",
                           "tie_embeddings", "jax_rounding"})  # fmt: skip
+# Upper bounds far above any Grok (about 16x Grok-2's sizes): a crafted config fails here, by name, rather than
+# building a billion layers on the meta device or sizing an exabyte of memory.
+LIMITS = {"vocab_size": 1 << 24, "emb_size": 1 << 17, "key_size": 4096, "num_q_heads": 4096, "num_kv_heads": 4096,
+          "num_layers": 1024, "num_experts": 1024, "sequence_len": 1 << 24, "dense_ffn_size": 1 << 20}  # fmt: skip
+MAX_FFN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,12 @@ class GrokConfig:
         for name in numbers:
             if name not in ("pad_token", "eos_token") and getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, not {getattr(self, name)}")
+        for name, limit in LIMITS.items():
+            if getattr(self, name) is not None and getattr(self, name) > limit:
+                raise ValueError(f"config field {name} = {getattr(self, name)} is over the limit of {limit}")
+        if self.widening_factor * self.emb_size > 2 * MAX_FFN:
+            raise ValueError(f"widening_factor {self.widening_factor} at width {self.emb_size} gives an expert hidden "
+                             f"size over the limit of {MAX_FFN}")  # fmt: skip
         if self.gelu not in ("tanh", "erf"):
             raise ValueError(f"config field gelu must be 'tanh' or 'erf', not {self.gelu!r}")
         if self.attn_temperature_len is not None and self.attn_temperature_len < 2:
@@ -177,17 +187,15 @@ class GrokConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> GrokConfig:
         """Read a config file; every error names the file."""
+        from groklm.formats.common import CheckpointError, read_json
+
         path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such config file")
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the config ({e})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            data = read_json(path)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
         try:
             return cls.from_dict(data)
         except ValueError as e:
@@ -262,6 +270,23 @@ PRESETS: dict[str, GrokConfig] = {
 }
 
 
+def need_ints(d: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Those of `keys` that `d` holds are positive integers: checked before a foreign config's values are
+    divided or multiplied, so a zero or a string is an error naming the key, not a ZeroDivisionError."""
+    for key in keys:
+        value = d.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ValueError(f"{where}: {key} must be a positive integer, not {str(value)[:40]!r}")
+
+
+def need_numbers(d: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Those of `keys` that `d` holds (and not as null) are finite numbers."""
+    for key in keys:
+        value = d.get(key)
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise ValueError(f"{where}: {key} must be a finite number, not {str(value)[:40]!r}")
+
+
 def grok2_config(d: dict[str, Any], where: str = "config.json") -> GrokConfig:
     """Our config from a Grok-2 `config.json` (the release's keys), with what SGLang fixes in code: the
     router's cap of 30 whatever the file says, the attention scale head_dim^-0.5, erf GELU, an untied
@@ -269,23 +294,36 @@ def grok2_config(d: dict[str, Any], where: str = "config.json") -> GrokConfig:
 
     def need(key: str) -> Any:
         if key not in d:
-            raise ValueError(f"{where}: no {key}")
+            raise ValueError(f"no {key}")
         return d[key]
 
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must hold a JSON object, not {type(d).__name__}")
+    need_ints(d, ("hidden_size", "head_dim", "moe_intermediate_size"), where)
+    need_numbers(d, ("rope_theta", "embedding_multiplier_scale", "output_multiplier_scale", "final_logit_softcapping",
+                     "rms_norm_eps", "attn_logit_softcapping", "attn_temperature_len"), where)  # fmt: skip
     rope_type = d.get("rope_type", "original")
     if rope_type != "original" or d.get("rope_scaling"):
         raise ValueError(f"{where}: rope_type {rope_type!r}: only Grok-2's 'original' (no scaling) is supported")
-    hidden, head_dim = need("hidden_size"), d.get("head_dim", 128)
-    moe = need("moe_intermediate_size")
-    widening = moe * 3 / (2 * hidden)
-    config = GrokConfig(
+    try:
+        config = _grok2(d, need)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if config.ffn_size != d["moe_intermediate_size"]:
+        raise ValueError(f"{where}: moe_intermediate_size {d['moe_intermediate_size']} is not a multiple of 8")
+    return config
+
+
+def _grok2(d: dict[str, Any], need: Any) -> GrokConfig:
+    hidden, head_dim, moe = need("hidden_size"), d.get("head_dim", 128), need("moe_intermediate_size")
+    return GrokConfig(
         vocab_size=need("vocab_size"),
         emb_size=hidden,
         key_size=head_dim,
         num_q_heads=need("num_attention_heads"),
         num_kv_heads=need("num_key_value_heads"),
         num_layers=need("num_hidden_layers"),
-        widening_factor=widening,
+        widening_factor=moe * 3 / (2 * hidden),
         num_experts=need("num_local_experts"),
         num_selected_experts=need("num_experts_per_tok"),
         sequence_len=need("max_position_embeddings"),
@@ -305,9 +343,6 @@ def grok2_config(d: dict[str, Any], where: str = "config.json") -> GrokConfig:
         tie_embeddings=False,
         jax_rounding=False,
     )
-    if config.ffn_size != moe:
-        raise ValueError(f"{where}: moe_intermediate_size {moe} is not a multiple of 8")
-    return config
 
 
 def get_preset(name: str) -> GrokConfig:

@@ -79,12 +79,10 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[Grok
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, str(Path(path) / "config.json")
     if fmt == "hf":
-        import json
-
-        from groklm.formats.hf import config_from_hf
+        from groklm.formats.hf import read_config as hf_config
 
         where = Path(path) / "config.json"
-        found = config_from_hf(json.loads(where.read_text()), str(where))
+        found = hf_config(Path(path))
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, str(where)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import sentencepiece as spm
+
+from groklm.formats.common import CheckpointError, read_json
+
+MAX_TOKENIZER = 64 << 20  # bytes: Grok-1's tokenizer.model is 2 MB
+MAX_PIECES = 1 << 24  # as many as a config's vocabulary may hold
 
 
 class AnyTokenizer(Protocol):
@@ -39,7 +44,15 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no tokenizer.model there")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        size = self.path.stat().st_size
+        if size > MAX_TOKENIZER:
+            raise ValueError(f"{self.path}: {size} bytes, more than the {MAX_TOKENIZER} allowed for a tokenizer")
+        try:  # SentencePiece checks its model itself (pieces, byte pieces, unk), raising RuntimeError
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path}: not a SentencePiece model ({str(e).strip()[:200]})") from None
+        if not 0 < self.sp.get_piece_size() <= MAX_PIECES:
+            raise ValueError(f"{self.path}: {self.sp.get_piece_size()} pieces, not in 1..{MAX_PIECES}")
         # The user-defined pieces SentencePiece matches anywhere in text (`<|separator|>`, `<|mask|>`,
         # `<|controlN|>`); its control pieces ([BOS], [EOS]) never come from text.
         pieces = {str(self.sp.id_to_piece(i)): i for i in range(int(self.sp.get_piece_size()))}
@@ -115,27 +128,24 @@ class TiktokenTokenizer:
     chat template's `<|separator|>`), as SGLang's patched encode does; no BOS is added."""
 
     def __init__(self, path: str | Path) -> None:
-        import json
-
         import tiktoken
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no tokenizer.tok.json there")
         try:
-            data = json.loads(self.path.read_text())
-            ranks = {bytes(t["bytes"]): int(t["token"]) for t in data["regular_tokens"]}
-            specials = {bytes(t["bytes"]).decode(): int(t["token"]) for t in data.get("special_tokens", [])}
-            split = data.get("pat_str") or {"V1": PAT_STR_B}[data["word_split"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{self.path}: not a Grok-2 tokenizer.tok.json ({type(e).__name__}: {e})") from None
+            data = read_json(self.path, MAX_TOKENIZER, kind=dict)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+        ranks, specials, split, vocab = _tok_json(data, str(self.path))
         self.specials = specials
         self.special_pattern = _special_pattern(list(specials))
         self.known = frozenset(ranks.values()) | frozenset(specials.values())
-        self.enc = tiktoken.Encoding(
-            self.path.name, pat_str=split, mergeable_ranks=ranks, special_tokens=specials,
-            explicit_n_vocab=data.get("vocab_size"),
-        )  # fmt: skip
+        try:
+            self.enc = tiktoken.Encoding(self.path.name, pat_str=split, mergeable_ranks=ranks,
+                                         special_tokens=specials, explicit_n_vocab=vocab)  # fmt: skip
+        except (ValueError, AssertionError) as e:
+            raise ValueError(f"{self.path}: tiktoken refuses it ({type(e).__name__}: {str(e)[:200]})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -166,6 +176,60 @@ class TiktokenTokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         return bytes(self.enc.decode_single_token_bytes(token)) if token in self.known else b""
+
+
+def _tok_json(data: dict[str, Any], where: str) -> tuple[dict[bytes, int], dict[str, int], str, int | None]:
+    """(ranks, special tokens, split pattern, vocab_size) of a tokenizer.tok.json, every value checked as
+    tiktoken needs it (it aborts the process, or panics, on a byte over 255, a rank over 2^32, or text
+    with a byte that no rank covers)."""
+
+    def tokens(key: str) -> dict[bytes, int]:
+        items = data.get(key, [] if key == "special_tokens" else None)
+        if not isinstance(items, list) or len(items) > MAX_PIECES:
+            raise ValueError(f"{where}: {key} must be a list of at most {MAX_PIECES} tokens")
+        out: dict[bytes, int] = {}
+        for i, t in enumerate(items):
+            b, rank = t.get("bytes") if isinstance(t, dict) else None, t.get("token") if isinstance(t, dict) else None
+            if not isinstance(b, list) or not b or any(type(x) is not int or not 0 <= x <= 255 for x in b):
+                raise ValueError(f"{where}: {key}[{i}]: bytes must be a non-empty list of values 0..255")
+            if type(rank) is not int or not 0 <= rank < MAX_PIECES:
+                raise ValueError(f"{where}: {key}[{i}]: token must be an integer in 0..{MAX_PIECES - 1}, not {rank!r}")
+            if bytes(b) in out:
+                raise ValueError(f"{where}: {key}[{i}]: bytes {bytes(b)!r} appear twice")
+            out[bytes(b)] = rank
+        return out
+
+    ranks, special = tokens("regular_tokens"), tokens("special_tokens")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{where}: regular_tokens cover {256 - len(missing)} of the 256 single bytes (not {missing[:5]})")
+    ids = [*ranks.values(), *special.values()]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: a token id is given to two tokens")
+    try:
+        specials = {b.decode(): rank for b, rank in special.items()}
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: special_tokens: a token's bytes are not UTF-8") from None
+    split = data.get("pat_str") or {"V1": PAT_STR_B}.get(data.get("word_split"))  # type: ignore[arg-type]
+    if not isinstance(split, str) or len(split) > 4096:
+        raise ValueError(f"{where}: no split pattern (pat_str, or word_split 'V1')")
+    vocab = data.get("vocab_size")
+    if vocab is not None and (type(vocab) is not int or vocab != len(ids) or vocab != max(ids) + 1):
+        raise ValueError(f"{where}: vocab_size {vocab!r} is not the {len(ids)} tokens it lists, numbered from 0")
+    return ranks, specials, split, vocab
+
+
+def check_vocabulary(tokenizer: AnyTokenizer, vocab_size: int) -> str | None:
+    """A tokenizer with more pieces than the model's vocabulary is refused (its ids would index past the
+    embedding); one with under a quarter as many is allowed, with the warning returned (a model may reserve ids)."""
+    where = getattr(tokenizer, "path", "the tokenizer")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{where}: {tokenizer.vocab_size} pieces, more than the model's vocabulary of {vocab_size}: "
+                         "a tokenizer of another model?")  # fmt: skip
+    if tokenizer.vocab_size * 4 < vocab_size:
+        return (f"{where}: {tokenizer.vocab_size} pieces, far fewer than the model's vocabulary of {vocab_size}: "
+                "a tokenizer of another model?")  # fmt: skip
+    return None
 
 
 def find_tokenizer(checkpoint: str | Path | None, explicit: str | Path | None = None) -> Tokenizer | TiktokenTokenizer:

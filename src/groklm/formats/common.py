@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import math
 import os
 import shutil
@@ -19,6 +20,57 @@ from torch import Tensor, nn
 class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, corrupt, mis-shaped or unsafe. The message names
     the file, and the tensor or parameter where there is one."""
+
+
+MAX_JSON = 16 << 20  # a config, tokenizer or adapter file; safetensors headers pass their own limit
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep JSON text nests, found in a few vectorized passes: escapes dropped left to right (as a
+    parser reads them), what lies between quotes is string, the brackets outside count."""
+    import numpy as np
+
+    b = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    outside = np.cumsum(b == ord('"')) % 2 == 0
+    step = (((b == ord("[")) | (b == ord("{"))).astype(np.int8) - ((b == ord("]")) | (b == ord("}")))) * outside
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+def parse_json(raw: bytes | str, where: str, limit: int = MAX_JSON, depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON text parsed within a size and a nesting limit (Python's parser recurses: deep nesting would
+    end in RecursionError). Errors are CheckpointErrors that begin with `where`."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if len(data) > limit:
+        raise CheckpointError(f"{where}: {len(data)} bytes of JSON, more than the {limit} allowed")
+    if data.count(b"[") + data.count(b"{") > depth and _json_depth(data) > depth:
+        raise CheckpointError(f"{where}: JSON nested more than {depth} deep")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+
+
+def read_json(path: str | os.PathLike[str], limit: int = MAX_JSON, kind: type | None = None) -> Any:
+    """A JSON file parsed as `parse_json` does (the file named in every error); `kind` (dict, say) is
+    the type the top level must have."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path}: {size} bytes, more than the {limit} allowed for a JSON file")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    value = parse_json(raw, str(path), limit)
+    if kind is not None and not isinstance(value, kind):
+        raise CheckpointError(f"{path}: must hold a JSON {_JSON_KINDS.get(kind, kind.__name__)}, not {type(value).__name__}")
+    return value
+
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string"}
 
 
 _HUGE_PAGE = 2 << 20

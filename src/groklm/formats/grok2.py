@@ -16,7 +16,6 @@ moe_norm, moe_out_norm. The config is `config.grok2_config` of config.json.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from groklm.config import GrokConfig, grok2_config
-from groklm.formats.common import CheckpointError
+from groklm.formats.common import CheckpointError, read_json
 from groklm.formats.layout import allocate, dense_shape, part_of, place, quantize_layout
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor
 from groklm.model import Grok
@@ -78,12 +77,9 @@ def names(config: GrokConfig) -> list[tuple[str, str, int | None, int | None]]:
 
 def read_config(path: Path) -> GrokConfig:
     file = path / "config.json"
-    try:
-        return grok2_config(json.loads(file.read_text()), str(file))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing (Grok-2's config.json comes with the download)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (Grok-2's config.json comes with the download)")
+    return grok2_config(read_json(file, kind=dict), str(file))
 
 
 class Grok2Source:

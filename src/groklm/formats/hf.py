@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, progress_bar
+from groklm.config import GrokConfig, need_ints, need_numbers
+from groklm.formats.common import CheckpointError, progress_bar, read_json
 from groklm.formats.layout import (
     Source,
     allocate,
@@ -142,17 +142,25 @@ def widening_for(ffn_size: int, emb_size: int) -> float:
 
 def config_from_hf(d: dict[str, Any], where: str) -> GrokConfig:
     """Our config from a Hugging Face Grok-1 config.json (ours where groklm wrote it)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must hold a JSON object, not {type(d).__name__}")
     if isinstance(d.get("groklm"), dict):
-        return GrokConfig.from_dict(d["groklm"])
+        try:
+            return GrokConfig.from_dict(d["groklm"])
+        except ValueError as e:
+            raise ValueError(f"{where}: groklm: {e}") from None
+    need_ints(d, ("hidden_size", "num_attention_heads", "head_dim", "intermediate_size"), where)
+    need_numbers(d, ("embedding_multiplier_scale", "output_multiplier_scale", "attn_output_multiplier", "rope_theta",
+                     "rms_norm_eps", "attn_logit_softcapping", "max_attn_value"), where)  # fmt: skip
 
     def need(*keys: str) -> Any:
         for key in keys:
             if key in d:
                 return d[key]
-        raise ValueError(f"{where}: no {' or '.join(keys)}")
+        raise ValueError(f"no {' or '.join(keys)}")
 
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
     try:
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
         return GrokConfig(
             vocab_size=need("vocab_size"),
             emb_size=hidden,
@@ -178,13 +186,19 @@ def config_from_hf(d: dict[str, Any], where: str) -> GrokConfig:
 
 
 def is_hf(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file() or not (any(path.glob("*.safetensors"))):
+    """Safetensors with a config.json that has hidden_size, or is unreadable (then an error names it)."""
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return False
     try:
-        return "hidden_size" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
+        d = read_json(path / "config.json")
+    except CheckpointError:
+        return True
+    return not isinstance(d, dict) or "hidden_size" in d
+
+
+def read_config(path: Path) -> GrokConfig:
+    file = path / "config.json"
+    return config_from_hf(read_json(file, kind=dict), str(file))
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -197,11 +211,7 @@ class HFSource:
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
                  bits: int | None = None) -> None:  # fmt: skip
         self.path = path = Path(path)
-        config_file = path / "config.json"
-        try:
-            found = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        found = read_config(path)
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         self.entries: dict[str, Entry] = {}

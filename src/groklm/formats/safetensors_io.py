@@ -24,7 +24,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from groklm.formats.common import CheckpointError
+from groklm.formats.common import CheckpointError, parse_json
 
 MAX_HEADER = 100 << 20  # the safetensors package's own limit
 DTYPES: dict[str, torch.dtype] = {
@@ -83,9 +83,9 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, not a safetensors file") from None
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+        header = parse_json(raw, str(path), MAX_HEADER, depth=4)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({str(e).removeprefix(f'{path}: ')})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + length
