@@ -87,17 +87,10 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[Grok
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, str(where)
     if fmt == "gguf":
-        import gguf
-
-        from groklm.formats.gguf import config_from_gguf, find_gguf
+        from groklm.formats.gguf import find_gguf, read_config
 
         file = find_gguf(Path(path))
-        try:
-            found = config_from_gguf(gguf.GGUFReader(file), str(file))
-        except (ValueError, OSError, IndexError) as e:
-            raise CheckpointError(f"{file}: not a readable grok GGUF ({e})") from None
-        if config is not None and config != found:
-            raise CheckpointError(f"{path}: its metadata differs from the config given")
+        found, _ = read_config(file, config)
         return found, str(file)
     from groklm.formats.released import checkpoint_config as released_config
     from groklm.formats.released import find_ckpt_dir, find_config

@@ -41,7 +41,8 @@ from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, progress_bar
+from groklm.formats.common import CheckpointError, parse_json, progress_bar
+from groklm.formats.gguf_scan import Scan, scan
 from groklm.formats.layout import (
     Source,
     allocate,
@@ -301,54 +302,94 @@ def write(source: Source, out: Path, qtype: str = "q8_0", tokenizer: Path | None
 # -- reading -----------------------------------------------------------------------------------------
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def config_from_gguf(reader: gguf.GGUFReader, where: str) -> GrokConfig:
-    saved = _field(reader, "groklm.config")
-    if saved:
-        return GrokConfig.from_dict(json.loads(saved))
+def config_from_gguf(found: Scan, where: str) -> GrokConfig:
+    """The config of a scanned GGUF (`gguf_scan.scan`): groklm's own where it wrote one, else from llama.cpp's
+    keys, every value checked before it is used."""
+    fields = found.fields
+    saved = fields.get("groklm.config")
+    if saved is not None:
+        if not isinstance(saved, str):
+            raise CheckpointError(f"{where}: key groklm.config is not a string")
+        try:
+            return GrokConfig.from_dict(parse_json(saved, f"{where}: key groklm.config"))
+        except ValueError as e:
+            raise ValueError(f"{where}: key groklm.config: {e}") from None
+    from groklm.config import need_ints, need_numbers
     from groklm.formats.hf import widening_for
 
     a = ARCH
+    ints = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+            "block_count", "feed_forward_length", "expert_feed_forward_length", "expert_count", "expert_used_count",
+            "context_length")  # fmt: skip
+    need_ints({f"{a}.{k}": fields.get(f"{a}.{k}") for k in ints}, tuple(f"{a}.{k}" for k in ints), f"{where}: key")
+    floats = ("embedding_scale", "logit_scale", "attention.output_scale", "rope.freq_base",
+              "attention.layer_norm_rms_epsilon", "attn_logit_softcapping")  # fmt: skip
+    need_numbers({f"{a}.{k}": fields.get(f"{a}.{k}") for k in floats}, tuple(f"{a}.{k}" for k in floats), f"{where}: key")
+    for key in ("tokenizer.ggml.padding_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in fields and type(fields[key]) is not int:
+            raise ValueError(f"{where}: key {key} must be an integer, not {str(fields[key])[:40]!r}")
 
     def need(key: str) -> Any:
-        value = _field(reader, f"{a}.{key}")
+        value = fields.get(f"{a}.{key}")
         if value is None:
-            raise ValueError(f"{where}: no {a}.{key}")
+            raise ValueError(f"{where}: no key {a}.{key}")
         return value
 
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embd = found.tensors.get("token_embd.weight")
     if embd is None:
-        raise CheckpointError(f"{where}: no token_embd.weight")
-    emb, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    ffn = int(_field(reader, f"{a}.expert_feed_forward_length") or need("feed_forward_length"))
+        raise CheckpointError(f"{where}: no tensor token_embd.weight")
+    if len(embd.shape) != 2:
+        raise CheckpointError(f"{where}: tensor token_embd.weight: shape {embd.shape}, expected [vocabulary, width]")
+    emb, heads = need("embedding_length"), need("attention.head_count")
+    ffn = fields.get(f"{a}.expert_feed_forward_length") or need("feed_forward_length")
     try:
         # Absent multipliers take Grok-1's values, as llama.cpp's loader assumes for old files.
         return GrokConfig(
-            vocab_size=int(embd.shape[1]),
+            vocab_size=embd.shape[0],
             emb_size=emb,
-            key_size=int(_field(reader, f"{a}.attention.key_length") or emb // heads),
+            key_size=fields.get(f"{a}.attention.key_length") or emb // heads,
             num_q_heads=heads,
-            num_kv_heads=int(need("attention.head_count_kv")),
-            num_layers=int(need("block_count")),
+            num_kv_heads=need("attention.head_count_kv"),
+            num_layers=need("block_count"),
             widening_factor=widening_for(ffn, emb),
-            num_experts=int(need("expert_count")),
-            num_selected_experts=int(need("expert_used_count")),
-            sequence_len=int(need("context_length")),
-            pad_token=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
-            eos_token=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-            embedding_multiplier_scale=float(_field(reader, f"{a}.embedding_scale", 78.38367176906169)),
-            output_multiplier_scale=float(_field(reader, f"{a}.logit_scale", 0.5773502691896257)),
-            attn_output_multiplier=float(_field(reader, f"{a}.attention.output_scale", 0.08838834764831845)),
-            rope_base=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+            num_experts=need("expert_count"),
+            num_selected_experts=need("expert_used_count"),
+            sequence_len=need("context_length"),
+            pad_token=fields.get("tokenizer.ggml.padding_token_id", 0),
+            eos_token=fields.get("tokenizer.ggml.eos_token_id", 2),
+            embedding_multiplier_scale=float(fields.get(f"{a}.embedding_scale", 78.38367176906169)),
+            output_multiplier_scale=float(fields.get(f"{a}.logit_scale", 0.5773502691896257)),
+            attn_output_multiplier=float(fields.get(f"{a}.attention.output_scale", 0.08838834764831845)),
+            rope_base=float(fields.get(f"{a}.rope.freq_base", 10000.0)),
             norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            attn_softcap=float(_field(reader, f"{a}.attn_logit_softcapping", 30.0)),
+            attn_softcap=float(fields.get(f"{a}.attn_logit_softcapping", 30.0)),
         )
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def check_names(found: Scan, config: GrokConfig, where: str) -> None:
+    """The tensors a grok GGUF of this config holds, by name, before any model is built for it."""
+    expected = {name for _, name in names(config)}
+    missing = [name for _, name in names(config) if name not in found.tensors]
+    unexpected = [n for n in found.tensors if n not in expected and n != "output.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensor names do not match a grok GGUF of {config.num_layers} layers: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+
+
+def read_config(file: Path, config: GrokConfig | None = None) -> tuple[GrokConfig, Scan]:
+    """The config of a GGUF file (checked against `config` if given), its tensor names checked against it,
+    and the scan it came from."""
+    found = scan(file)
+    if found.fields.get("general.architecture") != ARCH:
+        raise CheckpointError(f"{file}: a GGUF of the {found.fields.get('general.architecture')!r} architecture, "
+                              f"not {ARCH!r}")  # fmt: skip
+    result = config_from_gguf(found, str(file))
+    if config is not None and config != result:
+        raise CheckpointError(f"{file}: its metadata differs from the config given")
+    check_names(found, result, str(file))
+    return result, found
 
 
 class GGUFSource:
@@ -358,31 +399,32 @@ class GGUFSource:
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
                  bits: int | None = None) -> None:  # fmt: skip
         self.path = path = Path(path)
+        # Every count, extent and name is checked before the gguf package reads the file.
+        found, scanned = read_config(path, config)
+        saved = scanned.fields.get("groklm.int8_groups")
+        groups = parse_json(saved, f"{path}: key groklm.int8_groups") if isinstance(saved, str) else {}
+        if not isinstance(groups, dict):
+            raise CheckpointError(f"{path}: key groklm.int8_groups is not a JSON object")
+        q8 = {}
+        for ours, name in names(found):
+            t = scanned.tensors[name]
+            if t.qtype == T.Q8_0:
+                g = groups.get(name, t.shape[-1] // 32)
+                if type(g) is not int or g <= 0 or (t.shape[-1] // 32) % g:
+                    raise CheckpointError(f"{path}: tensor {name}: {g!r} int8 groups do not split its "
+                                          f"{t.shape[-1] // 32} Q8_0 blocks a row")  # fmt: skip
+                q8[ours.rpartition(".")[0]] = g
         try:
             self.reader = reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, IndexError) as e:
+        except (ValueError, OSError, IndexError, KeyError) as e:
             raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-        arch = _field(reader, "general.architecture")
-        if arch != ARCH:
-            raise CheckpointError(f"{path}: a GGUF of the {arch!r} architecture, not {ARCH!r}")
-        found = config_from_gguf(reader, str(path))
-        if config is not None and config != found:
-            raise CheckpointError(f"{path}: its metadata differs from the config given")
         tensors = {t.name: t for t in reader.tensors}
-        groups = json.loads(_field(reader, "groklm.int8_groups") or "{}")
         with torch.device("meta"):
             model = Grok(found, dtype)
-            q8 = {ours.rpartition(".")[0]: groups.get(name, self._cols(tensors[name]) // 32)
-                  for ours, name in names(found) if name in tensors and tensors[name].tensor_type == T.Q8_0}  # fmt: skip
             quantize_int8(model, q8.get)  # Q8_0 weights stay int8
             quantize_layout(model, bits)  # the other linears, if asked
         self.model = model
         self.table = []
-        missing = [name for _, name in names(found) if name not in tensors]
-        unexpected = [n for n in tensors if n not in {name for _, name in names(found)} and n != "output.weight"]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: tensor names do not match a grok GGUF of this config: missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
         for ours, name in names(found):
             t = tensors[name]
             shape = tuple(int(n) for n in reversed(t.shape))
@@ -390,10 +432,6 @@ class GGUFSource:
             if shape != expected:
                 raise CheckpointError(f"{path}: tensor {name}: shape {shape}, expected {expected}")
             self.table.append((ours, name, t, shape))
-
-    @staticmethod
-    def _cols(t: Any) -> int:
-        return int(t.shape[0])
 
     def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
         allocate(self.model, part, device)
