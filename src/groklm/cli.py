@@ -96,16 +96,17 @@ def _start_ranks(args: argparse.Namespace) -> Ranks:
     return Ranks(tp, ep, rank, device)
 
 
-def _check_adapter(args: argparse.Namespace, parallel: bool) -> None:
+def _check_adapter(args: argparse.Namespace, parallel: bool, config: Any) -> None:
     if not args.adapter:
         return
     if parallel:
         raise UsageError("--adapter runs in one process: merge it first (`groklm merge`), then split the result")
-    from groklm.train.lora import read_adapter_config
+    from groklm.formats.common import CheckpointError
+    from groklm.train.lora import check_adapter
 
     try:
-        read_adapter_config(args.adapter)
-    except (FileNotFoundError, ValueError) as e:
+        check_adapter(args.adapter, config)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise UsageError(f"--adapter {e}") from None
 
 
@@ -226,7 +227,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         _license_notice(config)
     if args.mmap and ranks.parallel:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
-    _check_adapter(args, ranks.parallel)
+    _check_adapter(args, ranks.parallel, config)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
                          "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
@@ -564,10 +565,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from groklm.formats.common import output_dir
     from groklm.formats.native import save_native
     from groklm.load import checkpoint_config, load
-    from groklm.train.lora import load_adapter, merge, read_adapter_config
+    from groklm.train.lora import check_adapter, load_adapter, merge
 
     config, _ = checkpoint_config(args.checkpoint, _config_arg(args))
-    read_adapter_config(args.adapter)  # checked before the base is read
+    check_adapter(args.adapter, config)  # checked against the base's config before the base is read
     with output_dir(args.out, args.force) as tmp:
         model = load(args.checkpoint, config, dtype=torch.bfloat16, progress=not args.quiet)
         merge(load_adapter(model, args.adapter))
@@ -718,7 +719,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _license_notice(config)
     if args.mmap and args.tp * args.ep > 1:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
-    _check_adapter(args, args.tp * args.ep > 1)
+    _check_adapter(args, args.tp * args.ep > 1, config)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
     if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):

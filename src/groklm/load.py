@@ -67,7 +67,10 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None) -> tuple[Grok
     config = as_config(config)
     fmt = detect_format(path)
     if fmt == "native":
+        from groklm.formats.native import shard_files
+
         found = GrokConfig.from_json(Path(path) / "config.json")
+        shard_files(Path(path), found.num_layers)
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         return found, f"{Path(path) / 'config.json'}"

@@ -108,11 +108,16 @@ class Grok2Source:
                 else:
                     shards.setdefault(name, {})[int(m.group(2))] = entry
         ranks = 1 + max((r for by_rank in shards.values() for r in by_rank), default=0)
+        wanted = names(found)
+        missing = [theirs for _, theirs, _, dim in wanted if (common if dim is None else shards).get(theirs) is None]
+        if missing:  # before a model is built for the config
+            raise CheckpointError(f"{path}: tensors missing for this config ({found.num_layers} layers, "
+                                  f"{found.num_experts} experts): {missing[:5]}{' and more' if len(missing) > 5 else ''}")  # fmt: skip
         with torch.device("meta"):
             self.model = quantize_layout(Grok(found, dtype), bits)
         self.table: list[tuple[str, str, int | None, int | None, list[Entry]]] = []
         missing: list[str] = []
-        for ours, theirs, expert, dim in names(found):
+        for ours, theirs, expert, dim in wanted:
             expected = dense_shape(self.model, ours)
             if dim is None:
                 entry = common.get(theirs)

@@ -221,28 +221,32 @@ class HFSource:
                     raise CheckpointError(f"{shard}: tensor {name} is also in {self.entries[name].file.name}")
                 self.entries[name] = entry
         layout = "keyfan" if "transformer.in_out_embed.weight" in self.entries else "hpcai"
-        with torch.device("meta"):
-            self.model = quantize_layout(Grok(found, dtype), bits)
-        self.table: list[tuple[Name, Entry]] = []
+        found_names: list[tuple[Name, Entry]] = []
         missing = []
-        for n in names(found, layout):
+        for n in names(found, layout):  # every name matched before a model is built for the config
             entry = self.entries.get(n.theirs) or self.entries.get(_alias(n.theirs))
             if entry is None:
                 missing.append(n.theirs)
-                continue
+            else:
+                found_names.append((n, entry))
+        used = {e.name for _, e in found_names}
+        unexpected = [n for n in self.entries if n not in used and not n.endswith(_IGNORED)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: tensor names do not match a {layout} Grok-1 layout of this config ({found.num_layers} "
+                f"layers, {found.num_experts} experts): missing {missing[:5]}{' and more' if len(missing) > 5 else ''}"
+                f", unexpected {unexpected[:5]}"
+            )
+        with torch.device("meta"):
+            self.model = quantize_layout(Grok(found, dtype), bits)
+        self.table: list[tuple[Name, Entry]] = []
+        for n, entry in found_names:
             expected = dense_shape(self.model, n.ours)
             if entry.shape != expected:
                 raise CheckpointError(f"{entry.where()}: shape {entry.shape}, expected {expected}")
             if not entry.dtype.is_floating_point:
                 raise CheckpointError(f"{entry.where()}: stored as {entry.dtype_name}, expected a float dtype")
             self.table.append((n, entry))
-        used = {e.name for _, e in self.table}
-        unexpected = [n for n in self.entries if n not in used and not n.endswith(_IGNORED)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: tensor names do not match a {layout} Grok-1 layout of this config: missing {missing[:5]}"
-                f"{' and more' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            )
         head = self.entries.get("lm_head.weight")
         if head is not None and head.shape != (found.vocab_size, found.emb_size):
             raise CheckpointError(f"{head.where()}: shape {head.shape}, expected {(found.vocab_size, found.emb_size)}")

@@ -171,14 +171,22 @@ def convert(
     return Path(out)
 
 
-def _stored(path: Path, num_layers: int) -> dict[str, Entry]:
-    """name -> where it lies, for every tensor of the checkpoint's shards (all there, headers checked)."""
+def shard_files(path: Path, num_layers: int) -> list[Path]:
+    """The shards of a checkpoint of `num_layers` layers, all there and no more (the config matches the files)."""
     shards = [path / SHARD.format(i) for i in range(num_layers + 1)]
     missing = [f.name for f in shards if not f.is_file()]
     if missing:
-        raise CheckpointError(
-            f"{path}: shard files missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-        )
+        raise CheckpointError(f"{path}: shard files missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+                              f" (its config.json has {num_layers} layers)")  # fmt: skip
+    if (path / SHARD.format(num_layers + 1)).is_file():
+        raise CheckpointError(f"{path}: holds {SHARD.format(num_layers + 1)}, more layers than the {num_layers} "
+                              "of its config.json")  # fmt: skip
+    return shards
+
+
+def _stored(path: Path, num_layers: int) -> dict[str, Entry]:
+    """name -> where it lies, for every tensor of the checkpoint's shards (all there, headers checked)."""
+    shards = shard_files(path, num_layers)
     found: dict[str, Entry] = {}
     for shard in shards:
         entries, _ = read_header(shard)

@@ -209,11 +209,11 @@ class _BoundedFile:
     def __init__(self, file: BinaryIO, size: int) -> None:
         self._file, self._size = file, size
 
-    def check(self, n: int, what: str = "bytes asked for") -> None:
+    def check(self, n: int, what: str = "the pickle") -> None:
         """Raise unless `n` more bytes lie between the position and the end."""
         at = self._file.tell()
         if n > self._size - at:
-            raise CheckpointError(f"truncated or corrupt: {n} {what} at offset {at}, but the file has {self._size}")
+            raise CheckpointError(f"truncated or corrupt: {what} needs {at + n} bytes, has {self._size}")
 
     def read(self, n: int = -1) -> bytes:
         if n is not None and n >= 0:
@@ -385,7 +385,7 @@ class SafeUnpickler(_P):
             self.append(self.read(length))
             return
         offset = self._fileobj.tell()
-        self._fileobj.check(length, "bytes of data")
+        self._fileobj.check(length, "its array data")
         self._fileobj.seek(length, io.SEEK_CUR)
         self.append(FileSlice(offset, length))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,17 @@ def checkpoint_layers(model: Grok) -> Grok:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The generators' states as tensors and plain values only, so that `load_state` can read them with
+    weights_only=True (numpy's key array is held as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -99,7 +105,10 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 def load_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training state to resume from")
-    return torch.load(path, weights_only=False)
+    try:  # tensors and plain values only: a run directory from elsewhere cannot run code
+        return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a training state groklm can read safely ({str(e).splitlines()[0][:200]})") from None
 
 
 def log_line(path: Path, record: dict[str, Any]) -> None:

@@ -127,6 +127,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     inputs, targets = pack(examples, cfg.seq_len)
     (train_x, train_y), (eval_x, eval_y) = _split(inputs, targets, cfg.eval_fraction, cfg.seed)
 
+    state = load_state(out / "state.pt") if cfg.resume else None  # read (safely) before the base loads
     torch.manual_seed(cfg.seed)
     model = load(cfg.checkpoint, config, dtype=cfg.dtype, progress=cfg.progress, bits=cfg.bits)
     add_lora(model, cfg.lora)
@@ -137,8 +138,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = cosine_schedule(optimizer, cfg.warmup, cfg.steps)
     start = 0
-    if cfg.resume:
-        state = load_state(out / "state.pt")
+    if state is not None:
         model.load_state_dict(state["adapters"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

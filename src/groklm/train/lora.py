@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
+from groklm.formats.common import CheckpointError, read_json
+from groklm.formats.safetensors_io import read_header, read_tensor
 from groklm.model import ExpertLinear, Grok
 from groklm.quant import (
     Int4ExpertLinear,
@@ -44,6 +46,7 @@ TARGETS = {"wq": "wq", "wk": "wk", "wv": "wv", "wo": "wo", "router": "router", "
            "gate": "gate", "up": "up", "down": "down"}  # fmt: skip
 GROUPS = {"attn": ["wq", "wk", "wv", "wo"], "experts": ["w1", "v", "w2"], "mlp": ["gate", "up", "down"]}
 _LINEAR = (nn.Linear, Int8Linear, Int4Linear)
+MAX_RANK = 1 << 16
 _EXPERTS = (ExpertLinear, Int8ExpertLinear, Int4ExpertLinear)
 
 
@@ -139,8 +142,8 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
 
     def check(self) -> LoraConfig:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, not {self.r!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be an integer in 1..{MAX_RANK}, not {self.r!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"LoRA alpha must be positive, not {self.lora_alpha!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -233,43 +236,85 @@ def save_adapter(model: Grok, lora: LoraConfig, out: str | Path, base: str = "")
 
 def read_adapter_config(path: str | Path) -> LoraConfig:
     file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no adapter here (expected adapter_config.json)")
     try:
-        d: dict[str, Any] = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: no adapter here (expected adapter_config.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    ours = d.get("groklm", {}).get("target_modules")
+        d: dict[str, Any] = read_json(file, kind=dict)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    ours = d["groklm"].get("target_modules") if isinstance(d.get("groklm"), dict) else None
     if ours is None:  # a PEFT adapter written elsewhere: map its Hugging Face leaf names back to ours
         back = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate": "router", "linear": "w1",
                 "linear_v": "v", "linear_1": "w2", "w1": "w1", "w3": "v", "w2": "w2", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down"}  # fmt: skip
-        unknown = [t for t in d.get("target_modules", []) if t not in back]
+        theirs = d.get("target_modules", [])
+        if not isinstance(theirs, list) or not all(isinstance(t, str) for t in theirs):
+            raise ValueError(f"{file}: target_modules must be a list of module names")
+        unknown = [t for t in theirs if t not in back]
         if unknown:
-            raise ValueError(f"{file}: target modules {unknown} are not Grok projections")
-        ours = [back[t] for t in d.get("target_modules", [])]
+            raise ValueError(f"{file}: target modules {unknown[:5]} are not Grok projections")
+        ours = [back[t] for t in theirs]
+    if not isinstance(ours, list) or not all(isinstance(t, str) for t in ours):
+        raise ValueError(f"{file}: groklm.target_modules must be a list of module names")
+    for key in ("r", "lora_alpha", "lora_dropout"):
+        if key in d and (type(d[key]) not in (int, float) or not math.isfinite(d[key])):
+            raise ValueError(f"{file}: {key} must be a number, not {str(d[key])[:40]!r}")
     try:
-        return LoraConfig(int(d["r"]), float(d["lora_alpha"]), float(d.get("lora_dropout", 0.0)), ours).check()
+        return LoraConfig(d["r"], float(d["lora_alpha"]), float(d.get("lora_dropout", 0.0)), ours).check()
     except KeyError as e:
         raise ValueError(f"{file}: no {e.args[0]}") from None
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _features_of(config: GrokConfig, leaf: str) -> tuple[int, int]:
+    """(in, out) of a projection of this config, from the config alone (no model built)."""
+    d, q, kv, f, dense = config.emb_size, config.q_size, config.kv_size, config.ffn_size, config.dense_ffn_size or 0
+    return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "router": (d, config.num_experts),
+            "w1": (d, f), "v": (d, f), "w2": (f, d), "gate": (d, dense), "up": (d, dense), "down": (dense, d)}[leaf]  # fmt: skip
+
+
+def check_adapter(path: str | Path, config: GrokConfig) -> LoraConfig:
+    """An adapter's config and its tensors' names and shapes (from the file's header) against the base's
+    config, before the base is loaded: a wrong base, or a crafted rank, is found without reading a weight."""
+    lora = read_adapter_config(path)
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing")
+    if lora.r > config.emb_size:
+        raise ValueError(f"{Path(path) / 'adapter_config.json'}: rank {lora.r} exceeds the base's width {config.emb_size}")
+    table = hf_module_names(config)
+    expected: dict[str, tuple[int, ...]] = {}
+    for (ours, _), module in table.items():
+        leaf = ours.split(".")[-2]
+        if leaf in lora.target_modules and ours.startswith("layers."):
+            in_f, out_f = _features_of(config, leaf)
+            expected[f"base_model.model.{module}.lora_A.weight"] = (lora.r, in_f)
+            expected[f"base_model.model.{module}.lora_B.weight"] = (out_f, lora.r)
+    if not expected:
+        raise ValueError(f"{Path(path) / 'adapter_config.json'}: no module of this {config.family} model matches the "
+                         f"LoRA targets {lora.target_modules}")  # fmt: skip
+    entries, _ = read_header(file)
+    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{file}: tensors do not match the base ({config.family}, {config.num_layers} layers): "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
+    for name, shape in expected.items():
+        if entries[name].shape != shape or not entries[name].dtype.is_floating_point:
+            raise ValueError(f"{entries[name].where()}: {entries[name].dtype_name} {entries[name].shape}, "
+                             f"expected a float {shape} for this base")  # fmt: skip
+    return lora
 
 
 def load_adapter(model: Grok, path: str | Path) -> Grok:
     """Wrap `model` with the adapter saved at `path` (dropout off) and load its weights; every tensor
     is checked by name and shape."""
-    from safetensors.torch import load_file
-
-    lora = read_adapter_config(path)
+    lora = check_adapter(path, model.config)
     lora.lora_dropout = 0.0
     add_lora(model, lora)
     file = Path(path) / "adapter_model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing")
-    stored = load_file(str(file))
-    expected = _peft_tensors(model)
-    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{file}: tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    entries, _ = read_header(file)
+    stored = {name: read_tensor(entry) for name, entry in entries.items()}
     table = {v: k for k, v in hf_module_names(model.config).items()}
     with torch.no_grad():
         for key, value in stored.items():
