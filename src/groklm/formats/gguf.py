@@ -168,7 +168,7 @@ def _q8_exact(weight: Tensor, scales: Tensor) -> np.ndarray:
 
 def _encode(p: Planned, dense: Tensor) -> np.ndarray:
     """A float tensor (fp32) as the planned GGUF type."""
-    a = dense.float().numpy()
+    a = dense.detach().float().numpy()
     if p.qtype == T.F32:
         return a
     if p.qtype == T.F16:
@@ -190,7 +190,8 @@ def _chunks(model: Grok, p: Planned) -> Iterator[np.ndarray]:
         elif leaf == "weight" and hasattr(module, "scales"):
             yield _encode(p, dense_weight(module, e))
         else:
-            yield _encode(p, getattr(module, leaf).detach())
+            value = getattr(module, leaf).detach()
+            yield _encode(p, value if e is None else value[e])
 
 
 def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], bar: Any) -> None:

@@ -53,6 +53,7 @@ class TensorInfo:
 class Scan:
     fields: dict[str, Any]  # scalars and strings as values, arrays as Array
     tensors: dict[str, TensorInfo]
+    data_start: int
 
 
 class _Cursor:
@@ -183,4 +184,4 @@ def _scan(c: _Cursor) -> Scan:
     for a, b in itertools.pairwise(spans):
         if b.offset < a.offset + a.nbytes:
             raise CheckpointError(f"{path}: tensors {a.name} and {b.name} overlap")
-    return Scan(fields, tensors)
+    return Scan(fields, tensors, start)
