@@ -322,10 +322,11 @@ def config_from_gguf(found: Scan, where: str) -> GrokConfig:
     ints = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
             "block_count", "feed_forward_length", "expert_feed_forward_length", "expert_count", "expert_used_count",
             "context_length")  # fmt: skip
-    need_ints({f"{a}.{k}": fields.get(f"{a}.{k}") for k in ints}, tuple(f"{a}.{k}" for k in ints), f"{where}: key")
+    need_ints({f"key {a}.{k}": fields.get(f"{a}.{k}") for k in ints}, tuple(f"key {a}.{k}" for k in ints), where)
     floats = ("embedding_scale", "logit_scale", "attention.output_scale", "rope.freq_base",
               "attention.layer_norm_rms_epsilon", "attn_logit_softcapping")  # fmt: skip
-    need_numbers({f"{a}.{k}": fields.get(f"{a}.{k}") for k in floats}, tuple(f"{a}.{k}" for k in floats), f"{where}: key")
+    need_numbers({f"key {a}.{k}": fields.get(f"{a}.{k}") for k in floats}, tuple(f"key {a}.{k}" for k in floats),
+                 where)  # fmt: skip
     for key in ("tokenizer.ggml.padding_token_id", "tokenizer.ggml.eos_token_id"):
         if key in fields and type(fields[key]) is not int:
             raise ValueError(f"{where}: key {key} must be an integer, not {str(fields[key])[:40]!r}")
