@@ -41,6 +41,7 @@ _GROK2_PARTS = frozenset({"dense_ffn_size", "router_softcap", "gelu", "attn_temp
 LIMITS = {"vocab_size": 1 << 24, "emb_size": 1 << 17, "key_size": 4096, "num_q_heads": 4096, "num_kv_heads": 4096,
           "num_layers": 1024, "num_experts": 1024, "sequence_len": 1 << 24, "dense_ffn_size": 1 << 20}  # fmt: skip
 MAX_FFN = 1 << 20
+MAX_PARAMETERS = 1 << 43  # about 30 times Grok-1's
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,11 @@ class GrokConfig:
         for name, limit in LIMITS.items():
             if getattr(self, name) is not None and getattr(self, name) > limit:
                 raise ValueError(f"config field {name} = {getattr(self, name)} is over the limit of {limit}")
-        if self.widening_factor * self.emb_size > 2 * MAX_FFN:
+        if self.ffn_size > MAX_FFN:
             raise ValueError(f"widening_factor {self.widening_factor} at width {self.emb_size} gives an expert hidden "
                              f"size over the limit of {MAX_FFN}")  # fmt: skip
+        if self.param_counts()[0] > MAX_PARAMETERS:
+            raise ValueError(f"config gives {self.param_counts()[0]:.3g} parameters, over the limit of {MAX_PARAMETERS:.3g}")
         if self.gelu not in ("tanh", "erf"):
             raise ValueError(f"config field gelu must be 'tanh' or 'erf', not {self.gelu!r}")
         if self.attn_temperature_len is not None and self.attn_temperature_len < 2:

@@ -10,7 +10,6 @@ context length (a window's tokens attend across example boundaries, as in most p
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from groklm.formats.common import CheckpointError, parse_json
 
 IGNORE = -100  # targets the loss skips
 
@@ -41,9 +42,9 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            obj = parse_json(line, f"{path}:{n}", limit=len(line.encode()))
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{n}: expected an object with 'text', or 'prompt' and 'completion'")
         if isinstance(obj.get("text"), str):
