@@ -463,3 +463,14 @@ def test_verify_says_how_many_bytes_a_truncated_file_needs(tmp_path: Path) -> No
     problems = [str(p) for p in verify.verify(tmp_path, config, progress=False).problems]
     line = next(p for p in problems if "tensor00002_000" in p)
     assert f"bytes, has {size // 3}" in line and "needs " in line and "offset" not in line, line
+
+
+def test_a_tokenizer_far_smaller_than_the_vocabulary_is_warned_of_naming_both_sizes() -> None:
+    from groklm.tokenizer import Tokenizer, check_vocabulary
+
+    tok = Tokenizer(TOKENIZER)
+    assert check_vocabulary(tok, 131072) is None
+    warning = check_vocabulary(tok, 1 << 20)
+    assert warning is not None and "131072 pieces" in warning and "1048576" in warning and str(TOKENIZER) in warning
+    with pytest.raises(ValueError, match="131072 pieces, more than the model's vocabulary of 1024"):
+        check_vocabulary(tok, 1024)
