@@ -288,6 +288,12 @@ def made(base: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dic
     (ad / "deep" / "adapter_config.json").write_text(DEEP)
     paths["adapter:rank-string"] = _adapter(ad / "rank-string", TINY)
     _edit_json(ad / "rank-string" / "adapter_config.json", _set(r="4"))
+    released = {"config-deep": DEEP, "layers-1e9": json.dumps({**TINY.to_dict(), "num_layers": 10**9}),
+                "no-files": json.dumps(TINY.to_dict())}  # fmt: skip
+    for name, text in released.items():
+        paths[f"released:{name}"] = d / f"released-{name}"
+        (d / f"released-{name}" / "ckpt-0").mkdir(parents=True)
+        (d / f"released-{name}" / "config.json").write_text(text)
     paths["config:a-list"] = d / "list.json"
     paths["config:a-list"].write_text("[]")
     paths["config:deep"] = d / "deep.json"
@@ -335,6 +341,9 @@ CASES: list[tuple[str, str, str]] = [
     ("grok2:hidden-string", "info --checkpoint {grok2:hidden-string}", "config.json: hidden_size must be a positive"),
     ("grok2:config-deep", "info --checkpoint {grok2:config-deep}", "config.json: JSON nested more than 64 deep"),
     ("grok2:layers-plus-1", f"{GENERATE} {{grok2:layers-plus-1}}", "tensors missing for this config"),
+    ("released:config-deep", "info --checkpoint {released:config-deep}", "config.json: JSON nested more than 64"),
+    ("released:layers-1e9", "info --checkpoint {released:layers-1e9}", "num_layers = 1000000000 is over the limit"),
+    ("released:no-files", f"{GENERATE} {{released:no-files}}", "0 tensor files, but the config (2 layers) needs"),
     ("tok:bad-byte", "generate --checkpoint {base:native} hi --tokenizer {tok:bad-byte}",
      "regular_tokens[300]: bytes must be a non-empty list of values 0..255"),
     ("tok:one-byte-short", "generate --checkpoint {base:native} hi --tokenizer {tok:one-byte-short}",
