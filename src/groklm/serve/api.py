@@ -3,7 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 POST /tokenize, POST /detokenize, GET /metrics (Prometheus), GET / (the playground). Request and
 response shapes are the OpenAI API's, with vLLM's extensions (`top_k`, `ignore_eos`,
-`stop_token_ids`). Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400
+`stop_token_ids`, `structured_outputs`); structured outputs and tool calls are read by `constrain.py`,
+enforced by `grammar.py` and parsed by `tools.py`. A field a body does not define is a 400 naming it.
+Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400
 with the field named for a bad request (`protocol.py` parses and bounds every body), 401 for a wrong
 API key, 404 for an unknown model, 408 for a body too slow and 413 for one too big (`guard.py`), 500
 for a request whose generation failed (that request alone), 503 with Retry-After when the wait queue
@@ -29,8 +31,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from groklm.serve import tools as tool_calls
 from groklm.serve.chat import ChatTemplate
+from groklm.serve.constrain import Constraint, ToolUse, output_constraint, tool_use
 from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
+from groklm.serve.grammar import Grammar, GrammarError, Grammars
 from groklm.serve.guard import Guard
 from groklm.serve.protocol import (
     ApiError,
@@ -83,6 +88,8 @@ class Server:
         tok = self.tokenizer
         longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size)) if tok is not None else 1
         self.limits = Limits(max(1, engine.max_waiting), engine.max_model_len, engine.max_model_len * max(1, longest))
+        config = engine.model.config
+        self.grammars = Grammars(self.tokenizer, config.vocab_size, config.eos_token)
 
     def _encoder(self, param: str) -> Any:
         if self.tokenizer is None:
@@ -96,15 +103,28 @@ class Server:
         tok = self._encoder(param)
         return await off_loop(sum(map(len, texts)), lambda: [tok.encode(t) for t in texts])
 
-    async def encode_chat(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    async def encode_chat(self, messages: list[Message], add_generation_prompt: bool,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:  # fmt: skip
         """The chat prompt's ids; the clients' contents are text (special-token strings in them too)."""
         tok = self._encoder("messages")
 
         def run() -> list[int]:
-            text, spans = _render(self, messages, add_generation_prompt)
+            text, spans = _render(self, messages, add_generation_prompt, tools)
             return tok.encode(text, spans)  # type: ignore[no-any-return]
 
-        return await off_loop(sum(len(m.text()) for m in messages), run)
+        return await off_loop(sum(len(m.text()) for m in messages) + len(json.dumps(tools or [])), run)
+
+    async def grammar(self, constraint: Constraint | None) -> Grammar | None:
+        """The compiled grammar, 400 naming the field. On the heavy-work thread: the first builds the
+        vocabulary (about half a second), a large one takes up to a second."""
+        if constraint is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                _HEAVY, self.grammars.compile, constraint.grammar, constraint.param
+            )
+        except GrammarError as e:
+            raise bad(e) from None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -225,6 +245,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
             raise ApiError(400, f"logprobs: must be in 0..5, not {req.logprobs}", "logprobs")
         server.limits.completion(req)
         params = server.params(req, req.logprobs, req.echo and req.logprobs is not None, chat=False, default_max=16)
+        params = dataclasses.replace(params, grammar=await server.grammar(_output_constraint(req)))
         prompts = await _prompts(server, req.prompt)
         run = _Run(server, prompts, params, req.n, request)
         if req.stream:
@@ -241,24 +262,64 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         for i, m in enumerate(req.messages):
             if m.role == "user" and not m.text():
                 raise ApiError(400, f"messages.{i}.content: a user message needs content", "messages")
-        prompt = await server.encode_chat(req.messages, req.add_generation_prompt)
+        try:
+            use = tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except GrammarError as e:
+            raise bad(e) from None
+        if use is not None:
+            server.limits.text(json.dumps(use.listed), "tools")
+        constraint = _output_constraint(req)
+        if use is not None and use.forced is not None and constraint is not None:
+            raise ApiError(400, f"tool_choice: a forced tool call cannot also follow {constraint.param}", "tool_choice")
+        prompt = await server.encode_chat(req.messages, req.add_generation_prompt, use.listed if use else None)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         rest = max(1, engine.max_model_len - len(prompt))  # no limit given: the rest of the context, as vLLM does
         params = server.params(req, logprobs, False, chat=True, default_max=rest)
+        forced = use.forced if use is not None else None
+        params = dataclasses.replace(params, grammar=await server.grammar(forced or constraint))
         run = _Run(server, [prompt], params, req.n, request)
         if req.stream:
-            return _sse(_chat_chunks(run, req))
-        return JSONResponse(await _chat_body(run, req))
+            return _sse(_chat_chunks(run, req, use))
+        return JSONResponse(await _chat_body(run, req, use))
 
     return app
 
 
-def _render(server: Server, messages: list[Message], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def _output_constraint(req: Sampling) -> Constraint | None:
+    guided = {name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")}
     try:
-        return server.chat.render_spans(plain, add_generation_prompt)
+        return output_constraint(req.response_format, req.structured_outputs, guided)
+    except GrammarError as e:
+        raise bad(e) from None
+
+
+def _render(server: Server, messages: list[Message], add_generation_prompt: bool,
+            tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+    plain = []
+    for i, m in enumerate(messages):
+        if (m.tool_calls and m.role != "assistant") or (m.tool_call_id is not None and m.role != "tool"):
+            raise ApiError(400, f"messages.{i}: tool_calls belong to assistant messages, tool_call_id to tool ones",
+                           "messages")  # fmt: skip
+        if m.role == "tool" and m.tool_call_id is None:
+            raise ApiError(400, f"messages.{i}.tool_call_id: a tool message answers a call: give its id", "messages")
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        message.update(m.model_dump(include={"name", "tool_call_id"}, exclude_none=True))
+        if m.tool_calls:
+            message["tool_calls"] = [_call(i, j, c.model_dump()) for j, c in enumerate(m.tool_calls)]
+        plain.append(message)
+    try:
+        return server.chat.render_spans(plain, add_generation_prompt, tools)
     except ValueError as e:
         raise bad(e) from None
+
+
+def _call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier call as templates take it (Hugging Face's): its arguments parsed."""
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except json.JSONDecodeError:
+        raise ApiError(400, f"messages.{i}.tool_calls.{j}.function.arguments: not JSON", "messages") from None
+    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 async def _prompts(server: Server, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -461,7 +522,7 @@ def _chat_logprob(
     return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
 
 
-async def _chat_body(run: _Run, req: ChatRequest) -> dict[str, Any]:
+async def _chat_body(run: _Run, req: ChatRequest, use: ToolUse | None) -> dict[str, Any]:
     texts = [""] * run.choices
     lps: list[list[dict[str, Any]]] = [[] for _ in range(run.choices)]
     finishes: list[FinishEvent | None] = [None] * run.choices
@@ -475,33 +536,57 @@ async def _chat_body(run: _Run, req: ChatRequest) -> dict[str, Any]:
     if any(f is None for f in finishes):
         raise ApiError(499, "client closed the request")
     done = [f for f in finishes if f is not None]
-    choices = [
-        {"index": c, "message": {"role": "assistant", "content": texts[c]},
-         "logprobs": {"content": lps[c]} if req.logprobs else None, "finish_reason": _finish_reason(f)}
-        for c, f in enumerate(done)
-    ]  # fmt: skip
+    choices = []
+    for c, f in enumerate(done):
+        message: dict[str, Any] = {"role": "assistant", "content": texts[c]}
+        reason = _finish_reason(f)
+        if use is not None:
+            content, calls = tool_calls.parse(texts[c], use.tools, use.parallel)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
+        choices.append({"index": c, "message": message, "logprobs": {"content": lps[c]} if req.logprobs else None,
+                        "finish_reason": reason})  # fmt: skip
     return {"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created,
             "model": run.server.model_name, "choices": choices, "usage": run.usage(done)}  # fmt: skip
 
 
-async def _chat_chunks(run: _Run, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(run: _Run, req: ChatRequest, use: ToolUse | None) -> AsyncIterator[dict[str, Any]]:
     head = {"id": f"chatcmpl-{run.id}", "object": "chat.completion.chunk", "created": run.created,
             "model": run.server.model_name}  # fmt: skip
     for c in range(run.choices):
         yield {**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}  # fmt: skip
     finishes: list[FinishEvent] = []
+    parsers = [tool_calls.ToolParser(use.tools, use.parallel) if use else None for _ in range(run.choices)]
+
+    def delta(choice: int, body: dict[str, Any], logprobs: Any = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": choice, "delta": body, "logprobs": logprobs, "finish_reason": None}]}
+
     async for choice, event in run.events():
+        parser = parsers[choice]
         if isinstance(event, FinishEvent):
             finishes.append(event)
-            yield {**head, "choices": [{"index": choice, "delta": {}, "logprobs": None,
-                                        "finish_reason": _finish_reason(event)}]}  # fmt: skip
+            reason = _finish_reason(event)
+            if parser is not None:
+                rest = parser.finish()
+                if rest:
+                    yield delta(choice, {"content": rest})
+                reason = "tool_calls" if parser.calls and reason == "stop" else reason
+            yield {**head, "choices": [{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}]}
         elif isinstance(event, TokenEvent) and (event.text or (req.logprobs and event.token >= 0)):
             logprobs = None
             if req.logprobs and event.token >= 0:
                 logprobs = {"content": [_chat_logprob(run.server, event.token, event.logprob, event.top_logprobs)]}
-            yield {**head, "choices": [{"index": choice, "delta": {"content": event.text}, "logprobs": logprobs,
-                                        "finish_reason": None}]}  # fmt: skip
+            text, calls = (event.text, []) if parser is None else parser.feed(event.text)
+            if text or logprobs:
+                yield delta(choice, {"content": text}, logprobs)
+            for call in calls:  # as vLLM streams one: its id and name first, then its arguments
+                index = len(parser.calls) - len(calls) + calls.index(call)  # type: ignore[union-attr]
+                fn = call["function"]
+                yield delta(choice, {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                     "function": {"name": fn["name"], "arguments": ""}}]})  # fmt: skip
+                yield delta(choice, {"tool_calls": [{"index": index, "function": {"arguments": fn["arguments"]}}]})
     if req.stream_options and req.stream_options.include_usage and len(finishes) == run.choices:
         yield {**head, "choices": [], "usage": run.usage(finishes)}
 

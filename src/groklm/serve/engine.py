@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,6 +38,9 @@ from groklm.generate import Decode, check_sampling, decode_one, sample
 from groklm.model import Grok, KVCache
 from groklm.serve.metrics import Metrics
 from groklm.tokenizer import AnyTokenizer, TextStream
+
+if TYPE_CHECKING:
+    from groklm.serve.grammar import Grammar, Matcher
 
 
 class QueueFull(RuntimeError):
@@ -61,6 +65,7 @@ class Params:
     ignore_eos: bool = False
     logprobs: int | None = None  # alternatives to report per token (0: only the chosen one's)
     prompt_logprobs: bool = False  # logprobs of the prompt's tokens too (echo)
+    grammar: Grammar | None = field(default=None, compare=False)  # structured output: each row masked by it
 
 
 @dataclass
@@ -107,6 +112,7 @@ class Sequence:
     last_token_at: float | None = None
     aborted: bool = False
     aborted_at_step: int = 0
+    matcher: Matcher | None = None
 
 
 @dataclass
@@ -239,6 +245,7 @@ class Engine:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (the most the server queues)")
             seq = Sequence(next(self._ids), list(prompt), params, emit, gen, text, time.monotonic())
+            seq.matcher = params.grammar.start() if params.grammar is not None else None
             self.waiting.append(seq)
             self.by_id[seq.id] = seq
             self.metrics.waiting.set(len(self.waiting))
@@ -430,7 +437,8 @@ class Engine:
         """Sample this sequence's next token from its logits [V], report it, and finish it if it is done."""
         p = seq.params
         gens = None if seq.generator is None else [seq.generator]
-        token = int(sample(logits[None], p.temperature, p.top_p, p.top_k, gens)[0])
+        allowed = logits if seq.matcher is None else seq.matcher.mask(logits)
+        token = int(sample(allowed[None], p.temperature, p.top_p, p.top_k, gens)[0])
         logprob, tops = None, None
         if p.logprobs is not None:
             lp = logits.float().log_softmax(-1)
@@ -442,11 +450,20 @@ class Engine:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.output.append(token)
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         self.metrics.generation_tokens.inc()
         piece = seq.text.add(token) if seq.text is not None else ""
         seq.emit(TokenEvent(token, piece, logprob, tops))
         eos = token == self.model.config.eos_token and not p.ignore_eos
-        if eos or token in p.stop_token_ids or (seq.text is not None and seq.text.stopped):
+        if seq.matcher is not None and seq.matcher.error:
+            self._finish(seq, "error", f"grammar: {seq.matcher.error}")
+        elif (
+            eos
+            or token in p.stop_token_ids
+            or (seq.text is not None and seq.text.stopped)
+            or (seq.matcher is not None and seq.matcher.done)
+        ):
             self._finish(seq, "stop")
         elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
             self._finish(seq, "length")

@@ -36,7 +36,7 @@ class ApiError(Exception):
 def bad(e: ValueError) -> ApiError:
     """A ValueError from the checks, whose message starts with the setting's name, as a 400 naming it."""
     message = str(e).replace("max_new_tokens", "max_tokens")
-    param = message.split(":")[0].split(" ")[0]
+    param = message.split(":")[0].split(" ")[0].split(".")[0]
     return ApiError(400, message, param=param if param.isidentifier() else None)
 
 
@@ -44,9 +44,10 @@ def bad(e: ValueError) -> ApiError:
 
 
 class _Body(BaseModel):
-    """Unknown fields are ignored, as vLLM does."""
+    """A field the body does not define is a 400 naming it (nothing silently ignored): a new parameter
+    is one line in its model, and one in the README's list."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -71,7 +72,13 @@ class Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, no effect
+    response_format: dict[str, Any] | None = None  # read by constrain.py, as are the rest
+    structured_outputs: dict[str, Any] | None = None  # vLLM's
+    guided_json: dict[str, Any] | str | None = None  # vLLM's names before 0.12
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(Sampling):
@@ -87,9 +94,23 @@ class ContentPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # passed to a custom template; the default one does not show it
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result answers this call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -103,6 +124,9 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Body):
@@ -163,6 +187,9 @@ def _invalid(e: ValidationError) -> ApiError:
     loc = [str(p) for p in first.get("loc", ())]
     if not loc:
         return ApiError(400, f"body: {first.get('msg')} (a JSON object)")
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"{'.'.join(loc)}: unrecognized or unsupported parameter (the README lists each "
+                             "route's)", loc[0], "unknown_parameter")  # fmt: skip
     shape = next((i for i, p in enumerate(loc) if p in _SHAPES), None)
     if shape is not None and len(loc) > shape + 1 and not loc[shape + 1].isdigit():  # one of its shapes failed
         return ApiError(400, f"{'.'.join(loc[: shape + 1])}: {_SHAPES[loc[shape]]}", loc[0])
