@@ -1,7 +1,7 @@
 """`groklm serve` on bench-mid over real HTTP: N concurrent streaming clients against the plain batched
 decode measured in the same run, and the time to first token with a cached 512-token prefix, as JSON.
 
-    .venv/bin/python benchmarks/serve.py [--clients 1 4 8 16] [--tokens 64] [--runs 2]
+    .venv/bin/python benchmarks/serve.py [--clients 1 4 8 16] [--tokens 64] [--runs 2] [--schema] [--preset P]
 
 For each N, N clients start together, each with a prompt of its own length (16-128 tokens, greedy,
 `--tokens` new tokens, EOS ignored), streaming. Reported per N:
@@ -12,6 +12,8 @@ For each N, N clients start together, each with a prompt of its own length (16-1
   same model, measured right before; `engine_over_plain` = decode / plain: the engine's own cost;
 - time to first token and inter-token latency (p50, p99; one reading per token received).
 The plain decode is scored against the read bandwidth measured around it (`roofline_fraction`).
+`--schema` puts a JSON schema (SCHEMA: a list of strings, long enough to fill `--tokens`) on every
+request: the same figures then include the grammar's cost, each row's token mask.
 Prefix: the time to first token of a 512-token prompt prefilled from nothing, then of one sharing its
 first 512 tokens (cached by the first) with 8 more, each alone on the server.
 """
@@ -40,6 +42,8 @@ from groklm.config import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "tokenizer" / "grok-1" / "tokenizer.model"
+SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+          "required": ["notes"], "additionalProperties": False}  # fmt: skip
 
 
 def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
@@ -57,10 +61,12 @@ def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str
     raise RuntimeError("the server did not start")
 
 
-def stream(url: str, prompt: list[int], tokens: int) -> tuple[float, list[float], int]:
+def stream(url: str, prompt: list[int], tokens: int, schema: bool = False) -> tuple[float, list[float], int]:
     """(request start, arrival time of every streamed chunk, completion tokens)."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if schema:
+        body["structured_outputs"] = {"json": SCHEMA}
     start, arrivals, used = time.perf_counter(), [], 0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
@@ -74,11 +80,12 @@ def stream(url: str, prompt: list[int], tokens: int) -> tuple[float, list[float]
     return start, arrivals, used
 
 
-def concurrent(url: str, n: int, tokens: int, rng: random.Random) -> dict[str, Any]:
+def concurrent(url: str, n: int, tokens: int, rng: random.Random, schema: bool = False) -> dict[str, Any]:
     prompts = [[rng.randrange(3, 100_000) for _ in range(rng.randint(16, 128))] for _ in range(n)]
     results: list[Any] = [None] * n
     threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, prompts[i], tokens))) for i in range(n)
+        threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, prompts[i], tokens, schema)))
+        for i in range(n)
     ]
     t0 = time.perf_counter()
     for t in threads:
@@ -121,13 +128,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--schema", action="store_true", help="a JSON schema on every request (grammar overhead)")
+    parser.add_argument("--preset", default="bench-mid", help="the random checkpoint served (mini: a small one)")
     args = parser.parse_args()
-    ckpt = CACHE / "bench-mid"
+    ckpt = CACHE / args.preset
     if not (ckpt / "ckpt-0").is_dir():
-        groklm.write_random_checkpoint(ckpt, get_preset("bench-mid"), seed=0, progress=False)
+        groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
     model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
     proc, url = start_server(ckpt, max(args.clients))
-    report: dict[str, Any] = {"threads": torch.get_num_threads()}
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "preset": args.preset, "schema": args.schema}
     rng = random.Random(0)
     try:
         stream(url, [5, 6, 7], 4)  # warm up
@@ -135,7 +144,7 @@ def main() -> None:
             runs = []
             for _ in range(args.runs):
                 plain = plain_decode(model, n, 8)
-                served = concurrent(url, n, args.tokens, rng)
+                served = concurrent(url, n, args.tokens, rng, args.schema)
                 ratio = (
                     served["decode_tokens_per_s"] / plain["plain_decode_tokens_per_s"]
                     if served["decode_tokens_per_s"]

@@ -5,8 +5,8 @@ POST /tokenize, POST /detokenize, GET /metrics (Prometheus), GET / (the playgrou
 response shapes are the OpenAI API's, with vLLM's extensions (`top_k`, `ignore_eos`,
 `stop_token_ids`, `structured_outputs`); structured outputs and tool calls are read by `constrain.py`,
 enforced by `grammar.py` and parsed by `tools.py`. A field a body does not define is a 400 naming it.
-Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400
-with the field named for a bad request (`protocol.py` parses and bounds every body), 401 for a wrong
+Errors are OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400 with the field named
+for a bad request (`protocol.py` parses and bounds every body), 401 for a wrong
 API key, 404 for an unknown model, 408 for a body too slow and 413 for one too big (`guard.py`), 500
 for a request whose generation failed (that request alone), 503 with Retry-After when the wait queue
 is full or the server is stopping.

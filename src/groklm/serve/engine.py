@@ -6,7 +6,8 @@ decoding sequence in one batched model call, runs one chunk (`prefill_chunk` tok
 prefilling sequence, and retires what finished (EOS, a stop string, `max_tokens`, the context, or an
 abort when the client left), freeing its row at once. Sequences with different sampling settings
 share a step: each row samples with its own settings and, when seeded, its own generator, exactly as
-`generate` samples that row alone.
+`generate` samples that row alone. A row with a grammar (`Params.grammar`: structured outputs, forced
+tool calls) has its logits masked by its own matcher first, and finishes when the grammar is complete.
 
 KV cache: one preallocated `KVCache` of `max_batch` rows of `max_model_len` slots; a sequence owns a
 row and starts at position 0, as it would alone. Decoding rows are kept at the front (rows
