@@ -12,8 +12,9 @@ For each N, N clients start together, each with a prompt of its own length (16-1
   same model, measured right before; `engine_over_plain` = decode / plain: the engine's own cost;
 - time to first token and inter-token latency (p50, p99; one reading per token received).
 The plain decode is scored against the read bandwidth measured around it (`roofline_fraction`).
-`--schema` puts a JSON schema (SCHEMA: a list of strings, long enough to fill `--tokens`) on every
-request: the same figures then include the grammar's cost, each row's token mask.
+`--schema` puts a JSON schema (SCHEMA: at least 64 short strings, more than `--tokens` can hold, so
+no document ends early) on every request: the same figures then include the grammar's cost, each
+row's token mask.
 Prefix: the time to first token of a 512-token prompt prefilled from nothing, then of one sharing its
 first 512 tokens (cached by the first) with 8 more, each alone on the server.
 """
@@ -42,8 +43,8 @@ from groklm.config import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "tokenizer" / "grok-1" / "tokenizer.model"
-SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
-          "required": ["notes"], "additionalProperties": False}  # fmt: skip
+SCHEMA = {"type": "object", "required": ["notes"], "additionalProperties": False,
+          "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 64}}}  # fmt: skip
 
 
 def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
@@ -139,7 +140,7 @@ def main() -> None:
     report: dict[str, Any] = {"threads": torch.get_num_threads(), "preset": args.preset, "schema": args.schema}
     rng = random.Random(0)
     try:
-        stream(url, [5, 6, 7], 4)  # warm up
+        stream(url, [5, 6, 7], 4, args.schema)  # warm up (with a schema: the grammar's vocabulary is built once)
         for n in args.clients:
             runs = []
             for _ in range(args.runs):

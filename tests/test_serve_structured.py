@@ -19,7 +19,7 @@ import torch
 import groklm
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.constrain import output_constraint
-from groklm.serve.grammar import GrammarError, Grammars
+from groklm.serve.grammar import GrammarError, Grammars, _SentencePiece
 from groklm.serve.tools import ToolParser, parse_tools
 from groklm.tokenizer import Tokenizer, find_tokenizer
 from tests.conftest import SHARED, TOKENIZER
@@ -230,6 +230,13 @@ def test_masks_on_both_vocabularies_give_valid_json(tokenizer: str) -> None:
         Grammars(tok, vocab, tok.eos_id).compile(bad.grammar, bad.param)
 
 
+def test_sentencepiece_as_llguidance_sees_it_encodes_text_without_the_dummy_prefix() -> None:
+    tok = Tokenizer(TOKENIZER)
+    wrapper = _SentencePiece(tok, tok.vocab_size, tok.eos_id)
+    for text in ("test", " test", '{"a": 1}', "", "\n", "\n\nx", "\n\n\n", "  two", "héllo 日本語", "a\tb"):
+        assert b"".join(tok.token_bytes(t) for t in wrapper(text)) == text.encode(), text
+
+
 def test_auto_tool_calls_are_parsed_from_streamed_text_and_the_template_renders_them() -> None:
     tools = parse_tools(TOOLS)
     text = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "paris", "rank": 1, "sunny": true}}'
@@ -255,3 +262,17 @@ def test_auto_tool_calls_are_parsed_from_streamed_text_and_the_template_renders_
         'Human: Use celsius<|separator|>\n\nAssistant: <tool_call>{"name": "set_unit", "arguments": {"unit": "c"}}'
         "</tool_call><|separator|>\n\nTool: <tool_response>ok</tool_response><|separator|>\n\nAssistant:"
     )
+
+
+def test_grok2_tiktoken_server_gives_valid_json_and_tool_calls() -> None:
+    with serve(SHARED / "golden" / "grok2-tiny", "--max-batch", "2") as s:
+        c = client(s)
+        fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+        r = c.chat.completions.create(model="grok2-tiny", messages=ASK, max_tokens=MAX, temperature=1.0, seed=0,  # type: ignore[arg-type]
+                                      response_format=fmt)  # type: ignore[arg-type]  # fmt: skip
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content or ""), CITY)
+        r = c.chat.completions.create(model="grok2-tiny", messages=ASK, max_tokens=MAX, temperature=0, tools=TOOLS,  # type: ignore[arg-type]
+                                      tool_choice="required")  # type: ignore[arg-type]  # fmt: skip
+        call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])

@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import llguidance as llg
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -96,14 +97,18 @@ class _SentencePiece:
         # llguidance marks a special token by a leading 0xff byte; ids past the tokenizer's are never allowed.
         self.tokens = [b"\xff" + tok.token_bytes(t) if t in special else tok.token_bytes(t) for t in range(n)]
         self.tokens += [b""] * (vocab_size - n)
-        self.newline = tok.encode("\n")
+        self.byte_ids = [int(sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256)]
 
     def __call__(self, text: str | bytes) -> list[int]:
-        # SentencePiece adds a space before the text ("dummy prefix"); encoding after a newline and
-        # dropping the newline's pieces gives the text's own tokens.
+        # SentencePiece puts a space before the text ("dummy prefix"): encode it after a newline, drop the
+        # pieces of " \n", and spell out in byte pieces what a piece straddling them adds.
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-        ids = self.tok.encode("\n" + text)
-        return ids[len(self.newline) :] if ids[: len(self.newline)] == self.newline else ids
+        ids, head = self.tok.encode("\n" + text), b""
+        for i, t in enumerate(ids):
+            head += self.tok.token_bytes(t)
+            if len(head) >= 2:
+                return [self.byte_ids[b] for b in head[2:]] + ids[i + 1 :]
+        return []
 
 
 class Grammar:
@@ -122,21 +127,21 @@ class Grammar:
 class Matcher:
     """One sequence's place in its grammar (used by the engine's thread only)."""
 
-    _bits: dict[torch.device, Tensor] = {}  # noqa: RUF012 (a cache of constants, one per device)
-
     def __init__(self, matcher: Any, vocab: Vocabulary) -> None:
         self.m, self.vocab = matcher, vocab
-        self.bitmask = torch.empty(vocab.words, dtype=torch.int32)
+        self.bitmask = np.empty(vocab.words, dtype=np.int32)
 
     def mask(self, logits: Tensor) -> Tensor:
         """These logits [V] with every token the grammar forbids next at -inf (a new tensor)."""
-        self.m.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.vocab.words * 4)
-        bits = self._bits.get(logits.device)
-        if bits is None:
-            bits = self._bits[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-        words = self.bitmask.to(logits.device, non_blocking=True)
-        allowed = ((words[:, None] >> bits) & 1).view(-1)[: logits.shape[-1]].bool()
-        return logits.masked_fill(~allowed, float("-inf"))
+        self.m.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
+        if self.m.is_error() or not self.bitmask.any():
+            return logits  # no token would do (an all -inf row cannot be sampled): the row ends with the error
+        # In numpy, one thread (bit j of word i is token 32 i + j): torch splits a 131072-wide op over its
+        # threads, which costs milliseconds when they are contended.
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: logits.shape[-1]].view(np.bool_)
+        if logits.device.type == "cpu":
+            return torch.from_numpy(np.where(allowed, logits.float().numpy(), np.float32(-np.inf)))
+        return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
 
     def accept(self, token: int) -> None:
         self.m.consume_token(token)
