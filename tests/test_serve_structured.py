@@ -172,6 +172,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(20000)}}}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "guided_regex": "a", "response_format": {"type": "json_object"}},
      "response_format"),
     ("/v1/completions", {"prompt": "hi", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),

@@ -43,6 +43,8 @@ def json_schema_grammar(schema: Any, param: str) -> str:
         return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS))  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:
         raise GrammarError(f"{param}: {e}") from None
+    except RecursionError:
+        raise GrammarError(f"{param}: nested too deeply") from None
 
 
 def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:

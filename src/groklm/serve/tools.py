@@ -64,7 +64,10 @@ def call_grammar(tools: list[Tool]) -> str:
         for t in tools
     ]  # fmt: skip
     schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return f'start: "{OPEN}" call "{CLOSE}"\ncall: %json {json.dumps(compact_schema(schema))}\n'
+    try:
+        return f'start: "{OPEN}" call "{CLOSE}"\ncall: %json {json.dumps(compact_schema(schema))}\n'
+    except RecursionError:
+        raise GrammarError("tools: a function's parameters are nested too deeply") from None
 
 
 def new_id() -> str:
