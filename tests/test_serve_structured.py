@@ -165,6 +165,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages"),
     ("/v1/chat/completions", {"messages": ASK, "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "text", "schema": {}}}, "response_format"),
     ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
         "schema": {"type": "bogus"}}}}, "response_format"),
     ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {

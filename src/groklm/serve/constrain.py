@@ -29,8 +29,9 @@ def output_constraint(response_format: Any, structured_outputs: Any, guided: dic
     asked = [(name, value) for name, value in guided.items() if value is not None]
     if structured_outputs is not None:
         asked.append(("structured_outputs", structured_outputs))
-    if response_format is not None and _format_type(response_format) != "text":
-        asked.append(("response_format", response_format))
+    fmt = None if response_format is None else _response_format(response_format)
+    if fmt is not None:
+        asked.append(("response_format", fmt))
     if len(asked) > 1:
         raise g.GrammarError(f"{asked[1][0]}: give one of response_format, structured_outputs or guided_*, "
                              f"not also {asked[0][0]}")  # fmt: skip
@@ -38,7 +39,7 @@ def output_constraint(response_format: Any, structured_outputs: Any, guided: dic
         return None
     name, value = asked[0]
     if name == "response_format":
-        return Constraint(_response_format(value), name)
+        return Constraint(value, name)
     if name == "structured_outputs":
         if not isinstance(value, dict):
             raise g.GrammarError("structured_outputs: an object with one of " + ", ".join(STRUCTURED_KEYS))
@@ -61,11 +62,14 @@ def _format_type(value: Any) -> str:
     return str(kind)
 
 
-def _response_format(value: dict[str, Any]) -> str:
+def _response_format(value: dict[str, Any]) -> str | None:
+    """The grammar `response_format` asks for; None for text."""
     kind = _format_type(value)
-    extra = sorted(set(value) - {"type", "json_schema"})
+    extra = sorted(set(value) - {"type"} - ({"json_schema"} if kind == "json_schema" else set()))
     if extra:
         raise g.GrammarError(f"response_format.{extra[0]}: unknown field")
+    if kind == "text":
+        return None
     if kind == "json_object":
         return g.json_schema_grammar({"type": "object"}, "response_format")
     spec = value.get("json_schema")
