@@ -279,3 +279,19 @@ def test_grok2_tiktoken_server_gives_valid_json_and_tool_calls() -> None:
                                       tool_choice="required")  # type: ignore[arg-type]  # fmt: skip
         call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_generate_takes_matchers_too(reference: groklm.Grok) -> None:
+    """`groklm.generate` with a matcher on one row: that row is a valid document, the free row unchanged."""
+    tok = Tokenizer(TOKENIZER)
+    config = reference.config
+    constraint = output_constraint({"type": "json_schema", "json_schema": {"schema": CITY}}, None, {})
+    assert constraint is not None
+    grammar = Grammars(tok, config.vocab_size, config.eos_token).compile(constraint.grammar, constraint.param)
+    prompts = [tok.encode("Weather:"), tok.encode("Once upon a time")]
+    free = groklm.generate(reference, prompts[1:], max_new_tokens=60)[0]
+    doc, same = groklm.generate(reference, prompts, max_new_tokens=60, matchers=[grammar.start(), None])
+    jsonschema.validate(json.loads(tok.decode(doc)), CITY)
+    assert same == free
+    with pytest.raises(ValueError, match="matchers: one per prompt"):
+        groklm.generate(reference, prompts, max_new_tokens=4, matchers=[None])

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from groklm.model import Grok, KVCache
 from groklm.tokenizer import TextStream, Tokenizer
+
+if TYPE_CHECKING:
+    from groklm.serve.grammar import Matcher
 
 MAX_SEED = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as vLLM's are: dividing by them overflows fp32
@@ -173,12 +176,15 @@ def generate_stream(
     stop_at_eos: bool = True,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     decode: Decode = decode_one,
+    matchers: Sequence[Matcher | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every row (None for rows already finished).
 
     A row finishes at EOS (if `stop_at_eos`; the reference never stops early), when
-    `should_stop(row, its new tokens)` says so, or after `max_new_tokens`. `decode` runs each step
-    (e.g. `compile_decode()`). The prompts and settings are checked here, before anything runs.
+    `should_stop(row, its new tokens)` says so, when its grammar is complete, or after `max_new_tokens`.
+    `decode` runs each step (e.g. `compile_decode()`). `matchers`, one per row or None, constrain rows to
+    a grammar (`groklm.serve.grammar`: structured outputs). The prompts and settings are checked here,
+    before anything runs.
     """
     config = model.config
     check_prompts(prompts, config.vocab_size)
@@ -189,7 +195,10 @@ def generate_stream(
             f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) = {slots} "
             f"exceeds the context length {config.sequence_len}"
         )
-    return _stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, should_stop, decode)
+    if matchers is not None and len(matchers) != len(prompts):
+        raise ValueError(f"matchers: one per prompt (or None), not {len(matchers)} for {len(prompts)} prompts")
+    return _stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, should_stop, decode,
+                   matchers)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -204,6 +213,7 @@ def _stream(
     stop_at_eos: bool,
     should_stop: Callable[[int, list[int]], bool] | None,
     decode: Decode,
+    matchers: Sequence[Matcher | None] | None = None,
 ) -> Iterator[list[int | None]]:
     config = model.config
     longest = max(len(p) for p in prompts)
@@ -217,6 +227,11 @@ def _stream(
 
     logits = prefill(model, prompts, cache)
     for step in range(max_new_tokens):
+        if matchers is not None:
+            rows = [
+                x if m is None or done[i] else m.mask(x) for i, (m, x) in enumerate(zip(matchers, logits, strict=True))
+            ]
+            logits = torch.stack([r.to(logits.dtype) for r in rows])
         tokens = sample(logits, temperature, top_p, top_k, generators)
         out: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
@@ -225,7 +240,12 @@ def _stream(
                 continue
             produced[row].append(token)
             out.append(token)
+            matcher = matchers[row] if matchers is not None else None
+            if matcher is not None:
+                matcher.accept(token)
             if (stop_at_eos and token == config.eos_token) or (should_stop and should_stop(row, produced[row])):
+                done[row] = True
+            elif matcher is not None and (matcher.done or matcher.error):
                 done[row] = True
         yield out
         if all(done) or step == max_new_tokens - 1:
@@ -247,10 +267,12 @@ def generate(
     seed: int | None = None,
     stop_at_eos: bool = True,
     decode: Decode = decode_one,
+    matchers: Sequence[Matcher | None] | None = None,
 ) -> list[list[int]]:
-    """The new token ids of each prompt (prompts are lists of token ids)."""
+    """The new token ids of each prompt (prompts are lists of token ids); `matchers` as `generate_stream`'s."""
     results: list[list[int]] = [[] for _ in prompts]
-    steps = generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, decode=decode)
+    steps = generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, decode=decode,
+                            matchers=matchers)  # fmt: skip
     for step in steps:
         for row, token in enumerate(step):
             if token is not None:
