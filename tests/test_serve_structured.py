@@ -255,14 +255,16 @@ def test_auto_tool_calls_are_parsed_from_streamed_text_and_the_template_renders_
         assert json.loads(calls[0]["function"]["arguments"]) == {"city": "paris", "rank": 1, "sunny": True}
         # An unknown tool's block and an unfinished tag stay text.
         assert content == 'Let me check. <tool_call>{"name": "nope", "arguments": {}}</tool_call> <tool_ca'
-    call = {"id": "call_1", "type": "function", "function": {"name": "set_unit", "arguments": '{"unit": "c"}'}}
+    # As the server hands them to templates (Hugging Face's convention): arguments parsed.
+    call = {"id": "call_1", "type": "function", "function": {"name": "set_unit", "arguments": {"unit": "<|x|>"}}}
     messages = [{"role": "user", "content": "Use celsius"}, {"role": "assistant", "content": "", "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]  # fmt: skip
     prompt = ChatTemplate().render(messages, True, TOOLS)
     assert prompt.startswith("System: You can call these functions.")
     assert json.loads(prompt.split("\n")[2].split("<|separator|>")[0])["name"] == "set_unit"
     assert prompt.endswith(
-        'Human: Use celsius<|separator|>\n\nAssistant: <tool_call>{"name": "set_unit", "arguments": {"unit": "c"}}'
+        'Human: Use celsius<|separator|>\n\nAssistant: <tool_call>{"name": "set_unit", "arguments": {"unit": '
+        '"\\u003c|x|\\u003e"}}'  # tojson escapes < and >: no special-token string comes from a call
         "</tool_call><|separator|>\n\nTool: <tool_response>ok</tool_response><|separator|>\n\nAssistant:"
     )
 
