@@ -240,13 +240,14 @@ class Engine:
         self.check(prompt, params)
         gen = None if params.seed is None else torch.Generator(device=self.model.device).manual_seed(params.seed)
         text = TextStream(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
+        matcher = params.grammar.start() if params.grammar is not None else None
         with self._cv:
             if self._draining:
                 raise Draining("the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (the most the server queues)")
             seq = Sequence(next(self._ids), list(prompt), params, emit, gen, text, time.monotonic())
-            seq.matcher = params.grammar.start() if params.grammar is not None else None
+            seq.matcher = matcher
             self.waiting.append(seq)
             self.by_id[seq.id] = seq
             self.metrics.waiting.set(len(self.waiting))
