@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,24 @@ def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert generate(model, prompts, 9, decode=compiled) == generate(model, prompts, 9)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_commands_that_do_not_compile_never_import_dynamo(mini_ckpt: Path) -> None:
+    """torch._dynamo doubles a command's start-up: only compiling may import it (the kernels mark
+    `available` as torch.compiler.assume_constant_result does, and building on meta skips the inits
+    that run through torch._refs)."""
+    code = (
+        "import sys; from groklm.cli import main; "
+        f"main(['generate', '--checkpoint', {str(mini_ckpt)!r}, '--prompt-ids', '1,2', '--max-new-tokens', '2', "
+        "'--quiet']); assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import torch._dynamo  # what the kernels rely on: the attribute that torch sets
+
+    def marked() -> None: ...
+
+    assert torch.compiler.assume_constant_result(marked)._dynamo_marked_constant  # type: ignore[attr-defined]
+    from groklm import kernels
+
+    assert kernels.available._dynamo_marked_constant  # type: ignore[attr-defined]

@@ -201,7 +201,8 @@ class ExpertLinear(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype))
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        if self.weight.device.type != "meta":  # on meta, init runs torch._refs, which import torch._dynamo
+            nn.init.normal_(self.weight, std=in_features**-0.5)
 
     def forward(self, x: Tensor, expert: int) -> Tensor:
         return F.linear(x, self.weight[expert])
@@ -323,7 +324,10 @@ class Grok(nn.Module):
         self.config = config
         self.compute_dtype = dtype
         # Stored in the compute dtype: the reference casts its fp32 table to bf16 before use anyway.
-        self.embed = nn.Embedding(config.vocab_size, config.emb_size, dtype=dtype)
+        table = torch.empty(config.vocab_size, config.emb_size, dtype=dtype)
+        self.embed = nn.Embedding(config.vocab_size, config.emb_size, _weight=table)
+        if self.embed.weight.device.type != "meta":  # as ExpertLinear's
+            nn.init.normal_(self.embed.weight)
         self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.norm_eps)
         # Tied (Grok-1): a transform may swap in a cheaper copy (quant.quantize_output_head). Grok-2's is its own.

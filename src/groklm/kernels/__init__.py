@@ -192,9 +192,13 @@ def _torch_symbol(name: str) -> int | None:
         return None
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a constant, not something to trace into
 def available() -> bool:
     return _library() is not None
+
+
+# torch.compile takes it as a constant, not something to trace into: what
+# torch.compiler.assume_constant_result marks, without importing torch._dynamo into every command.
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def is_block_major(weight: Tensor, scales: Tensor) -> bool:
