@@ -9,22 +9,14 @@ import os
 import shutil
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("bf16", "fp32")
+from groklm.cli_options import build_parser
 
 
 class UsageError(ValueError):
     """A bad command line: reported as `groklm: error: ...`, exit status 2."""
-
-
-def _version() -> str:
-    try:
-        return version("groklm")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _torch_dtype(name: str) -> Any:
@@ -162,15 +154,17 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
             "give one prompt: a text PROMPT, --prompt-file FILE (- for stdin) or --prompt-ids"
             + (f" (got {' and '.join(given)})" if given else "")
         )
-    if args.prompt_file is not None:
-        try:
-            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-            return raw.decode("utf-8")
-        except OSError as e:
-            raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
-    return args.prompt
+    return _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
+
+
+def _read_prompt_file(path: str) -> str:
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return raw.decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"--prompt-file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {path}: not UTF-8 text") from None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -230,7 +224,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     _check_adapter(args, ranks.parallel, config)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
-                         "with `groklm quantize --bits 8 IN OUT`")  # fmt: skip
+                         "with `groklm quantize --bits 8 --checkpoint IN --out OUT`")  # fmt: skip
     if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
         raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     tokenizer = None
@@ -240,7 +234,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
         except FileNotFoundError as e:
             need = "--stop" if text is None else "a text prompt"
             raise UsageError(f"{e} (--tokenizer PATH); {need} needs it") from None
-    elif args.tokenizer or not args.json:  # --prompt-ids: decode the output where a tokenizer is at hand
+    else:  # --prompt-ids: decode the output where a tokenizer is at hand
         try:
             tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
         except FileNotFoundError:
@@ -348,8 +342,6 @@ def cmd_init_random(args: argparse.Namespace) -> int:
     from groklm.formats.released import write_random_checkpoint
 
     config = _config_arg(args) or get_preset("mini")
-    if args.tokenizer and not Path(args.tokenizer).is_file():
-        raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
     ckpt = write_random_checkpoint(args.out, config, seed=args.seed, progress=not args.quiet, force=args.force)
     if args.tokenizer:
         shutil.copy(args.tokenizer, Path(args.out) / "tokenizer.model")
@@ -363,11 +355,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.bits == 8 and args.group_size != 64:
         raise UsageError("--group-size is for --bits 4 (int8 keeps the released scale groups)")
-    convert(args.input, args.output, args.bits, args.group_size, _config_arg(args), progress=not args.quiet,
+    convert(args.checkpoint, args.out, args.bits, args.group_size, _config_arg(args), progress=not args.quiet,
             force=args.force)  # fmt: skip
-    _copy_tokenizer(Path(args.input), Path(args.output))
-    size = sum(f.stat().st_size for f in Path(args.output).glob("*.safetensors"))
-    print(f"wrote {args.output} ({size / 2**20:.1f} MiB, int{args.bits})")
+    _copy_tokenizer(Path(args.checkpoint), Path(args.out))
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB, int{args.bits})")
     return 0
 
 
@@ -378,7 +370,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--bits and --group-size are for --to native (hf and gguf take --type)")
     if args.to == "native" and args.type:
         raise UsageError("--type is for --to hf or gguf (native takes --bits)")
-    out = convert(args.input, args.output, args.to, args.type, args.bits, args.group_size, _config_arg(args),
+    if args.type:
+        from groklm.formats.gguf import TYPES
+
+        types = {"hf": ("bf16", "f32"), "gguf": TYPES}[args.to]
+        if args.type not in types:
+            raise UsageError(f"--type for --to {args.to} must be one of {', '.join(types)}, not {args.type!r}")
+    out = convert(args.checkpoint, args.out, args.to, args.type, args.bits, args.group_size, _config_arg(args),
                   progress=not args.quiet, force=args.force)  # fmt: skip
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.to}{' ' + args.type if args.type else ''})")
@@ -406,7 +404,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         checked = "sha256 and structure" if manifest else "structure"
         summary = "ok" if report.ok else f"{len(report.problems)} problem{'s' * (len(report.problems) != 1)}"
         print(
-            f"{summary}: {report.root} ({report.format}, {report.files} files, {_gib(report.bytes)}; {checked} checked)"
+            f"{summary}: {report.root} ({report.format}, {report.files} files, {_bytes(report.bytes)}; {checked} checked)"
         )
     return 0 if report.ok else 1
 
@@ -425,8 +423,20 @@ def _license_notice(config: Any) -> None:
         print(f"groklm: licence: {_license(config)}", file=sys.stderr)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _bytes(n: float) -> str:
+    """A size in the largest binary unit it fills (a mini model's weights are KiB or MiB, not 0.00 GiB)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _count(n: int) -> str:
+    """A count in billions, millions or thousands as it fills them; exact below a thousand."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -456,9 +466,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "ffn_size": config.ffn_size,
         "parameters_total": total,
         "parameters_active_per_token": active,
-        "memory_int8": _gib(int8),
-        "memory_int4": _gib(int4),
-        "memory_bf16": _gib(bf16),
+        "memory_int8": _bytes(int8),
+        "memory_int4": _bytes(int4),
+        "memory_bf16": _bytes(bf16),
         "license": _license(config),
     }
     if args.json:
@@ -468,8 +478,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         for k, v in config.to_dict().items():
             print(f"  {k:28s} {v}")
         print(f"  {'ffn_size':28s} {config.ffn_size}")
-        print(f"parameters: {total / 1e9:.2f} B total, {active / 1e9:.2f} B active per token")
-        print(f"memory for weights: {_gib(int8)} as int8, {_gib(int4)} as int4 (+bf16 embedding), {_gib(bf16)} as bf16")
+        print(f"parameters: {_count(total)} total, {_count(active)} active per token")
+        print(
+            f"memory for weights: {_bytes(int8)} as int8, {_bytes(int4)} as int4 (+bf16 embedding), {_bytes(bf16)} as bf16"
+        )
         print(f"license: {info['license']}")
     return 0
 
@@ -479,9 +491,11 @@ def cmd_analyze_routing(args: argparse.Namespace) -> int:
     from groklm.load import checkpoint_config, detect_format, load
     from groklm.tokenizer import find_tokenizer
 
-    given = [n for n, v in (("--text", args.text), ("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids)) if v]
+    given = [n for n, v in (("--prompt-file", args.prompt_file), ("--prompt", args.prompt),
+                            ("--prompt-ids", args.prompt_ids)) if v]  # fmt: skip
     if len(given) != 1:
-        raise UsageError("give one input: --text FILE, --prompt TEXT or --prompt-ids")
+        raise UsageError("give one input: --prompt-file FILE (- for stdin), --prompt TEXT or --prompt-ids"
+                         + (f" (got {' and '.join(given)})" if given else ""))  # fmt: skip
     for name in ("max_tokens", "window", "map_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
@@ -497,15 +511,8 @@ def cmd_analyze_routing(args: argparse.Namespace) -> int:
             tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
         except FileNotFoundError as e:
             raise UsageError(f"{e} (--tokenizer PATH); a text input needs it") from None
-        if args.text:
-            try:
-                text = Path(args.text).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"--text {args.text}: {getattr(e, 'strerror', None) or e}") from None
-        else:
-            text = args.prompt
         _tokenizer_fits(tokenizer, config, "analyze")
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(_read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt)
     ids = ids[: args.max_tokens]
     if not ids:
         raise UsageError("the input encodes to no tokens")
@@ -543,7 +550,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             args.checkpoint, args.data, args.out, LoraConfig(args.rank, args.alpha, args.dropout, args.targets),
             steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
             eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-            resume=args.resume, stop_after=args.stop_after, bits=args.bits, dtype=_torch_dtype(args.dtype), grad_checkpoint=not args.no_checkpointing,
+            resume=args.resume, stop_after=args.stop_after, bits=args.bits, dtype=_torch_dtype(args.dtype), grad_checkpoint=args.checkpointing,
             tokenizer=args.tokenizer, config=config, progress=not args.quiet,
         ).check()  # fmt: skip
     except ValueError as e:
@@ -552,11 +559,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     summary = finetune(cfg)
     print(json.dumps(summary) if args.json else
-          f"adapter in {summary['out']}: loss {summary['first_10_loss']:.3f} (first 10 steps) -> "
-          f"{summary['last_10_loss']:.3f} (last 10)"
+          f"adapter in {summary['out']}: loss {_loss_change(summary, 3)}"
           + (f", evaluation {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
           + f"; {summary['tokens_per_s']:.0f} tokens/s; plot: {summary['out']}/loss.png")  # fmt: skip
     return 0
+
+
+def _loss_change(summary: dict[str, Any], digits: int) -> str:
+    """How the loss moved, over windows that do not overlap (`loss_ends`); a one-step run has one loss."""
+    w, first, last = summary["loss_window"], summary["first_loss"], summary["last_loss"]
+    if summary["steps"] < 2:
+        return f"{last:.{digits}f} (one step)"
+    steps = f"{w} steps" if w > 1 else "step"
+    return f"{first:.{digits}f} (first {steps}) -> {last:.{digits}f} (last {steps})"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -626,7 +641,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         print(json.dumps(summary) if args.json else
               f"trained {summary['parameters'] / 1e6:.1f} M parameters for {summary['steps']} steps in "
-              f"{summary['seconds']:.0f} s: loss {summary['first_10_loss']:.2f} -> {summary['last_10_loss']:.2f} "
+              f"{summary['seconds']:.0f} s: loss {_loss_change(summary, 2)} "
               f"(the data's unigram entropy: {summary['unigram_entropy']:.2f}); "
               f"model in {summary['model']}, plot {summary['out']}/loss.png")  # fmt: skip
     return 0
@@ -721,7 +736,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
     _check_adapter(args, args.tp * args.ep > 1, config)
     if args.mmap and detect_format(args.checkpoint) != "native":
-        raise UsageError("--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 IN OUT`")
+        raise UsageError(
+            "--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 --checkpoint IN --out OUT`"
+        )
     if args.bits and detect_format(args.checkpoint) not in ("hf", "gguf", "grok2"):
         raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
     max_model_len = args.max_model_len or config.sequence_len
@@ -741,6 +758,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _tokenizer_fits(tokenizer, config, "serve")
     api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
+    sock = _bind(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None  # rank 0 serves
     ranks = _start_ranks(args)
     try:
         threads = _set_threads(args.threads)
@@ -768,289 +786,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + (f", tp {ranks.tp} x ep {ranks.ep}" if ranks.parallel else "")
                   + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
         run(engine, name, args.host, args.port, api_key, chat, body_timeout=args.body_timeout,
-            shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+            shutdown_timeout=args.shutdown_timeout, sock=sock)  # fmt: skip
         return 0
     finally:
+        if sock is not None:
+            sock.close()
         ranks.close()
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default, and descriptions keep their line breaks."""
+def _bind(host: str, port: int) -> Any:
+    """The server's socket, bound before any weight is read: a port in use costs a second, not the load."""
+    import socket
+
+    from groklm.serve import bind
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return bind(host, port)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: {e.strerror}") from None
+    except OSError as e:
+        raise ValueError(f"cannot listen on {where}: {e.strerror or e} (--host, --port)") from None
 
 
-def sizing_gpus() -> list[str]:
-    from groklm.sizing import GPUS
-
-    return list(GPUS)
-
-
-def sizing_links() -> list[str]:
-    from groklm.sizing import LINKS
-
-    return list(LINKS)
-
-
-def _presets() -> list[str]:
-    from groklm.config import PRESETS
-
-    return sorted(PRESETS)
+def _check_named_files(args: argparse.Namespace) -> None:
+    """A file an option names that is not there is a bad command line (exit 2); a bad file is not (exit 1)."""
+    for dest in ("config", "tokenizer", "chat_template", "sha256", "data"):
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, list) else [value]:  # train --data: files or directories
+            if path is None or (Path(path).exists() and (isinstance(value, list) or Path(path).is_file())):
+                continue
+            why = "not a file" if Path(path).exists() else "no such file"
+            raise UsageError(f"--{dest.replace('_', '-')} {path}: {why}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="groklm", description=__doc__, formatter_class=_Formatter)
-    parser.add_argument("--version", action="version", version=f"groklm {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
-
-    def config_options(p: argparse.ArgumentParser, what: str) -> None:
-        group = p.add_mutually_exclusive_group()
-        group.add_argument("--config", help=f"config JSON (reference field names) {what}")
-        group.add_argument("--preset", choices=_presets(), help=f"a named config {what}")
-
-    def run_options(p: argparse.ArgumentParser, steps: int, batch: tuple[int, str], seq_len: int, lr: float,
-                    warmup: int, eval_every: int, save_every: int) -> None:  # fmt: skip
-        """A training run's options, shared by finetune and train."""
-        p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-        p.add_argument("--batch", type=int, default=batch[0], help=batch[1])
-        p.add_argument("--seq-len", type=int, default=seq_len, help="tokens a window")
-        p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-        p.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps, then cosine decay to 0.1 x")
-        p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations on held-out data")
-        p.add_argument(
-            "--save-every", type=int, default=save_every, help="steps between saves (state.pt, and the result)"
-        )
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-        p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
-
-    def parallel_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tp", type=int, default=1,
-                       help="tensor-parallel ranks (under torchrun: --nproc-per-node tp x ep)")  # fmt: skip
-        p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (whole experts a rank)")
-
-    g = command("generate", "generate text from a checkpoint, streamed to stdout")
-    g.add_argument("prompt", nargs="?", help="text prompt (needs the tokenizer)")
-    g.add_argument("--checkpoint", required=True, help="checkpoint directory (with ckpt-0/, or groklm's layout)")
-    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
-    g.add_argument("--prompt-ids", help="comma-separated token ids instead of a text prompt")
-    g.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
-    config_options(g, "for a checkpoint without config.json (default: Grok-1's)")
-    g.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus p in (0, 1], the reference's semantics; 1 is off")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
-    g.add_argument("--seed", type=int, default=None, help="fixes the sampling (0..2^63-1)")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS, as the reference does")
-    g.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
-    g.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    g.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=int, default=None,
-                   help="compute threads (default: the CPUs not kept busy by other processes)")  # fmt: skip
-    g.add_argument("--bits", type=int, choices=[4, 8],
-                   help="quantize a Grok-2, Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
-    g.add_argument(
-        "--mmap", action="store_true", help="page weights in from disk on use (groklm's layout: see quantize)"
-    )
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (pays off after the first ~30 s)"
-    )
-    parallel_options(g)
-    g.add_argument("--adapter", help="apply this LoRA adapter (from `groklm finetune`, PEFT's format)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or statistics on stderr")
-    g.set_defaults(func=cmd_generate)
-
-    r = command("init-random", "write a random-weight checkpoint in the released format")
-    r.add_argument("out", help="output directory (gets ckpt-0/ and config.json); must be new or empty")
-    config_options(r, "(default: the mini preset)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--tokenizer", help="copy this tokenizer.model into the output directory")
-    r.add_argument("--force", action="store_true", help="replace an existing output directory")
-    r.add_argument("--quiet", action="store_true")
-    r.set_defaults(func=cmd_init_random)
-
-    q = command("quantize", "write a checkpoint in groklm's safetensors layout, int8 or int4")
-    q.add_argument("input", help="a released-format or groklm checkpoint")
-    q.add_argument("output", help="output directory; must be new or empty")
-    q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="8 keeps the released int8 weights as they are")
-    q.add_argument("--group-size", type=int, default=64,
-                   help="int4: input columns per scale (a multiple of 16; of 32 for the fast kernel)")  # fmt: skip
-    config_options(q, "if the input has no config.json")
-    q.add_argument("--force", action="store_true", help="replace an existing output directory")
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(func=cmd_quantize)
-
-    s = command("serve", "an OpenAI-compatible HTTP server with continuous batching and a playground")
-    s.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache rows)")
-    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a row; more get 503")
-    s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
-    s.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
-    s.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint's directory)")
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /(de)tokenize (or GROKLM_API_KEY)")
-    s.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (default: Grok's Human/Assistant)")
-    s.add_argument("--tokenizer", help="tokenizer.model (default: found in or next to the checkpoint)")
-    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send its body (408 after)")
-    s.add_argument("--shutdown-timeout", type=float, default=60.0,
-                   help="seconds SIGTERM lets running requests finish before aborting them")  # fmt: skip
-    config_options(s, "for a checkpoint without config.json (default: Grok-1's)")
-    s.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
-    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    s.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
-    s.add_argument("--bits", type=int, choices=[4, 8],
-                   help="quantize a Grok-2, Hugging Face or GGUF checkpoint's float weights as they load")  # fmt: skip
-    s.add_argument("--mmap", action="store_true", help="page weights in from disk on use (groklm's layout)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parallel_options(s)
-    s.add_argument("--adapter", help="apply this LoRA adapter (from `groklm finetune`, PEFT's format)")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_serve)
-
-    c = command("convert", "convert a checkpoint to another format, streaming (about one layer in memory)")
-    c.add_argument("input", help="a checkpoint groklm reads (released, groklm's layout, Hugging Face, GGUF)")
-    c.add_argument("output", help="output directory (hf, native) or file (gguf); must be new or empty")
-    c.add_argument("--to", required=True, choices=["hf", "gguf", "native"], help="the format to write")
-    c.add_argument("--type", help="hf: bf16 (default) or f32; gguf: q8_0 (default), f16, bf16 or q4_0")
-    c.add_argument("--bits", type=int, choices=[4, 8], default=8, help="native: int8 as released, or int4")
-    c.add_argument("--group-size", type=int, default=64, help="native int4: input columns per scale")
-    config_options(c, "if the input has none")
-    c.add_argument("--force", action="store_true", help="replace an existing output")
-    c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=cmd_convert)
-
-    v = command("verify", "check a checkpoint's files (and their sha256) before loading it")
-    v.add_argument("checkpoint", help="checkpoint directory (or GGUF file)")
-    config_options(v, "for a checkpoint without config.json (default: Grok-1's)")
-    v.add_argument("--sha256", metavar="MANIFEST", help="check each file against these `sha256sum` lines")
-    v.add_argument("--write-manifest", metavar="FILE", help="write `sha256sum` lines for every file instead")
-    v.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("--quiet", action="store_true")
-    v.set_defaults(func=cmd_verify)
-
-    i = command("info", "config, parameter counts, memory needed, licence")
-    i.add_argument("--checkpoint", help="read the config of this checkpoint")
-    config_options(i, "(default: grok-1)")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_info)
-
-    an = command("analyze", "study a model: routing statistics and plots")
-    an_sub = an.add_subparsers(dest="what", required=True, metavar="WHAT")
-    ro = an_sub.add_parser("routing", help="which experts the tokens of a text choose: JSON, PNG plots, an HTML report",
-                           description="Run a text through the model and report what its experts do.",
-                           formatter_class=_Formatter)  # fmt: skip
-    ro.add_argument("--checkpoint", required=True, help="checkpoint directory (any format groklm reads)")
-    ro.add_argument("--text", metavar="FILE", help="a UTF-8 text file to route")
-    ro.add_argument("--prompt", help="a text to route")
-    ro.add_argument("--prompt-ids", help="comma-separated token ids to route")
-    ro.add_argument("--out", required=True, help="directory for routing.json, the PNG plots and report.html")
-    ro.add_argument("--max-tokens", type=int, default=2000, help="route at most this many tokens of the input")
-    ro.add_argument("--window", type=int, default=512, help="tokens run together (each window from position 0)")
-    ro.add_argument("--map-tokens", type=int, default=48, help="tokens shown in the route map")
-    ro.add_argument("--tokenizer", help="tokenizer (default: found in or next to the checkpoint)")
-    config_options(ro, "for a checkpoint without config.json (default: Grok-1's)")
-    ro.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype")
-    ro.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    ro.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
-    ro.add_argument("--bits", type=int, choices=[4, 8], help="quantize a float checkpoint as it loads")
-    ro.add_argument("--quiet", action="store_true")
-    ro.set_defaults(func=cmd_analyze_routing)
-
-    ft = command("finetune", "train LoRA adapters on a frozen base (int8, int4 or float), saved in PEFT's format")
-    ft.add_argument("--checkpoint", required=True, help="the base checkpoint (any format groklm reads)")
-    ft.add_argument("--data", required=True, help=".jsonl ({'text'} or {'prompt', 'completion'} a line) or a text file")
-    ft.add_argument("--out", required=True, help="directory for the adapter, state.pt, log.jsonl and loss.png")
-    ft.add_argument("--targets", default="attn", help="comma-separated: attn (wq,wk,wv,wo), experts (w1,v,w2), "
-                    "router, mlp (Grok-2), or single names")  # fmt: skip
-    ft.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    ft.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / r)")
-    ft.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    run_options(ft, steps=100, batch=(1, "packed windows a step"), seq_len=512, lr=2e-4, warmup=10, eval_every=25,
-                save_every=50)  # fmt: skip
-    ft.add_argument("--eval-fraction", type=float, default=0.05, help="windows held out for the evaluation loss")
-    ft.add_argument("--bits", type=int, choices=[4, 8], help="hold a float base quantized (QLoRA-style)")
-    ft.add_argument("--dtype", choices=DTYPES, default="bf16", help="the base's compute dtype")
-    ft.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations (more memory)")
-    ft.add_argument("--tokenizer", help="tokenizer (default: found in or next to the checkpoint)")
-    config_options(ft, "for a checkpoint without config.json (default: Grok-1's)")
-    ft.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
-    ft.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ft.add_argument("--quiet", action="store_true")
-    ft.set_defaults(func=cmd_finetune)
-
-    mg = command("merge", "fold a LoRA adapter into a checkpoint, quantized again as the base was")
-    mg.add_argument("--checkpoint", required=True, help="the base checkpoint")
-    mg.add_argument(
-        "--adapter", required=True, help="the adapter directory (adapter_config.json, adapter_model.safetensors)"
-    )
-    mg.add_argument("--out", required=True, help="output directory (groklm's layout); must be new or empty")
-    config_options(mg, "for a checkpoint without config.json (default: Grok-1's)")
-    mg.add_argument("--force", action="store_true", help="replace an existing output directory")
-    mg.add_argument("--quiet", action="store_true")
-    mg.set_defaults(func=cmd_merge)
-
-    tr = command("train", "train a Grok-architecture model from scratch (FSDP2 under torchrun)")
-    config_options(tr, "to train")
-    tr.add_argument("--data", nargs="+", required=True, help="text files, or directories of .txt/.md/.py/.rst files")
-    tr.add_argument("--out", required=True, help="directory for state.pt, log.jsonl, loss.png and model/")
-    tk = tr.add_mutually_exclusive_group(required=True)
-    tk.add_argument("--tokenizer", help="a SentencePiece tokenizer.model (e.g. Grok-1's)")
-    tk.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a SentencePiece BPE of VOCAB pieces")
-    run_options(tr, steps=1000, batch=(16, "windows a step (the global batch)"), seq_len=256, lr=3e-3, warmup=50,
-                eval_every=100, save_every=200)  # fmt: skip
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches a step")
-    tr.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
-    tr.add_argument("--aux-loss", type=float, default=0.01, help="load-balancing loss coefficient")
-    tr.add_argument("--z-loss", type=float, default=0.0, help="router z-loss coefficient (ST-MoE uses 1e-3)")
-    tr.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (saved) after the step that passes this")
-    tr.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
-    tr.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
-    tr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    tr.add_argument("--checkpointing", action="store_true", help="recompute each layer's activations (less memory)")
-    tr.add_argument("--threads", type=int, default=None, help="compute threads (default: the idle CPUs)")
-    tr.add_argument("--json", action="store_true", help="print the summary as JSON")
-    tr.add_argument("--quiet", action="store_true")
-    tr.set_defaults(func=cmd_train)
-
-    pl = command("plan", "the tensor/expert-parallel layouts that fit a set of GPUs, and their decode speed")
-    pl.add_argument("--checkpoint", help="plan for this checkpoint's config")
-    config_options(pl, "(default: grok-1)")
-    pl.add_argument("--gpus", type=int, required=True, help="GPUs in all (tp x ep)")
-    pl.add_argument("--nodes", type=int, default=1, help="machines they are spread over, evenly")
-    pl.add_argument("--gpu", choices=sorted(sizing_gpus()), default="h100", help="memory and bandwidth of a GPU")
-    pl.add_argument("--gpu-memory", help="memory a GPU (e.g. 80GB, 141GB), instead of --gpu's")
-    pl.add_argument("--memory-bandwidth", help="memory bandwidth a GPU (e.g. 3.35TB/s), instead of --gpu's")
-    pl.add_argument("--interconnect", choices=sorted(sizing_links()),
-                    help="link between a machine's GPUs (default: nvlink; nvlink3 for a100)")  # fmt: skip
-    pl.add_argument("--link-bandwidth", help="collective bandwidth a GPU within a machine, instead of --interconnect's")
-    pl.add_argument("--inter-node-bandwidth", help="bandwidth a GPU between machines (default: 50GB/s, 400 Gb/s)")
-    pl.add_argument("--bits", type=int, choices=[4, 8], help="weight width (default: both)")
-    pl.add_argument("--context", type=int, default=8192, help="tokens of KV cache a sequence")
-    pl.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    pl.add_argument("--reserve", help="memory a GPU kept for activations, CUDA and the allocator (default 4GiB)")
-    pl.add_argument("--efficiency", type=float, default=0.75, help="fraction of the memory bandwidth reached")
-    pl.add_argument("--all", action="store_true", help="show the layouts that do not fit too")
-    pl.add_argument("--json", action="store_true")
-    pl.set_defaults(func=cmd_plan)
-    return parser
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "init-random": cmd_init_random, "quantize": cmd_quantize,
+            "convert": cmd_convert, "verify": cmd_verify, "info": cmd_info, "analyze": cmd_analyze_routing,
+            "finetune": cmd_finetune, "merge": cmd_merge, "train": cmd_train, "plan": cmd_plan}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from groklm.formats.common import CheckpointError
 
+    prog = " ".join(filter(None, ("groklm", args.command, getattr(args, "what", None))))
     try:
-        return int(args.func(args))
+        _check_named_files(args)
+        return int(COMMANDS[args.command](args))
     except UsageError as e:
-        print(f"groklm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, MemoryError) as e:
-        print(f"groklm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ngroklm: interrupted", file=sys.stderr)

@@ -164,7 +164,7 @@ def load(
     if mmap:
         raise ValueError(
             f"{path}: mmap loading needs groklm's own layout (the {fmt} files are not laid out as it runs); "
-            "write it once with `groklm quantize --bits 8 IN OUT`"
+            "write it once with `groklm quantize --bits 8 --checkpoint IN --out OUT`"
         )
     if fmt == "released":
         from groklm.formats.released import open_released

@@ -1,5 +1,5 @@
-"""`groklm convert IN OUT --to FORMAT`: any checkpoint groklm reads, streamed part by part into another
-format: peak memory is about one decoder layer (and one tensor's encoding), never the model."""
+"""`groklm convert --checkpoint IN --out OUT --to FORMAT`: any checkpoint groklm reads, streamed part by
+part into another format: peak memory is about one decoder layer (and one tensor's encoding), never the model."""
 
 from __future__ import annotations
 

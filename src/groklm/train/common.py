@@ -28,6 +28,14 @@ def check_positive(config: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be a positive integer, not {v!r}")
 
 
+def loss_ends(losses: list[float]) -> dict[str, Any]:
+    """The mean loss of the first and of the last `loss_window` steps: 10, or half a shorter run, so the two
+    windows never overlap (one step: the same loss, window 1)."""
+    w = max(1, min(10, len(losses) // 2))
+    return {"loss_window": w, "first_loss": float(np.mean(losses[:w])) if losses else None,
+            "last_loss": float(np.mean(losses[-w:])) if losses else None}  # fmt: skip
+
+
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy (nats) over the targets that count."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE)

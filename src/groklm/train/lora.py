@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,9 @@ def save_adapter(model: Grok, lora: LoraConfig, out: str | Path, base: str = "")
         "groklm": {"target_modules": lora.target_modules, "family": model.config.family},
     }
     save_file(_peft_tensors(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "adapter_model.safetensors", 0o666 & ~umask)  # safetensors writes 0600 (a temporary file)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
 

@@ -46,6 +46,7 @@ from groklm.train.common import (
     cosine_schedule,
     load_state,
     log_line,
+    loss_ends,
     plot_losses,
     read_log,
     save_state,
@@ -339,11 +340,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         plot_losses(log, out, f"training a {n_params / 1e6:.1f} M-parameter Grok", baseline)
         losses = [r["loss"] for r in log]
         evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+        ends = loss_ends(losses)
         summary = {"out": str(out), "model": str(model_dir), "steps": steps_done, "parameters": n_params,
                    "train_tokens": len(shard), "unigram_entropy": round(baseline, 4),
-                   "first_10_loss": float(np.mean(losses[:10])), "last_10_loss": float(np.mean(losses[-10:])),
-                   "eval_loss": evals[-1] if evals else None, "seconds": round(time.perf_counter() - t_run, 1),
-                   "loss_nats_per_token_vs_unigram": round(float(np.mean(losses[-10:])) - baseline, 4)}  # fmt: skip
+                   **ends, "eval_loss": evals[-1] if evals else None,
+                   "seconds": round(time.perf_counter() - t_run, 1),
+                   "loss_nats_per_token_vs_unigram": round(ends["last_loss"] - baseline, 4)}  # fmt: skip
     if sharded:
         dist.barrier()  # every rank leaves together: tearing the group down under a peer's pending work aborts it
     return summary
