@@ -97,7 +97,7 @@ CLI_CASES: list[tuple[str, str]] = [
     ("generate --checkpoint {H} hi --seed -1", "--seed must be in 0..9223372036854775807"),
     ("generate --checkpoint {H} hi --seed 18446744073709551616", "--seed must be in 0.."),
     ("generate --checkpoint {F:empty-dir} --prompt-ids 1 --config {F:nan}", "norm_eps must be a finite number"),
-    ("generate --checkpoint {H} --tokenizer /nonexistent/t.model hi", "/nonexistent/t.model: no tokenizer.model there"),
+    ("generate --checkpoint {H} --tokenizer /nonexistent/t.model hi", "--tokenizer /nonexistent/t.model: no such file"),
     ("generate --checkpoint {H} --prompt-file {F:long}", "exceed the context of 200 tokens"),
     ("generate --checkpoint {H} hi --max-new-tokens 200", "the prompt (1 tokens) + --max-new-tokens 200 exceed"),
     ("generate --checkpoint {H} hi --threads 0", "--threads must be at least 1"),

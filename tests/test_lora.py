@@ -4,6 +4,8 @@ survive saving (in PEFT's names), resuming and merging, and the command line use
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +103,9 @@ def test_adapters_save_in_peft_names_reload_and_merge(
     assert sorted(cfg["target_modules"]) == ["gate", "k_proj", "linear", "linear_1", "linear_v", "o_proj", "q_proj",
                                              "v_proj"]  # fmt: skip
     keys = load_file(str(saved / "adapter_model.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((saved / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask  # not 0600
     assert "base_model.model.model.layers.0.attn.q_proj.lora_A.weight" in keys
     assert keys["base_model.model.model.layers.3.moe_block.experts.7.linear_1.lora_B.weight"].shape == (256, 8)
     assert "base_model.model.model.layers.1.moe_block.gate.lora_A.weight" in keys

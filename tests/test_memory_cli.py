@@ -11,6 +11,7 @@ import pytest
 
 import groklm
 from groklm.config import get_preset
+from groklm.tokenizer import Tokenizer
 from tests.conftest import TOKENIZER
 
 # A generated checkpoint of about 1 GB: 512 MiB fp32 embedding and ~490 MiB of int8 experts.
@@ -65,9 +66,11 @@ def test_cli_init_random_generate_info(tmp_path: Path) -> None:
     want = groklm.generate(model, [[422, 3033, 356]], max_new_tokens=8)[0]
     assert result["token_ids"] == want and result["usage"]["completion_tokens"] == len(want)
     assert result["finish_reason"] == "length" and result["timing"]["decode_tokens_per_s"] > 0
-    # With the tokenizer beside the checkpoint, --prompt-ids prints text: the decoded prompt and new tokens.
+    # With the tokenizer beside the checkpoint, --prompt-ids prints text: the decoded prompt and new tokens,
+    # and --json holds the same new text.
     r = _cli("generate", "--checkpoint", str(out), "--prompt-ids", "422,3033,356", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0 and r.stdout.startswith("The answer to"), r.stdout
+    assert result["text"] and r.stdout == Tokenizer(TOKENIZER).decode([422, 3033, 356]) + result["text"] + "\n"
 
     r = _cli("generate", "--checkpoint", str(out), "The answer to life", "--max-new-tokens", "8", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -811,13 +811,16 @@ def _bind(host: str, port: int) -> Any:
 
 def _check_named_files(args: argparse.Namespace) -> None:
     """A file an option names that is not there is a bad command line (exit 2); a bad file is not (exit 1)."""
-    for dest in ("config", "tokenizer", "chat_template", "sha256", "data"):
+    for dest in ("config", "tokenizer", "chat_template", "sha256", "data", "adapter"):
         value = getattr(args, dest, None)
+        kind = "directory" if dest == "adapter" else "file"
         for path in value if isinstance(value, list) else [value]:  # train --data: files or directories
-            if path is None or (Path(path).exists() and (isinstance(value, list) or Path(path).is_file())):
+            if path is None or (Path(path).exists() and isinstance(value, list)):
                 continue
-            why = "not a file" if Path(path).exists() else "no such file"
-            raise UsageError(f"--{dest.replace('_', '-')} {path}: {why}")
+            if not Path(path).exists():
+                raise UsageError(f"--{dest.replace('_', '-')} {path}: no such {kind}")
+            if Path(path).is_dir() != (kind == "directory"):
+                raise UsageError(f"--{dest.replace('_', '-')} {path}: not a {kind}")
 
 
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "init-random": cmd_init_random, "quantize": cmd_quantize,
