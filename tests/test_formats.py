@@ -349,8 +349,8 @@ def test_convert_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     )
     assert "exists" in capsys.readouterr().err
     assert cli.main(["convert", str(GOLDEN), str(tmp_path / "x"), "--to", "gguf", "--type", "q3_k", "--quiet",
-                     "--config", str(GOLDEN / "case.json")]) == 1  # fmt: skip
-    assert "--type for gguf must be one of" in capsys.readouterr().err and not (tmp_path / "x").exists()
+                     "--config", str(GOLDEN / "case.json")]) == 2  # fmt: skip
+    assert "--type for --to gguf must be one of" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(["info", "--checkpoint", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["emb_size"] == 128
 
