@@ -391,8 +391,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"wrote {args.write_manifest} ({n} files)")
         return 0
     manifest = Path(args.sha256) if args.sha256 else None
-    if manifest is not None and not manifest.is_file():
-        raise UsageError(f"--sha256 {manifest}: no such file")
     report = verify(args.checkpoint, _config_arg(args), manifest, progress=not args.quiet)
     if args.json:
         print(json.dumps({"checkpoint": str(report.root), "format": report.format, "files": report.files,
@@ -758,7 +756,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _tokenizer_fits(tokenizer, config, "serve")
     api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
-    sock = _bind(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None  # rank 0 serves
+    socks = _bind(args.host, args.port) if os.environ.get("RANK", "0") == "0" else []  # rank 0 serves
     ranks = _start_ranks(args)
     try:
         threads = _set_threads(args.threads)
@@ -786,16 +784,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + (f", tp {ranks.tp} x ep {ranks.ep}" if ranks.parallel else "")
                   + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
         run(engine, name, args.host, args.port, api_key, chat, body_timeout=args.body_timeout,
-            shutdown_timeout=args.shutdown_timeout, sock=sock)  # fmt: skip
+            shutdown_timeout=args.shutdown_timeout, socks=socks)  # fmt: skip
         return 0
     finally:
-        if sock is not None:
+        for sock in socks:
             sock.close()
         ranks.close()
 
 
-def _bind(host: str, port: int) -> Any:
-    """The server's socket, bound before any weight is read: a port in use costs a second, not the load."""
+def _bind(host: str, port: int) -> list[Any]:
+    """The server's sockets, bound before any weight is read: a port in use costs a second, not the load."""
     import socket
 
     from groklm.serve import bind

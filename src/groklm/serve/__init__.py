@@ -18,27 +18,33 @@ from groklm.serve.engine import Engine
 SHUTDOWN_TIMEOUT = 60.0
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (0: a free port), not yet listening: `groklm serve` binds before it
-    loads the model, so a port in use is found in a second, and hands the socket to `run`."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]  # fmt: skip
-    sock = socket.socket(family, kind, proto)
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of host (as asyncio's create_server binds them) at port (0: a free
+    one), not yet listening: `groklm serve` binds before it loads the model, so a port in use is found in
+    a second, and hands them to `run`."""
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: past TIME_WAIT, not a listener
-        sock.bind(address)
+        for family, kind, proto, _, address in dict.fromkeys(
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        ):
+            socks.append(socket.socket(family, kind, proto))
+            socks[-1].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not a listener
+            if family == socket.AF_INET6:  # "::" and "0.0.0.0" side by side, as asyncio does
+                socks[-1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            socks[-1].bind(address)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 def run(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         chat: ChatTemplate | None = None, log_level: str = "warning", body_timeout: float = BODY_TIMEOUT,
-        shutdown_timeout: float = SHUTDOWN_TIMEOUT, sock: socket.socket | None = None) -> None:  # fmt: skip
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT, socks: list[socket.socket] | None = None) -> None:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C: then answer new requests 503 (the socket stays open), let running
     ones finish for up to `shutdown_timeout` s, abort what is left, and return; a second signal stops
-    at once. A client has `body_timeout` s to send its request body (408 after). Listens on `sock` (from
+    at once. A client has `body_timeout` s to send its request body (408 after). Listens on `socks` (from
     `bind`), else on host:port; prints the URL once listening (`port` 0 picks a free one)."""
     import uvicorn
 
@@ -73,11 +79,11 @@ def run(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 80
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", access_log=False,
                             timeout_graceful_shutdown=max(1, int(shutdown_timeout)))  # fmt: skip
+    socks = socks or bind(host, port)
     previous = {s: signal.signal(s, _quiet) for s in (signal.SIGTERM, signal.SIGINT)}
-    sock = sock or bind(host, port)
     engine.start()
     try:
-        Server(config).run(sockets=[sock])
+        Server(config).run(sockets=socks)
     finally:
         engine.stop(timeout=0)
         for s, handler in previous.items():
