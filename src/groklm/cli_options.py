@@ -49,15 +49,14 @@ class Parser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         self._require_aliases(False)  # required, but perhaps given as paths: checked below
         ns, extra = super().parse_known_args(args, namespace)
-        paths = [a for a in extra if not a.startswith("-") or a == "-"]
         open_ = [n for n in self.aliases if getattr(ns, n, None) is None]
-        if len(paths) != len(extra) or len(paths) > len(open_):
-            self.error(
-                f"unrecognized arguments: {' '.join(extra if len(paths) != len(extra) else paths[len(open_) :])}"
-            )
-        for name, path in zip(open_, paths, strict=False):
+        if any(a.startswith("-") and a != "-" for a in extra):
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        if len(extra) > len(open_):
+            self.error(f"unrecognized arguments: {' '.join(extra[len(open_) :])}")
+        for name, path in zip(open_, extra, strict=False):
             setattr(ns, name, path)
-        missing = open_[len(paths) :]
+        missing = open_[len(extra) :]
         if missing:
             self.error(f"the following arguments are required: {', '.join('--' + n for n in missing)}")
         return ns, []
