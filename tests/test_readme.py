@@ -20,7 +20,9 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
     blocks = BLOCK.findall((ROOT / "README.md").read_text())
     assert len(blocks) >= 3 and {kind for kind, _ in blocks} == {"bash", "python"}
     shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    # src/ first: the `groklm` script then runs this checkout's code even where the package is installed from another.
+    path = f"{ROOT / 'src'}{os.pathsep}{ROOT}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": path}
     for kind, code in blocks:
         cmd = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
