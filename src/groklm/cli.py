@@ -201,6 +201,17 @@ def decode_timing(at: list[float], total_s: float, compiled: bool) -> tuple[floa
     return (len(at) - skip) / (total_s - at[skip - 1]), compile_s
 
 
+def _processors(args: argparse.Namespace) -> dict[str, Any]:
+    """generate's penalties, --min-p and --logit-bias, checked (ValueError naming the option)."""
+    from groklm.sampling import Penalties, check_penalties, parse_logit_bias
+
+    bias = parse_logit_bias(args.logit_bias)
+    p = Penalties(args.presence_penalty, args.frequency_penalty, args.repetition_penalty, bias)
+    check_penalties(p, args.min_p, 1 << 62)  # the vocabulary is checked once the config is read
+    return {"presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+            "repetition_penalty": p.repetition_penalty, "min_p": args.min_p, "logit_bias": list(bias)}  # fmt: skip
+
+
 def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     from groklm.generate import check_sampling, decoder, generate_stream
     from groklm.load import checkpoint_config, detect_format, load
@@ -210,6 +221,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     text = ranks.share(_read_prompt(args) if ranks.leader or not stdin else None)  # (stdin is rank 0's)
     try:
         check_sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens)
+        processors = _processors(args)
     except ValueError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
     if any(s == "" for s in args.stop):
@@ -248,6 +260,10 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     if bad:
         what = "--prompt-ids: token ids" if text is None else f"the tokenizer {tokenizer.path} gave token ids"  # type: ignore[union-attr]
         raise UsageError(f"{what} {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+    bad = [t for t, _ in processors["logit_bias"] if not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(f"--logit-bias: token ids {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+    processors["logit_bias"] = {str(t): b for t, b in processors["logit_bias"]}
     if len(ids) + args.max_new_tokens > config.sequence_len:
         raise UsageError(
             f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the context of "
@@ -288,7 +304,7 @@ def _generate(args: argparse.Namespace, ranks: Ranks) -> int:
     steps = generate_stream(
         model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=seed, stop_at_eos=not args.ignore_eos, should_stop=should_stop,
-        decode=decoder(args.compile, model.device),
+        decode=decoder(args.compile, model.device), **processors,
     )  # fmt: skip
     t1 = time.perf_counter()
     at: list[float] = []  # seconds from t1 to each new token
@@ -705,6 +721,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_modules(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--lora-modules NAME=DIR ...: checked (names unique, not the model's, each directory an adapter's)
+    before the model loads."""
+    from groklm.train.lora import read_adapter_config
+
+    out: list[tuple[str, str]] = []
+    for item in args.lora_modules or []:
+        name, eq, path = item.partition("=")
+        if not eq or not name.strip() or not path:
+            raise UsageError(f"--lora-modules {item!r}: give NAME=DIR")
+        if name in (n for n, _ in out):
+            raise UsageError(f"--lora-modules: the name {name!r} is given twice")
+        try:
+            read_adapter_config(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--lora-modules {item}: {e}") from None
+        out.append((name, path))
+    if out and (args.adapter or args.compile or args.tp * args.ep > 1):
+        raise UsageError("--lora-modules runs adapters per request in one eager process: not with --adapter, "
+                         "--compile, --tp or --ep")  # fmt: skip
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from groklm.generate import decoder
     from groklm.load import checkpoint_config, detect_format, load
@@ -733,6 +772,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.mmap and args.tp * args.ep > 1:
         raise UsageError("--mmap is for one process (each rank of --tp/--ep reads its own share into memory)")
     _check_adapter(args, args.tp * args.ep > 1, config)
+    loras = _lora_modules(args)
     if args.mmap and detect_format(args.checkpoint) != "native":
         raise UsageError(
             "--mmap needs groklm's own layout: write it once with `groklm quantize --bits 8 --checkpoint IN --out OUT`"
@@ -756,6 +796,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _tokenizer_fits(tokenizer, config, "serve")
     api_key = args.api_key or os.environ.get("GROKLM_API_KEY") or None
     name = args.served_model_name or Path(os.path.abspath(args.checkpoint)).name
+    if name in (n for n, _ in loras):
+        raise UsageError(f"--lora-modules: {name!r} is the base model's name (--served-model-name)")
     socks = _bind(args.host, args.port) if os.environ.get("RANK", "0") == "0" else []  # rank 0 serves
     ranks = _start_ranks(args)
     try:
@@ -767,6 +809,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from groklm.train.lora import load_adapter
 
             load_adapter(model, args.adapter)
+        adapters = None
+        if not (args.adapter or args.compile or ranks.parallel):  # per-row adapters run in eager, one-process steps
+            from groklm.serve.adapters import install
+
+            adapters = install(model)
+            for lora_name, lora_dir in loras:
+                try:
+                    adapters.add(adapters.read(lora_name, lora_dir))
+                except (ValueError, FileNotFoundError) as e:
+                    raise UsageError(f"--lora-modules {lora_name}={lora_dir}: {e}") from None
         decode = decoder(args.compile, model.device)
         if not ranks.leader:
             import signal
@@ -784,7 +836,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + (f", tp {ranks.tp} x ep {ranks.ep}" if ranks.parallel else "")
                   + (", API key required" if api_key else ""), file=sys.stderr)  # fmt: skip
         run(engine, name, args.host, args.port, api_key, chat, body_timeout=args.body_timeout,
-            shutdown_timeout=args.shutdown_timeout, socks=socks)  # fmt: skip
+            shutdown_timeout=args.shutdown_timeout, socks=socks, adapters=adapters)  # fmt: skip
         return 0
     finally:
         for sock in socks:

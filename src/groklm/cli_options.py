@@ -204,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus p in (0, 1], the reference's semantics; 1 is off")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
     g.add_argument("--seed", type=int, help="fixes the sampling (0..2^63-1)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted once from each token already generated (-2..2, OpenAI's)")  # fmt: skip
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per time a token was generated (-2..2, OpenAI's)")  # fmt: skip
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0: divides the positive, multiplies the negative logits of tokens in the prompt or "
+                        "output (vLLM's); 1 is off")  # fmt: skip
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this times as likely as the top one (0..1, vLLM's); 0 is off")  # fmt: skip
+    g.add_argument("--logit-bias", metavar="ID=BIAS,...",
+                   help="add BIAS (-100..100) to token ID's logit; -100 bans it")  # fmt: skip
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable); not printed")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past EOS, as the reference does")
     g.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
@@ -234,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     compute(s)
     bits(s)
     serving(s)
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR",
+                   help="adapters a request picks by `model` (the base stays servable by its own name); "
+                        "attention or dense-MLP targets only")  # fmt: skip
     quiet(s, "no progress bar or start-up line on stderr")
 
     r = command("init-random", "write a random-weight checkpoint in the released format", ("out",),

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from groklm.model import Grok, KVCache
+from groklm.sampling import Penalties, apply_penalties, check_penalties, min_p_filter, parse_logit_bias
 from groklm.tokenizer import TextStream, Tokenizer
 
 if TYPE_CHECKING:
@@ -84,7 +85,12 @@ def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
 
 
 def sample(
-    logits: Tensor, temperature: float, top_p: float, top_k: int, generators: Sequence[torch.Generator] | None
+    logits: Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generators: Sequence[torch.Generator] | None,
+    min_p: float = 0.0,
 ) -> Tensor:
     """logits [B, V] fp32 -> token ids [B]. Temperatures below GREEDY_BELOW are greedy. Each row draws
     from its own generator."""
@@ -92,7 +98,7 @@ def sample(
         # The first of tied maxima (a NaN above all), as argmax gives, but in 0.07 ms for [1, 131072] fp32
         # logits and 0.29 ms for [8, 131072] where torch's argmax took 0.19 and 1.0 (a 2-core Xeon VM).
         return logits.max(dim=-1).indices
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    logits = top_p_filter(top_k_filter(min_p_filter(logits / temperature, min_p), top_k), top_p)
     probs = logits.softmax(dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
@@ -177,18 +183,29 @@ def generate_stream(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     decode: Decode = decode_one,
     matchers: Sequence[Matcher | None] | None = None,
+    *,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    min_p: float = 0.0,
+    logit_bias: dict[str, float] | dict[int, float] | str | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every row (None for rows already finished).
 
     A row finishes at EOS (if `stop_at_eos`; the reference never stops early), when
     `should_stop(row, its new tokens)` says so, when its grammar is complete, or after `max_new_tokens`.
     `decode` runs each step (e.g. `compile_decode()`). `matchers`, one per row or None, constrain rows to
-    a grammar (`groklm.serve.grammar`: structured outputs). The prompts and settings are checked here,
-    before anything runs.
+    a grammar (`groklm.serve.grammar`: structured outputs). The penalties, `min_p` and `logit_bias`
+    ({token id: bias}, or "ID=BIAS,...") are `groklm.sampling`'s. The prompts and settings are checked
+    here, before anything runs.
     """
     config = model.config
     check_prompts(prompts, config.vocab_size)
     check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
+    if isinstance(logit_bias, dict):
+        logit_bias = {str(k): v for k, v in logit_bias.items()}
+    penalties = Penalties(presence_penalty, frequency_penalty, repetition_penalty, parse_logit_bias(logit_bias))
+    check_penalties(penalties, min_p, config.vocab_size)
     slots = max(len(p) for p in prompts) + max_new_tokens
     if slots > config.sequence_len:
         raise ValueError(
@@ -198,7 +215,7 @@ def generate_stream(
     if matchers is not None and len(matchers) != len(prompts):
         raise ValueError(f"matchers: one per prompt (or None), not {len(matchers)} for {len(prompts)} prompts")
     return _stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, should_stop, decode,
-                   matchers)  # fmt: skip
+                   matchers, penalties, min_p)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -213,7 +230,9 @@ def _stream(
     stop_at_eos: bool,
     should_stop: Callable[[int, list[int]], bool] | None,
     decode: Decode,
-    matchers: Sequence[Matcher | None] | None = None,
+    matchers: Sequence[Matcher | None] | None,
+    penalties: Penalties,
+    min_p: float,
 ) -> Iterator[list[int | None]]:
     config = model.config
     longest = max(len(p) for p in prompts)
@@ -232,7 +251,9 @@ def _stream(
                 x if m is None or done[i] else m.mask(x) for i, (m, x) in enumerate(zip(matchers, logits, strict=True))
             ]
             logits = torch.stack([r.to(logits.dtype) for r in rows])
-        tokens = sample(logits, temperature, top_p, top_k, generators)
+        if penalties.active:
+            logits = apply_penalties(logits, [penalties] * batch, prompts, produced)
+        tokens = sample(logits, temperature, top_p, top_k, generators, min_p)
         out: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
@@ -268,11 +289,13 @@ def generate(
     stop_at_eos: bool = True,
     decode: Decode = decode_one,
     matchers: Sequence[Matcher | None] | None = None,
+    **processors: Any,
 ) -> list[list[int]]:
-    """The new token ids of each prompt (prompts are lists of token ids); `matchers` as `generate_stream`'s."""
+    """The new token ids of each prompt (prompts are lists of token ids); `matchers`, the penalties,
+    `min_p` and `logit_bias` as `generate_stream`'s."""
     results: list[list[int]] = [[] for _ in prompts]
     steps = generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, decode=decode,
-                            matchers=matchers)  # fmt: skip
+                            matchers=matchers, **processors)  # fmt: skip
     for step in steps:
         for row, token in enumerate(step):
             if token is not None:

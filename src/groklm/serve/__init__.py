@@ -11,6 +11,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from groklm.serve.adapters import AdapterSet
 from groklm.serve.api import BODY_TIMEOUT, create_app
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.engine import Engine
@@ -41,14 +42,15 @@ def bind(host: str, port: int) -> list[socket.socket]:
 
 def run(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         chat: ChatTemplate | None = None, log_level: str = "warning", body_timeout: float = BODY_TIMEOUT,
-        shutdown_timeout: float = SHUTDOWN_TIMEOUT, socks: list[socket.socket] | None = None) -> None:  # fmt: skip
+        shutdown_timeout: float = SHUTDOWN_TIMEOUT, socks: list[socket.socket] | None = None,
+        adapters: AdapterSet | None = None) -> None:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C: then answer new requests 503 (the socket stays open), let running
     ones finish for up to `shutdown_timeout` s, abort what is left, and return; a second signal stops
     at once. A client has `body_timeout` s to send its request body (408 after). Listens on `socks` (from
     `bind`), else on host:port; prints the URL once listening (`port` 0 picks a free one)."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key, chat, body_timeout=body_timeout)
+    app = create_app(engine, model_name, api_key, chat, body_timeout=body_timeout, adapters=adapters)
 
     class Server(uvicorn.Server):
         draining = False

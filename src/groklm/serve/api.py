@@ -31,12 +31,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from groklm.sampling import Penalties, parse_logit_bias
 from groklm.serve import tools as tool_calls
+from groklm.serve.adapters import Adapter, AdapterSet
 from groklm.serve.chat import ChatTemplate
 from groklm.serve.constrain import Constraint, ToolUse, output_constraint, tool_use
 from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
 from groklm.serve.grammar import Grammar, GrammarError, Grammars
 from groklm.serve.guard import Guard
+from groklm.serve.lora_api import add_adapter_routes
 from groklm.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -81,8 +84,10 @@ async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
 class Server:
     """Everything a request handler needs: the engine, the tokenizer, the names, the limits."""
 
-    def __init__(self, engine: Engine, model_name: str, api_key: str | None, chat: ChatTemplate) -> None:
+    def __init__(self, engine: Engine, model_name: str, api_key: str | None, chat: ChatTemplate,
+                 adapters: AdapterSet | None = None) -> None:  # fmt: skip
         self.engine, self.model_name, self.api_key, self.chat = engine, model_name, api_key, chat
+        self.adapters = adapters
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         tok = self.tokenizer
@@ -126,19 +131,26 @@ class Server:
         except GrammarError as e:
             raise bad(e) from None
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
+    def check_model(self, model: str | None) -> Adapter | None:
+        """The adapter a request's `model` names (None: the base); 404 for a name the server does not serve."""
+        if model is None or model == self.model_name:
+            return None
+        adapter = self.adapters.get(model) if self.adapters is not None else None
+        if adapter is None:
+            served = [self.model_name, *(a.name for a in self.adapters.names())] if self.adapters else [self.model_name]
+            raise ApiError(404, f"The model `{model}` does not exist (this server serves {', '.join(map(repr, served))})",
                            "model", "model_not_found")  # fmt: skip
+        return adapter
 
     def params(
         self, req: Sampling, logprobs: int | None, prompt_logprobs: bool, chat: bool, default_max: int
     ) -> Params:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name) not in (None, 0, 0.0):
-                raise ApiError(400, f"{name}: not supported (only 0)", name)
-        if req.logit_bias:
-            raise ApiError(400, "logit_bias: not supported", "logit_bias")
+        try:
+            penalties = Penalties(req.presence_penalty or 0.0, req.frequency_penalty or 0.0,
+                                  1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                                  parse_logit_bias(req.logit_bias))  # fmt: skip
+        except ValueError as e:
+            raise bad(e) from None
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 16:
             raise ApiError(400, "stop: at most 16 stop strings", "stop")
@@ -157,6 +169,8 @@ class Server:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            penalties=penalties,
+            min_p=0.0 if req.min_p is None else req.min_p,
         )
 
     def token_text(self, token: int) -> str:
@@ -166,8 +180,9 @@ class Server:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat: ChatTemplate | None = None,
-               max_body: int = MAX_BODY, body_timeout: float = BODY_TIMEOUT) -> FastAPI:  # fmt: skip
-    server = Server(engine, model_name, api_key, chat or ChatTemplate())
+               max_body: int = MAX_BODY, body_timeout: float = BODY_TIMEOUT, adapters: AdapterSet | None = None
+               ) -> FastAPI:  # fmt: skip
+    server = Server(engine, model_name, api_key, chat or ChatTemplate(), adapters)
     app = FastAPI(title="groklm", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(Guard, limit=max_body, api_key=api_key, timeout=body_timeout, engine=engine)
@@ -202,7 +217,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "groklm",
                 "max_model_len": engine.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        loras = [{**card, "id": a.name, "root": a.path, "parent": model_name} for a in adapters.names()] if adapters else []
+        return {"object": "list", "data": [card, *loras]}
+
+    add_adapter_routes(app, server)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -247,7 +265,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         params = server.params(req, req.logprobs, req.echo and req.logprobs is not None, chat=False, default_max=16)
         params = dataclasses.replace(params, grammar=await server.grammar(_output_constraint(req)))
         prompts = await _prompts(server, req.prompt)
-        run = _Run(server, prompts, params, req.n, request)
+        run = _Run(server, prompts, params, req.n, request, req.model)
         if req.stream:
             return _sse(_completion_chunks(run, req))
         return JSONResponse(await _completion_body(run, req))
@@ -277,7 +295,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         params = server.params(req, logprobs, False, chat=True, default_max=rest)
         forced = use.forced if use is not None else None
         params = dataclasses.replace(params, grammar=await server.grammar(forced or constraint))
-        run = _Run(server, [prompt], params, req.n, request)
+        run = _Run(server, [prompt], params, req.n, request, req.model)
         if req.stream:
             return _sse(_chat_chunks(run, req, use))
         return JSONResponse(await _chat_body(run, req, use))
@@ -337,8 +355,13 @@ async def _prompts(server: Server, prompt: str | list[str] | list[int] | list[li
 class _Run:
     """The sequences of one request (n choices for each prompt), their events on one asyncio queue."""
 
-    def __init__(self, server: Server, prompts: list[list[int]], params: Params, n: int, request: Request) -> None:
+    def __init__(self, server: Server, prompts: list[list[int]], params: Params, n: int, request: Request,
+                 model: str | None = None) -> None:  # fmt: skip
         engine = server.engine
+        self.model = model or server.model_name  # the name asked for, as the answer's `model`
+        # The adapter is picked here, where the request is queued with no await between: one unloaded
+        # meanwhile is never half-chosen (see lora_api).
+        params = dataclasses.replace(params, adapter=server.check_model(model))
         self.server, self.prompts, self.params, self.request = server, prompts, params, request
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -478,11 +501,11 @@ async def _completion_body(run: _Run, req: CompletionRequest) -> dict[str, Any]:
         for c, f in enumerate(done)
     ]  # fmt: skip
     return {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created,
-            "model": run.server.model_name, "choices": choices, "usage": run.usage(done)}  # fmt: skip
+            "model": run.model, "choices": choices, "usage": run.usage(done)}  # fmt: skip
 
 
 async def _completion_chunks(run: _Run, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-    head = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": run.server.model_name}
+    head = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": run.model}
     finishes: list[FinishEvent] = []
     if req.echo and req.logprobs is None:
         for c in range(run.choices):
@@ -548,12 +571,12 @@ async def _chat_body(run: _Run, req: ChatRequest, use: ToolUse | None) -> dict[s
         choices.append({"index": c, "message": message, "logprobs": {"content": lps[c]} if req.logprobs else None,
                         "finish_reason": reason})  # fmt: skip
     return {"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created,
-            "model": run.server.model_name, "choices": choices, "usage": run.usage(done)}  # fmt: skip
+            "model": run.model, "choices": choices, "usage": run.usage(done)}  # fmt: skip
 
 
 async def _chat_chunks(run: _Run, req: ChatRequest, use: ToolUse | None) -> AsyncIterator[dict[str, Any]]:
     head = {"id": f"chatcmpl-{run.id}", "object": "chat.completion.chunk", "created": run.created,
-            "model": run.server.model_name}  # fmt: skip
+            "model": run.model}  # fmt: skip
     for c in range(run.choices):
         yield {**head, "choices": [{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}  # fmt: skip

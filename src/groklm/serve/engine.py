@@ -30,13 +30,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from groklm.generate import Decode, check_sampling, decode_one, sample
 from groklm.model import Grok, KVCache
+from groklm.sampling import Penalties, apply_penalties, check_penalties
+from groklm.serve.adapters import use_adapters
 from groklm.serve.metrics import Metrics
 from groklm.tokenizer import AnyTokenizer, TextStream
 
@@ -67,6 +69,9 @@ class Params:
     logprobs: int | None = None  # alternatives to report per token (0: only the chosen one's)
     prompt_logprobs: bool = False  # logprobs of the prompt's tokens too (echo)
     grammar: Grammar | None = field(default=None, compare=False)  # structured output: each row masked by it
+    penalties: Penalties = field(default_factory=Penalties)  # presence, frequency, repetition, logit_bias (`groklm.sampling`)
+    min_p: float = 0.0
+    adapter: Any = None  # the `serve.adapters.Adapter` its rows run with (None: the base)
 
 
 @dataclass
@@ -220,6 +225,7 @@ class Engine:
         if bad:
             raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         check_sampling(params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens)
+        check_penalties(params.penalties, params.min_p, vocab)
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens: the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceed the "
@@ -388,9 +394,10 @@ class Engine:
         row = self.rows[seq.row]
         start = seq.prefilled
         end = min(len(seq.prompt), start + self.prefill_chunk)
-        every, last = self.runner.prefill(
-            seq.row, start, seq.prompt[start:end], seq.params.prompt_logprobs, end == len(seq.prompt)
-        )
+        with use_adapters(self.model, [seq.params.adapter]):
+            every, last = self.runner.prefill(
+                seq.row, start, seq.prompt[start:end], seq.params.prompt_logprobs, end == len(seq.prompt)
+            )
         row.tokens.extend(seq.prompt[start:end])
         seq.prefilled = end
         if every is not None:
@@ -400,7 +407,7 @@ class Engine:
         seq.state = "decoding"
         self._move(seq.row, self.n_dec)
         self.n_dec += 1
-        self._take(seq, last[0])
+        self._take(seq, last[0], self._penalised([seq], last)[0])
 
     def _prompt_logprobs(self, seq: Sequence, start: int, end: int, logprobs: Tensor) -> None:
         """The logprob of each prompt token after `start` given the ones before it (for echo); `logprobs`
@@ -419,28 +426,40 @@ class Engine:
         seqs = [self.rows[i].seq for i in range(n)]
         assert all(s is not None and s.state == "decoding" for s in seqs)
         tokens = [s.next_token for s in seqs]  # type: ignore[union-attr]
-        logits = self.runner.decode(tokens, [len(self.rows[i].tokens) for i in range(n)])  # type: ignore[arg-type]
+        adapters = [s.params.adapter for s in seqs]  # type: ignore[union-attr]
+        if len(set(adapters)) > 1:
+            self.metrics.lora_mixed_steps.inc()
+        with use_adapters(self.model, adapters):
+            logits = self.runner.decode(tokens, [len(self.rows[i].tokens) for i in range(n)])  # type: ignore[arg-type]
         for i, seq in enumerate(seqs):
             assert seq is not None and seq.next_token is not None
             self.rows[i].tokens.append(seq.next_token)
-        for seq, row_logits in zip(seqs, logits, strict=True):
-            self._take(seq, row_logits)  # type: ignore[arg-type]
+        chosen = self._penalised(seqs, logits)  # type: ignore[arg-type]
+        for seq, row_logits, row_chosen in zip(seqs, logits, chosen, strict=True):
+            self._take(seq, row_logits, row_chosen)  # type: ignore[arg-type]
 
-    def _take(self, seq: Sequence, logits: Tensor) -> None:
+    def _penalised(self, seqs: list[Sequence], logits: Tensor) -> Tensor:
+        """Every row's bias and penalties on the logits [n, V] of its sequence, in one batched pass."""
+        return apply_penalties(logits, [s.params.penalties for s in seqs], [s.prompt for s in seqs],
+                               [s.output for s in seqs])  # fmt: skip
+
+    def _take(self, seq: Sequence, logits: Tensor, chosen: Tensor) -> None:
         """`_next`, but a failure there (sampling, detokenizing, reporting) fails this sequence alone: its
         row's keys and values were written by the step, which went well, so the others and the prefix
         cache go on."""
         try:
-            self._next(seq, logits)
+            self._next(seq, logits, chosen)
         except Exception as e:
             self._finish(seq, "error", f"{type(e).__name__}: {e}")
 
-    def _next(self, seq: Sequence, logits: Tensor) -> None:
-        """Sample this sequence's next token from its logits [V], report it, and finish it if it is done."""
+    def _next(self, seq: Sequence, logits: Tensor, chosen: Tensor) -> None:
+        """Sample this sequence's next token from `chosen` [V] (its logits after the bias and penalties),
+        report it with its logprobs (of the model's logits [V], as vLLM reports them), and finish it if
+        it is done."""
         p = seq.params
         gens = None if seq.generator is None else [seq.generator]
-        allowed = logits if seq.matcher is None else seq.matcher.mask(logits)
-        token = int(sample(allowed[None], p.temperature, p.top_p, p.top_k, gens)[0])
+        allowed = chosen if seq.matcher is None else seq.matcher.mask(chosen)
+        token = int(sample(allowed[None], p.temperature, p.top_p, p.top_k, gens, p.min_p)[0])
         logprob, tops = None, None
         if p.logprobs is not None:
             lp = logits.float().log_softmax(-1)

@@ -25,6 +25,8 @@ class Metrics:
         self.generation_tokens = Counter("groklm_generation_tokens", "tokens generated", registry=r)
         self.finished = Counter("groklm_requests_finished", "sequences finished, by reason", ["reason"], registry=r)
         self.steps = Counter("groklm_engine_steps", "engine steps run", registry=r)
+        self.lora_mixed_steps = Counter("groklm_lora_mixed_steps", "decode steps whose rows used several adapters "
+                                        "(the base counts as one)", registry=r)  # fmt: skip
         self.ttft = Histogram(
             "groklm_time_to_first_token_seconds", "arrival to first token", buckets=_LATENCY, registry=r
         )

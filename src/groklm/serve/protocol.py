@@ -71,6 +71,8 @@ class Sampling(_Body):
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, no effect
     response_format: dict[str, Any] | None = None  # read by constrain.py, as are the rest
