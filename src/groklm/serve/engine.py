@@ -125,6 +125,7 @@ class Sequence:
 class Row:
     seq: Sequence | None = None
     tokens: list[int] = field(default_factory=list)  # ids whose keys and values the row holds, by position
+    adapter: Any = None  # the adapter those keys and values were computed with (a prefix is no use to another)
     last_used: int = 0
 
 
@@ -373,7 +374,8 @@ class Engine:
             # The row sharing the longest prefix with the prompt (at least its last token is run again:
             # its logits are needed; all of it when the prompt's own logprobs are asked for).
             limit = 0 if seq.params.prompt_logprobs else len(seq.prompt) - 1
-            matches = [(min(common_prefix(r.tokens, seq.prompt), limit), i) for i, r in enumerate(self.rows)]
+            matches = [(min(common_prefix(r.tokens, seq.prompt), limit) if r.adapter is seq.params.adapter else 0, i)
+                       for i, r in enumerate(self.rows)]  # fmt: skip
             best, source = max(matches, key=lambda m: (m[0], self.rows[m[1]].seq is None))
             if best > 0 and self.rows[source].seq is None:
                 target = source
@@ -383,7 +385,7 @@ class Engine:
                     self.runner.copy_rows([source], [target], best)
             row = self.rows[target]
             row.tokens = (self.rows[source].tokens if best > 0 else [])[:best]
-            row.seq, row.last_used = seq, next(self._clock)
+            row.seq, row.last_used, row.adapter = seq, next(self._clock), seq.params.adapter
             seq.row, seq.state, seq.prefilled, seq.cached = target, "prefilling", best, best
             self.metrics.prompt_tokens.inc(len(seq.prompt))
             if best:
