@@ -17,6 +17,11 @@ no document ends early) on every request: the same figures then include the gram
 row's token mask.
 Prefix: the time to first token of a 512-token prompt prefilled from nothing, then of one sharing its
 first 512 tokens (cached by the first) with 8 more, each alone on the server.
+
+With `--adapters K`, the server holds K random rank-16 attention adapters (`--lora-modules`) and, for
+each N, N clients on the base alone are measured against N clients spread round robin over the K
+adapters (`decode_tokens_per_s` of each, and `adapters_over_base`); nothing else is run.
+`--preset` picks a smaller model where bench-mid does not fit the time or memory at hand.
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ SCHEMA = {"type": "object", "required": ["notes"], "additionalProperties": False
           "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 64}}}  # fmt: skip
 
 
-def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(ckpt: Path, max_batch: int, *extra: str) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "groklm", "serve", "--checkpoint", str(ckpt), "--port", "0", "--quiet",
-           "--max-batch", str(max_batch), "--max-model-len", "1024"]  # fmt: skip
+           "--max-batch", str(max_batch), "--max-model-len", "1024", *extra]  # fmt: skip
     if TOKENIZER.is_file():
         cmd += ["--tokenizer", str(TOKENIZER)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
@@ -62,12 +67,15 @@ def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen[str], str
     raise RuntimeError("the server did not start")
 
 
-def stream(url: str, prompt: list[int], tokens: int, schema: bool = False) -> tuple[float, list[float], int]:
+def stream(url: str, prompt: list[int], tokens: int, schema: bool = False, model: str | None = None
+           ) -> tuple[float, list[float], int]:  # fmt: skip
     """(request start, arrival time of every streamed chunk, completion tokens)."""
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     if schema:
         body["structured_outputs"] = {"json": SCHEMA}
+    if model:
+        body["model"] = model
     start, arrivals, used = time.perf_counter(), [], 0
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
@@ -81,11 +89,14 @@ def stream(url: str, prompt: list[int], tokens: int, schema: bool = False) -> tu
     return start, arrivals, used
 
 
-def concurrent(url: str, n: int, tokens: int, rng: random.Random, schema: bool = False) -> dict[str, Any]:
+def concurrent(url: str, n: int, tokens: int, rng: random.Random, schema: bool = False,
+               models: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """N streaming clients; client i asks for models[i % len(models)] (default: the base)."""
     prompts = [[rng.randrange(3, 100_000) for _ in range(rng.randint(16, 128))] for _ in range(n)]
     results: list[Any] = [None] * n
+    names = [models[i % len(models)] if models else None for i in range(n)]
     threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, prompts[i], tokens, schema)))
+        threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, prompts[i], tokens, schema, names[i])))
         for i in range(n)
     ]
     t0 = time.perf_counter()
@@ -124,17 +135,65 @@ def ttft_of(url: str, prompt: list[int]) -> float:
     return arrivals[0] - start
 
 
+def make_adapters(ckpt: Path, k: int) -> list[Path]:
+    """K random rank-16 adapters on the attention (B not zero: they change the output), cached."""
+    from groklm.train.lora import LoraConfig, adapters, add_lora, save_adapter
+
+    dirs = [ckpt.parent / f"{ckpt.name}-lora-{i}" for i in range(k)]
+    if all((d / "adapter_model.safetensors").is_file() for d in dirs):
+        return dirs
+    lora = LoraConfig(16, 32.0, 0.0, ["attn"]).check()
+    model = add_lora(groklm.load(ckpt, dtype=torch.bfloat16, progress=False), lora)
+    gen = torch.Generator().manual_seed(0)
+    for d in dirs:
+        with torch.no_grad():
+            for m in adapters(model).values():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.01)
+        save_adapter(model, lora, d)
+    return dirs
+
+
+def adapters_run(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    dirs = make_adapters(ckpt, args.adapters)
+    names = [f"a{i}" for i in range(len(dirs))]
+    modules = [f"{n}={d}" for n, d in zip(names, dirs, strict=True)]
+    proc, url = start_server(ckpt, max(args.clients), "--lora-modules", *modules)
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "adapters": len(dirs)}
+    rng = random.Random(0)
+    try:
+        stream(url, [5, 6, 7], 4)  # warm up
+        stream(url, [5, 6, 7], 4, model=names[0])
+        for n in args.clients:
+            runs = []
+            for _ in range(args.runs):
+                base = concurrent(url, n, args.tokens, rng)
+                spread = concurrent(url, n, args.tokens, rng, models=names)
+                ratio = (spread["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                         if spread["decode_tokens_per_s"] and base["decode_tokens_per_s"] else None)  # fmt: skip
+                runs.append({"base": base, "adapters": spread, "adapters_over_base": ratio and round(ratio, 3)})
+            report[f"clients_{n}"] = runs
+            print(json.dumps({f"clients_{n}": runs}), file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--schema", action="store_true", help="a JSON schema on every request (grammar overhead)")
+    parser.add_argument("--adapters", type=int, default=0, help="spread the clients over this many LoRA adapters")
     parser.add_argument("--preset", default="bench-mid", help="the random checkpoint served (mini: a small one)")
     args = parser.parse_args()
     ckpt = CACHE / args.preset
     if not (ckpt / "ckpt-0").is_dir():
         groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
+    if args.adapters:
+        print(json.dumps(adapters_run(ckpt, args), indent=1))
+        return
     model = groklm.load(ckpt, dtype=torch.bfloat16, progress=False)
     proc, url = start_server(ckpt, max(args.clients))
     report: dict[str, Any] = {"threads": torch.get_num_threads(), "preset": args.preset, "schema": args.schema}
