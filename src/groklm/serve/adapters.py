@@ -169,7 +169,10 @@ class AdapterSet:
             self._restack(set(in_use))
 
     def _restack(self, in_use: set[Adapter | None]) -> None:
-        self._slots = [a for a in self._slots if not a.retired or a in in_use]
+        kept = [a for a in self._slots if not a.retired or a in in_use]
+        for gone in set(self._slots) - set(kept):
+            gone.weights = {}  # (a cached prefix's row may still name it: only its identity is kept)
+        self._slots = kept
         self._slots += [a for a in self.by_name.values() if a not in self._slots]
         for i, a in enumerate(self._slots, 1):
             a.index = i
