@@ -207,6 +207,7 @@ BAD: list[tuple[str, str, dict[str, Any] | str, int, str | None]] = [
     ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
     ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ("post", "/tokenize", {}, 400, "prompt"),
+    ("post", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}, 403, None),  # no --api-key: refused
     ("post", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("get", "/v1/nothing-here", {}, 404, None),
 ]  # fmt: skip

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import groklm
+from groklm.sampling import Penalties, apply_penalties, min_p_filter
 from groklm.tokenizer import TextStream, Tokenizer
 from groklm.train.lora import LoraConfig, adapters, add_lora, load_adapter, save_adapter
 from tests.conftest import TOKENIZER
@@ -91,6 +92,24 @@ def alone(
     new = groklm.generate(model, [prompt], max_new_tokens=max_tokens, **sampling)[0]
     stream = TextStream(tok, prompt)
     return "".join(stream.add(t) for t in new) + stream.finish(), new
+
+
+def test_penalties_bias_and_min_p_by_the_numbers() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0]] * 3)
+    rows = [Penalties(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((4, -100.0),)), Penalties(),
+            Penalties(repetition_penalty=2.0)]  # fmt: skip
+    prompts, outputs = [[0], [0], [0, 1]], [[2, 2, 3], [2], [3]]
+    out = apply_penalties(logits, rows, prompts, outputs)
+    # Row 0: token 2 generated twice (-0.5 - 0.5), token 3 once (-0.5 - 0.25), token 4 biased; its prompt is not penalised.
+    assert out[0].tolist() == [2.0, -2.0, 0.0, -0.25, -97.0]
+    assert torch.equal(out[1], logits[1])  # no settings: untouched
+    # Row 2: the prompt's 0 and 1 and the output's 3, divided when positive, multiplied when negative.
+    assert out[2].tolist() == [1.0, -4.0, 1.0, 0.25, 3.0]
+    assert torch.equal(logits[0], torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0]))  # the input is not changed
+    assert apply_penalties(logits, [Penalties()] * 3, prompts, outputs) is logits
+    # min_p 0.3: exp(l - 3) >= 0.3 keeps 3.0 and 2.0 (0.37) only.
+    kept = min_p_filter(logits[:1], 0.3)[0]
+    assert torch.isfinite(kept).tolist() == [True, False, False, False, True]
 
 
 def test_logit_bias_bans_a_token_and_penalties_break_a_repeating_greedy_text(
@@ -265,11 +284,16 @@ def test_load_and_unload_adapters_at_run_time_behind_the_api_key(
                  10, temperature=0.0)[0]  # fmt: skip
     assert c.completions.create(model="a5", prompt=IDS, max_tokens=10, temperature=0).choices[0].text == want
 
+    broken = loras["a5"].parent / "broken"  # a config with a file that is not safetensors
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_config.json").write_text((loras["a5"] / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
     bad = [({"lora_name": "a5", "lora_path": str(loras["a5"])}, 400, "lora_name"),  # taken
            ({"lora_name": MODEL, "lora_path": str(loras["a5"])}, 400, "lora_name"),
            ({"lora_name": "x", "lora_path": "/nonexistent"}, 400, "lora_path"),
            ({"lora_name": "x", "lora_path": str(loras["experts"])}, 400, "lora_path"),
-           ({"lora_name": "x"}, 400, "lora_path")]  # fmt: skip
+           ({"lora_name": "x"}, 400, "lora_path"),
+           ({"lora_name": "x", "lora_path": str(broken)}, 400, "lora_path")]  # fmt: skip
     for payload, status, param in bad:
         r = httpx.post(f"{url}/v1/load_lora_adapter", json=payload, headers=auth, timeout=30)
         assert r.status_code == status and r.json()["error"]["param"] == param, (payload, r.text)
