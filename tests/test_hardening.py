@@ -124,6 +124,12 @@ CLI_CASES: list[tuple[str, str]] = [
      "must be a multiple of 16 dividing every input size"),
     ("quantize " + str(GOLDEN) + " {F:full} --config " + str(GOLDEN / "case.json") + " --group-size 16", "exists and is not empty"),
     ("quantize " + str(GOLDEN) + " {F:empty-dir}/q8 --bits 8 --group-size 32", "--group-size is for --bits 4"),
+    ("generate --checkpoint {H} hi --min-p 2", "--min-p must be in 0..1"),
+    ("generate --checkpoint {H} hi --frequency-penalty 9", "--frequency-penalty must be in -2..2"),
+    ("generate --checkpoint {H} hi --logit-bias 5", "--logit-bias: '5' is not ID=BIAS"),
+    ("generate --checkpoint {H} hi --logit-bias 999999999=1", "--logit-bias: token ids [999999999] are outside"),
+    ("serve --checkpoint {H} --lora-modules x", "--lora-modules 'x': give NAME=DIR"),
+    ("serve --checkpoint {H} --lora-modules a=/nonexistent", "no adapter here"),
     ("info --checkpoint {F:empty-dir}", "no checkpoint found"),
     ("info --checkpoint {H} --config {F:not-json}", "not valid JSON"),
 ]  # fmt: skip
