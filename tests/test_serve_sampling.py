@@ -298,9 +298,25 @@ def test_load_and_unload_adapters_at_run_time_behind_the_api_key(
         r = httpx.post(f"{url}/v1/load_lora_adapter", json=payload, headers=auth, timeout=30)
         assert r.status_code == status and r.json()["error"]["param"] == param, (payload, r.text)
 
-    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a5"}, headers=auth, timeout=30)
-    assert r.status_code == 200, r.text
+    # Unloaded mid-stream, and another loaded meanwhile: the stream finishes with its adapter, unharmed.
+    long_want = alone(load_adapter(groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False), loras["a5"]), tok,
+                      IDS, 32, temperature=0.0, stop_at_eos=False)[0]  # fmt: skip
+    text = ""
+    for i, chunk in enumerate(c.completions.create(model="a5", prompt=IDS, max_tokens=32, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True})):  # fmt: skip
+        text += chunk.choices[0].text if chunk.choices else ""
+        if i == 0:
+            r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a5"}, headers=auth, timeout=30)
+            assert r.status_code == 200, r.text
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a1b", "lora_path": str(loras["a1"])},
+                           headers=auth, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+    assert text == long_want
     assert "a5" not in [m.id for m in c.models.list().data]
+    a1 = c.completions.create(model="a1", prompt=IDS, max_tokens=8, temperature=0).choices[0].text
+    assert c.completions.create(model="a1b", prompt=IDS, max_tokens=8, temperature=0).choices[0].text == a1
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a1b"}, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="a5", prompt=IDS, max_tokens=4)
     r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a5"}, headers=auth, timeout=30)
