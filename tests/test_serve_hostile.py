@@ -128,10 +128,11 @@ def test_a_fault_in_one_rows_sampling_fails_that_request_alone(
 ) -> None:
     real = engine_module.sample
 
-    def faulty(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gens: Any) -> torch.Tensor:
+    def faulty(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gens: Any, *rest: Any
+               ) -> torch.Tensor:  # fmt: skip
         if gens is not None and gens[0].initial_seed() == FAULT_SEED:
             raise RuntimeError("injected sampling fault")
-        return real(logits, temperature, top_p, top_k, gens)
+        return real(logits, temperature, top_p, top_k, gens, *rest)
 
     monkeypatch.setattr(engine_module, "sample", faulty)
     c = live.client()
