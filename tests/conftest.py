@@ -27,6 +27,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "grok1-tiny12"
 TOKENIZER = SHARED / "tokenizer" / "grok-1" / "tokenizer.model"
 
+pytest_plugins = ["tests.serving"]  # the server tests' fixtures
+
 
 def status_bytes(field: str) -> int:
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))

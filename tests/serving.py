@@ -1,4 +1,5 @@
-"""Starting and stopping `groklm serve` processes for the tests, every wait bounded."""
+"""Starting and stopping `groklm serve` processes for the tests, every wait bounded; the fixtures the
+server tests share (a pytest plugin of conftest's)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
+import torch
+
+import groklm
+from groklm.tokenizer import Tokenizer
+from tests.conftest import TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = "mini"
 
 
 @dataclass
@@ -68,3 +76,21 @@ def stop(proc: subprocess.Popen[str], timeout: float = 30) -> int:
             proc.kill()
             proc.wait(timeout=10)
     return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path:
+    """The mini checkpoint under the name the server reports, with its tokenizer beside it."""
+    out = tmp_path_factory.mktemp("served") / MODEL
+    out.symlink_to(mini_ckpt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def reference(mini_ckpt: Path) -> groklm.Grok:
+    return groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)

@@ -18,22 +18,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
 import groklm
 from groklm.tokenizer import TextStream, Tokenizer
 from tests.conftest import TOKENIZER
-from tests.serving import Served, serve, stop
-
-MODEL = "mini"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path:
-    """The mini checkpoint under the name the server reports, with its tokenizer beside it."""
-    out = tmp_path_factory.mktemp("served") / MODEL
-    out.symlink_to(mini_ckpt)
-    return out
+from tests.serving import MODEL, Served, serve, stop
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +31,6 @@ def server(ckpt: Path) -> Iterator[Served]:
     # chunks, so longer prompts are prefilled in several steps between decode steps.
     with serve(ckpt, "--tokenizer", str(TOKENIZER), "--max-batch", "4", "--prefill-chunk", "16") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def reference(mini_ckpt: Path) -> groklm.Grok:
-    return groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
 
 
 def alone(model: groklm.Grok, tok: Tokenizer, prompt: list[int], max_tokens: int, **sampling: Any) -> tuple[str, int]:

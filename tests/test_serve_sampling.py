@@ -25,9 +25,8 @@ from groklm.sampling import Penalties, apply_penalties, min_p_filter
 from groklm.tokenizer import TextStream, Tokenizer
 from groklm.train.lora import LoraConfig, adapters, add_lora, load_adapter, save_adapter
 from tests.conftest import TOKENIZER
-from tests.serving import ROOT, Served, serve
+from tests.serving import MODEL, ROOT, Served, serve
 
-MODEL = "mini"
 KEY = "sesame"
 IDS = [422, 3033, 356, 1180]  # greedy repeats tokens after this prompt on the mini model
 
@@ -58,28 +57,11 @@ def loras(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path:
-    out = tmp_path_factory.mktemp("served") / MODEL
-    out.symlink_to(mini_ckpt)
-    return out
-
-
-@pytest.fixture(scope="module")
 def server(ckpt: Path, loras: dict[str, Path]) -> Iterator[Served]:
     modules = [f"{n}={loras[n]}" for n in ("a1", "a2", "a3", "a4")]
     with serve(ckpt, "--tokenizer", str(TOKENIZER), "--max-batch", "8", "--api-key", KEY,
                "--lora-modules", *modules) as s:  # fmt: skip
         yield s
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def reference(mini_ckpt: Path) -> groklm.Grok:
-    return groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
 
 
 def client(s: Served) -> openai.OpenAI:

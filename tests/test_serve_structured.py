@@ -23,8 +23,8 @@ from groklm.serve.grammar import GrammarError, Grammars, _SentencePiece
 from groklm.serve.tools import ToolParser, parse_tools
 from groklm.tokenizer import Tokenizer, find_tokenizer
 from tests.conftest import SHARED, TOKENIZER
-from tests.serving import Served, serve
-from tests.test_serve import MODEL, alone, client
+from tests.serving import MODEL, Served, serve
+from tests.test_serve import alone, client
 
 # Small and bounded: every document the grammar allows fits in well under MAX tokens (strings by a
 # pattern of at most 8 ASCII letters, numbers by their range), so the grammar, not max_tokens, ends it.
@@ -50,21 +50,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path:
-    out = tmp_path_factory.mktemp("served") / MODEL
-    out.symlink_to(mini_ckpt)
-    return out
-
-
-@pytest.fixture(scope="module")
 def server(ckpt: Path) -> Iterator[Served]:
     with serve(ckpt, "--tokenizer", str(TOKENIZER), "--max-batch", "4", "--max-model-len", "512") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def reference(mini_ckpt: Path) -> groklm.Grok:
-    return groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
 
 
 def test_json_schema_output_parses_and_validates(server: Served) -> None:
