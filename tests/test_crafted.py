@@ -2,7 +2,7 @@
 child process: each ends in exactly one `error:` line naming the file and the field or tensor, exit status
 1 or 2, no traceback and no abort, within 2 s of CPU and 200 MB, before any weight is read.
 
-The child is forked from this process with everything imported (an interpreter that imports torch costs
+The child is forked from a fork server with everything imported (an interpreter that imports torch costs
 seconds), resets its peak-memory mark and runs `cli.main` on the arguments; its exit status and signal come
 from os.wait4. The files are made from a tiny random model written in groklm's layout and converted to the
 others, then altered one field at a time."""
@@ -10,13 +10,12 @@ others, then altered one field at a time."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import resource
 import shutil
-import signal
 import struct
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from groklm import cli
 from groklm.config import GrokConfig
-from groklm.formats import gguf, grok2, hf, native, verify  # noqa: F401  (imported before the fork)
+from groklm.formats import gguf, grok2, hf, native, verify  # noqa: F401
 from groklm.formats.convert import convert
 from groklm.formats.gguf_scan import scan
 from groklm.formats.safetensors_io import write_file
@@ -377,43 +376,52 @@ CASES: list[tuple[str, str, str]] = [
 _CHILD_ERR = 70  # the child's own failure (an uncaught exception in cli.main)
 
 
+# Children are forked from a fork server: a fresh interpreter with groklm imported that has run no torch
+# op, so no OpenMP thread pool is inherited (forked from pytest, after other tests had run ops, a child
+# that computed hung in libgomp).
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["groklm.cli", "groklm.formats.gguf", "groklm.formats.grok2", "groklm.formats.hf",
+                               "groklm.formats.native", "groklm.formats.verify", "groklm.train.lora",
+                               "tests.test_crafted"])  # fmt: skip
+
+
+def _child(argv: list[str], err_path: str, mem_path: str) -> None:
+    """Runs `cli.main(argv)` with stderr to `err_path`, under the CPU limit; writes its peak memory growth."""
+    code = _CHILD_ERR
+    try:
+        fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.stderr = open(2, "w", closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        before = reset_peak_rss()
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + CPU_SECONDS, hard))
+        try:
+            code = cli.main(argv)
+        except BaseException:
+            traceback.print_exc()
+        sys.stderr.flush()
+        Path(mem_path).write_text(str(peak_rss_since_reset() - before))
+    finally:
+        os._exit(code)
+
+
 def _run_forked(argv: list[str], out: Path) -> tuple[int, int, str, int]:
     """(exit status, signal, stderr, peak memory growth in bytes) of `cli.main(argv)` in a forked child."""
     err_path, mem_path = out / "stderr", out / "grew"
-    pid = os.fork()
-    if pid == 0:  # the child: never returns to pytest
-        code = _CHILD_ERR
-        try:
-            fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 2)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            sys.stderr = open(2, "w", closefd=False)  # pytest's capture replaced the streams
-            sys.stdout = open(1, "w", closefd=False)
-            before = reset_peak_rss()
-            _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + CPU_SECONDS, hard))
-            try:
-                code = cli.main(argv)
-            except BaseException:
-                traceback.print_exc()
-            sys.stderr.flush()
-            mem_path.write_text(str(peak_rss_since_reset() - before))
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60  # a hang fails the test instead of stalling the suite
-    while True:
-        done, status, _ = os.wait4(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.wait4(pid, 0)
-            pytest.fail(f"{argv}: still running after 60 s")
-        time.sleep(0.005)
+    child = _FORKS.Process(target=_child, args=(argv, str(err_path), str(mem_path)))
+    child.start()
+    child.join(60)  # a hang fails the test instead of stalling the suite
+    if child.exitcode is None:
+        child.kill()
+        child.join(10)
+        pytest.fail(f"{argv}: still running after 60 s")
     grew = int(mem_path.read_text()) if mem_path.exists() else -1
     err = err_path.read_text() if err_path.exists() else ""
-    return os.waitstatus_to_exitcode(status), os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0, err, grew
+    code = child.exitcode
+    return (code, 0, err, grew) if code >= 0 else (-code, -code, err, grew)
 
 
 def _argv(template: str, made: dict[str, Path]) -> list[str]:
