@@ -215,6 +215,8 @@ def _memory_worker(rank: int, world: int, port: int, path: str, out: str) -> Non
     from tests.conftest import peak_rss_since_reset, reset_peak_rss
 
     _join(rank, world, port)
+    import torch._dynamo  # torch's DeviceMesh code imports it on first use: torch's memory, not the load's
+
     before, read_before = reset_peak_rss(), _io("rchar")
     model = groklm.load(path, progress=False, tp=2)
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
