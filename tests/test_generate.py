@@ -13,6 +13,7 @@ import groklm
 from groklm.generate import compile_decode, decode_one, generate, prefill, sample, top_k_filter, top_p_filter
 from groklm.model import KVCache
 from groklm.quant import QuantizedMoE
+from tests.conftest import not_under_lowered_capability
 
 
 def test_cached_decoding_equals_uncached_recomputation(mini_fp32: groklm.Grok) -> None:
@@ -127,6 +128,7 @@ def test_moe_runs_only_the_chosen_experts(mini_fp32: groklm.Grok) -> None:
     assert len(one) == k  # a single token touches exactly its two experts
 
 
+@not_under_lowered_capability
 def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
     """torch.compile of the decode step (bf16, native kernels as opaque ops): no graph breaks, the
     same logits as eager mode, the same greedy tokens, and no recompiling per request."""
