@@ -4,6 +4,7 @@ server tests share (a pytest plugin of conftest's)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import subprocess
@@ -76,6 +77,30 @@ def stop(proc: subprocess.Popen[str], timeout: float = 30) -> int:
             proc.kill()
             proc.wait(timeout=10)
     return proc.returncode
+
+
+def streaming(s: Served, max_tokens: int) -> tuple[threading.Thread, list[str]]:
+    """A streamed completion read on a thread, its SSE lines gathered, returned once the server has
+    generated 5 tokens (waiting at most 60 s)."""
+    got: list[str] = []
+
+    def read() -> None:
+        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
+                          json={"prompt": "Once", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
+            got.extend(line for line in r.iter_lines() if line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while s.metric("groklm_generation_tokens_total") < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return reader, got
+
+
+def finished_by_length(got: list[str]) -> bool:
+    """Whether a stream's SSE lines end in [DONE] after a last choice finished by its length."""
+    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in got[:-1] if '"choices": [{' in line]
+    return got[-1] == "data: [DONE]" and finishes[-1] == "length"
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ disconnects, a full queue and SIGTERM behave; the playground works in headless C
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ import pytest
 import groklm
 from groklm.tokenizer import TextStream, Tokenizer
 from tests.conftest import TOKENIZER
-from tests.serving import MODEL, Served, serve, stop
+from tests.serving import MODEL, Served, finished_by_length, serve, stop, streaming
 
 
 @pytest.fixture(scope="module")
@@ -284,24 +282,11 @@ def test_api_key(small: Served) -> None:
 
 def test_sigterm_finishes_in_flight_streams_then_exits(ckpt: Path) -> None:
     with serve(ckpt, "--tokenizer", str(TOKENIZER)) as s:
-        got: list[str] = []
-
-        def read() -> None:
-            with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
-                              json={"prompt": "Once", "max_tokens": 300, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
-                got.extend(line for line in r.iter_lines() if line)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        deadline = time.monotonic() + 30
-        while s.metric("groklm_generation_tokens_total") < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        reader, got = streaming(s, 300)
         s.process.send_signal(signal.SIGTERM)
         reader.join(timeout=120)
         code = stop(s.process, timeout=60)
-    assert got[-1] == "data: [DONE]"
-    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in got[:-1] if '"choices": [{' in line]
-    assert finishes[-1] == "length"
+    assert finished_by_length(got)
     assert code == 0, "".join(s.stderr)[-2000:]
 
 

@@ -34,7 +34,7 @@ from groklm.serve.chat import ChatTemplate
 from groklm.serve.engine import Engine
 from groklm.tokenizer import TiktokenTokenizer, Tokenizer
 from tests.conftest import SHARED, TOKENIZER
-from tests.serving import MODEL, serve, stop
+from tests.serving import MODEL, finished_by_length, serve, stop, streaming
 from tests.test_serve import alone
 
 KEY = "sesame"
@@ -361,18 +361,7 @@ def test_sigterm_drains_with_503_and_ends_even_with_a_client_stuck_mid_body(ckpt
         port = int(s.url.rsplit(":", 1)[1])
         stuck = socket.create_connection(("127.0.0.1", port), timeout=120)
         stuck.sendall(request_bytes("/v1/completions", b'{"prompt": "hi", "max_tokens": 2}')[:-10])
-        got: list[str] = []
-
-        def read() -> None:
-            with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
-                              json={"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
-                got.extend(line for line in r.iter_lines() if line)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        deadline = time.monotonic() + 60
-        while s.metric("groklm_generation_tokens_total") < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        reader, got = streaming(s, 200)
         s.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while httpx.get(f"{s.url}/health", timeout=30).status_code != 503 and time.monotonic() < deadline:
@@ -384,7 +373,5 @@ def test_sigterm_drains_with_503_and_ends_even_with_a_client_stuck_mid_body(ckpt
         reader.join(timeout=120)
         code = stop(s.process, timeout=60)
         stuck.close()
-    assert got[-1] == "data: [DONE]"
-    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in got[:-1] if '"choices": [{' in line]
-    assert finishes[-1] == "length"
+    assert finished_by_length(got)
     assert code == 0, "".join(s.stderr)[-2000:]
