@@ -29,8 +29,8 @@ from torch import Tensor, nn
 import groklm
 from groklm import kernels
 from groklm.config import get_preset
+from groklm.files import advise_huge_pages
 from groklm.formats import native
-from groklm.formats.common import advise_huge_pages
 from groklm.generate import Decode, compile_decode, decode_one, prefill, sample
 from groklm.model import Grok, KVCache, MoE
 

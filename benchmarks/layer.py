@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.decode import experts_touched, read_bandwidth, step_fraction, weight_bytes
 from groklm.config import get_preset
-from groklm.formats.common import advise_huge_pages
+from groklm.files import advise_huge_pages
 from groklm.model import Block, KVCache, rope_tables
 from groklm.quant import (
     Int4ExpertLinear,

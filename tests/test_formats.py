@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import cli
 from groklm.config import GrokConfig, get_preset
+from groklm.files import CheckpointError
 from groklm.formats import hf
-from groklm.formats.common import CheckpointError
 from groklm.formats.convert import convert
 from groklm.formats.verify import verify
 from groklm.model import ExpertLinear

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import cli, kernels
 from groklm.config import grok2_config
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 from groklm.generate import prefill
 from groklm.model import KVCache, MoE
 from groklm.quant import QuantizedMoE, quantize_int8, released_groups

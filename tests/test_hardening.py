@@ -24,7 +24,7 @@ import torch
 import groklm
 from groklm import cli, kernels
 from groklm.config import GrokConfig, get_preset
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 from groklm.formats.native import save_native
 from groklm.formats.safe_pickle import _BFloat16, read_record
 from groklm.formats.safetensors_io import read_header, read_into
@@ -303,7 +303,7 @@ _MEASURE = r"""
 import json, sys, time
 from pathlib import Path
 from tests.conftest import peak_rss_since_reset, reset_peak_rss
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 from groklm.formats.safe_pickle import read_record
 before = reset_peak_rss()
 t = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 
 import groklm
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, advise_huge_pages
+from groklm.files import CheckpointError, advise_huge_pages
 from groklm.formats.released import reference_params
 from groklm.formats.safe_pickle import read_record
 from tests.conftest import GOLDEN

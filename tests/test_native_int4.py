@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 from groklm.formats.native import convert, save_native
 from groklm.quant import (
     Int4ExpertLinear,

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():  # Triton kernels can then only be interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from groklm.config import PRESETS, GrokConfig, get_preset
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 from groklm.formats.released import write_random_checkpoint
 from groklm.generate import generate, generate_stream
 from groklm.load import load

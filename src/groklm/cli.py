@@ -93,7 +93,7 @@ def _check_adapter(args: argparse.Namespace, parallel: bool, config: Any) -> Non
         return
     if parallel:
         raise UsageError("--adapter runs in one process: merge it first (`groklm merge`), then split the result")
-    from groklm.formats.common import CheckpointError
+    from groklm.files import CheckpointError
     from groklm.train.lora import check_adapter
 
     try:
@@ -457,7 +457,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from groklm.config import get_preset
-    from groklm.formats.common import parameter_bytes
+    from groklm.files import parameter_bytes
     from groklm.load import checkpoint_config
     from groklm.model import Grok
     from groklm.quant import quantize_int4, quantize_int8, released_groups
@@ -591,7 +591,7 @@ def _loss_change(summary: dict[str, Any], digits: int) -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from groklm.formats.common import output_dir
+    from groklm.files import output_dir
     from groklm.formats.native import save_native
     from groklm.load import checkpoint_config, load
     from groklm.train.lora import check_adapter, load_adapter, merge
@@ -880,7 +880,7 @@ COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "init-random": cmd_ini
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from groklm.formats.common import CheckpointError
+    from groklm.files import CheckpointError
 
     prog = " ".join(filter(None, ("groklm", args.command, getattr(args, "what", None))))
     try:

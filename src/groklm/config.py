@@ -190,7 +190,7 @@ class GrokConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> GrokConfig:
         """Read a config file; every error names the file."""
-        from groklm.formats.common import CheckpointError, read_json
+        from groklm.files import CheckpointError, read_json
 
         path = Path(path)
         if not path.is_file():

@@ -10,7 +10,7 @@ import torch
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, progress_bar, return_freed_memory
+from groklm.files import CheckpointError, progress_bar, return_freed_memory
 from groklm.model import Grok
 
 ConfigLike = GrokConfig | dict[str, Any] | str | Path | None

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import advise_huge_pages
+from groklm.files import advise_huge_pages
 from groklm.model import MASK_VALUE, Attention, ExpertLinear, Grok, MoE
 
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import sentencepiece as spm
 
-from groklm.formats.common import CheckpointError, read_json
+from groklm.files import CheckpointError, read_json
 
 MAX_TOKENIZER = 64 << 20  # bytes: Grok-1's tokenizer.model is 2 MB
 MAX_PIECES = 1 << 24  # as many as a config's vocabulary may hold

@@ -2,6 +2,6 @@
 groklm's safetensors layout (`native`). Each reads into a model built on the meta device and checks
 every name and shape against it."""
 
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 
 __all__ = ["CheckpointError"]

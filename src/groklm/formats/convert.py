@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, output_dir
+from groklm.files import CheckpointError, output_dir
 from groklm.formats.layout import Source
 
 FORMATS = ("hf", "gguf", "native")

@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, parse_json, progress_bar
+from groklm.files import CheckpointError, parse_json, progress_bar
 from groklm.formats.gguf_scan import Scan, scan
 from groklm.formats.layout import (
     Source,

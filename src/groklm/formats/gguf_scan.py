@@ -21,7 +21,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 
 MAX_NESTING = 2  # an array of arrays at most (none in a grok GGUF)
 MAX_DIMS = 4  # ggml's

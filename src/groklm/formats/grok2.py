@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from groklm.config import GrokConfig, grok2_config
-from groklm.formats.common import CheckpointError, read_json
+from groklm.files import CheckpointError, read_json
 from groklm.formats.layout import allocate, dense_shape, part_of, place, quantize_layout
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor
 from groklm.model import Grok

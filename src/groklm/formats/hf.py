@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from groklm.config import GrokConfig, need_ints, need_numbers
-from groklm.formats.common import CheckpointError, progress_bar, read_json
+from groklm.files import CheckpointError, progress_bar, read_json
 from groklm.formats.layout import (
     Source,
     allocate,

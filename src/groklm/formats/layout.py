@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from groklm.formats.common import CheckpointError, advise_huge_pages, return_freed_memory
+from groklm.files import CheckpointError, advise_huge_pages, return_freed_memory
 from groklm.model import ExpertLinear, Grok
 from groklm.quant import (
     Int4ExpertLinear,

@@ -24,15 +24,8 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import (
-    BlockMajorArray,
-    CheckpointError,
-    DiskArray,
-    advise_huge_pages,
-    output_dir,
-    progress_bar,
-    return_freed_memory,
-)
+from groklm.files import CheckpointError, advise_huge_pages, output_dir, progress_bar, return_freed_memory
+from groklm.formats.common import BlockMajorArray, DiskArray
 from groklm.formats.layout import allocate, part_of
 from groklm.formats.released import MappedEmbedding, open_released
 from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file

@@ -27,14 +27,8 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import (
-    CheckpointError,
-    DiskArray,
-    TensorArray,
-    advise_huge_pages,
-    output_dir,
-    progress_bar,
-)
+from groklm.files import CheckpointError, advise_huge_pages, output_dir, progress_bar
+from groklm.formats.common import DiskArray, TensorArray
 from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
 from groklm.model import Grok
 from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import torch
 
-from groklm.formats.common import CheckpointError
+from groklm.files import CheckpointError
 
 MAX_WEIGHT = 4096  # elements a container may hold, nested ones counted (real files: under 40)
 MAX_OPS = 100_000  # opcodes a file may run (real files: under 100)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from groklm.formats.common import CheckpointError, parse_json
+from groklm.files import CheckpointError, parse_json
 
 MAX_HEADER = 100 << 20  # the safetensors package's own limit
 DTYPES: dict[str, torch.dtype] = {

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, progress_bar
+from groklm.files import CheckpointError, progress_bar
 
 _LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+?)\s*$")
 _BSD = re.compile(r"^SHA256 \((.+)\) = ([0-9a-fA-F]{64})\s*$")

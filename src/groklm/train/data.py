@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from groklm.formats.common import CheckpointError, parse_json
+from groklm.files import CheckpointError, parse_json
 
 IGNORE = -100  # targets the loss skips
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from groklm.formats.common import progress_bar
+from groklm.files import progress_bar
 from groklm.train.common import (
     check_positive,
     checkpoint_layers,

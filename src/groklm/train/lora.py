@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.formats.common import CheckpointError, read_json
+from groklm.files import CheckpointError, read_json
 from groklm.formats.safetensors_io import read_header, read_tensor
 from groklm.model import ExpertLinear, Grok
 from groklm.quant import (

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from groklm.config import GrokConfig
-from groklm.formats.common import progress_bar
+from groklm.files import progress_bar
 from groklm.model import Grok, MoE, _capped
 from groklm.train.common import (
     check_positive,
