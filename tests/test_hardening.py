@@ -508,10 +508,12 @@ def test_a_stale_build_lock_does_not_stall_the_next_build(tmp_path: Path, monkey
         built.append(name)
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.setattr(kernels.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("not loaded in this test")))
+    monkeypatch.setattr(
+        kernels.build.ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("not loaded in this test"))
+    )
     for stale in tmp_path.glob("ops-*"):
         shutil.rmtree(stale)
-    source = kernels._SOURCE.parent / "ops.cpp"
+    source = kernels.build.CSRC / "ops.cpp"
     key = source.read_bytes() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
     import hashlib
 
@@ -520,5 +522,5 @@ def test_a_stale_build_lock_does_not_stall_the_next_build(tmp_path: Path, monkey
     (build / "lock").write_text("")  # left by a killed build
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    assert kernels._build_cpp_ops() is None  # (the fake library does not load)
+    assert kernels.build.build_cpp_ops() is None  # (the fake library does not load)
     assert built and "building the C++ kernel ops" in err.getvalue()

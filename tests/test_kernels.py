@@ -375,7 +375,7 @@ from groklm import kernels
 from groklm.config import get_preset
 from groklm.model import Attention, MoE
 from groklm.quant import dequantize_weight, quantize_int8, quantize_weight
-assert kernels.available() and not kernels._NATIVE_OPS
+assert kernels.available() and not kernels.ops.NATIVE_OPS
 x = torch.randn(3, 512).bfloat16()
 q, s = quantize_weight(torch.randn(64, 512), 8, torch.bfloat16)
 torch.testing.assert_close(kernels.int8_matmul(x, q, s, torch.float32), x.float() @ dequantize_weight(q, s).T,
@@ -407,4 +407,4 @@ def test_python_implementations_of_the_ops_where_cpp_does_not_build() -> None:
 
 def test_cpp_ops_are_built_here() -> None:
     """CI machines have ninja and a C++ compiler: the ops must not silently fall back to Python there."""
-    assert kernels.available() and kernels._NATIVE_OPS
+    assert kernels.available() and kernels.ops.NATIVE_OPS

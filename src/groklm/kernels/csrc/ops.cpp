@@ -1,5 +1,5 @@
 // The CPU implementations of the groklm::linear, groklm::moe and groklm::attend ops (schemas and fake kernels are
-// defined in kernels.py) as C++ around the C kernels in int8_matmul.c: the checks, the output
+// defined in kernels/ops.py) as C++ around the C kernels in csrc/groklm.c: the checks, the output
 // allocation and the call, with no Python in between.
 //
 // Why: a decode step makes ~25 of these calls, each right after its weights have swept the CPU caches,
@@ -30,13 +30,13 @@ moe_fn kernel_moe = nullptr;
 chunk_fn kernel_chunk = nullptr;
 attend_fn kernel_attend = nullptr;
 
-// A refusal of the weights, as kernels.py words it (ValueError in Python); needs `bits` in scope.
+// A refusal of the weights, as kernels/native.py words it (ValueError in Python); needs `bits` in scope.
 #define REFUSE_UNLESS(cond, ...) \
     TORCH_CHECK_VALUE(cond, "groklm: the native int", bits, " kernel does not take these weights: ", __VA_ARGS__)
 
 // One weight with bf16 scales [*L, N, G]: row-major [*L, N, K] (int8) or packed [*L, N, K/2] (uint8,
 // bits 4), or in its kernel's own layout (then *blocked): int8 block-major [*L, G, N, K/G], int4 panels
-// [*L, N/16, K/32, 256]. The conditions of kernels._fits.
+// [*L, N/16, K/32, 256]. The conditions of kernels/layout.py's fits.
 // Returns K.
 int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, const char *what, bool *blocked) {
     TORCH_CHECK_VALUE(bits == 8 || bits == 4, "groklm: bits must be 8 or 4, not ", bits);
@@ -61,7 +61,7 @@ int64_t check_weight(int64_t bits, const at::Tensor &w, const at::Tensor &s, con
     return k;
 }
 
-// The activation chunk: the C library's rule (as kernels._chunk).
+// The activation chunk: the C library's rule (as kernels/native.py's chunk).
 int chunk_of(int64_t bits, int64_t k, int64_t groups) {
     const int c = kernel_chunk((int)bits, (int)k, (int)(k / groups));
     TORCH_CHECK_VALUE(c > 0, "groklm: no activation chunk fits ", groups, " groups over ", k, " columns");
