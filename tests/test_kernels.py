@@ -408,3 +408,107 @@ def test_python_implementations_of_the_ops_where_cpp_does_not_build() -> None:
 def test_cpp_ops_are_built_here() -> None:
     """CI machines have ninja and a C++ compiler: the ops must not silently fall back to Python there."""
     assert kernels.available() and kernels.ops.NATIVE_OPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Each SIMD build against the scalar twins (csrc/reference.c, `reference=True`): plain C that states
+# what each kernel computes. The `build` fixture runs each case on the build this CPU gets and on the
+# AVX2 one; a new SIMD path (another ISA, another tile) is held to the same twin by these tests.
+
+
+def _int8_bound(x: Tensor, q_rows: Tensor, s: Tensor, groups: int) -> Tensor:
+    """Where the int8 kernels and their twin may differ: both sum each segment (one scale, one activation
+    step) exactly in integers, from the same quantized activations; the kernels fold a segment into 8
+    fp32 lanes (block-major: a sum a block) and add them up at the end, the twin folds it whole. That is
+    at most 2S + 8 roundings (S segments a row), each within 2^-24 of the sum of the products' magnitudes,
+    here bounded by (|x| + max|x| / 32767) @ |dequant(W)|.T (an activation is within half a step of x)."""
+    k = x.shape[1]
+    segments = k // min(k // groups, kernels.native.chunk(8, k, groups))
+    magnitude = (x.double().abs() + x.double().abs().max() / 32767) @ dequantize_weight(
+        q_rows, s, torch.float64
+    ).abs().T
+    return (2 * segments + 8) * 2.0**-24 * magnitude
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
+@pytest.mark.parametrize(
+    "bits, groups, blocked",
+    [(8, 1, False), (8, 8, False), (8, 8, True), (8, 5, True), (4, 32, False), (4, 32, True), (4, 4, True)],
+)
+def test_linear_equals_its_scalar_twin(build: str, bits: int, groups: int, blocked: bool, rows: int) -> None:
+    """int4 (rows, and panels with their scales in panel order): bit for bit, in fp32 and bf16, since the
+    kernels fold each segment with one fused multiply-add as the twin does. int8 (rows, block-major):
+    within `_int8_bound`, in fp32 (bf16 is that rounded, tested above)."""
+    g = torch.Generator().manual_seed(rows * 10 + groups + bits)
+    k = 2560 if groups == 5 else 2048
+    w = torch.randn(1040, k, generator=g)
+    x = (torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 4).bfloat16()
+    if bits == 8:
+        q_rows, s = quantize_weight(w, groups, torch.bfloat16)
+        weight = (block_major(q_rows, groups) if blocked else q_rows, s)
+    else:
+        q_rows, s = quantize_weight_int4(w, k // groups, torch.bfloat16)
+        weight = (to_panels(q_rows), scales_to_panels(s)) if blocked else (q_rows, s)
+    got = kernels.linear(bits, x, [weight], torch.float32)[0]
+    twin = kernels.linear(bits, x, [weight], torch.float32, reference=True)[0]
+    if bits == 4:
+        assert torch.equal(got, twin)
+        assert torch.equal(kernels.linear(bits, x, [weight])[0], kernels.linear(bits, x, [weight], reference=True)[0])
+    else:
+        assert ((got.double() - twin.double()).abs() <= _int8_bound(x, q_rows, s, groups)).all()
+
+
+def _assert_bf16_near(got: Tensor, twin: Tensor) -> None:
+    """The bound for the float kernels (MoE, attention) against their twins: the same roundings to bf16,
+    with torch's 8-lane tanh, exp and erf against libm's and fp32 sums in another order, so each output
+    is within 2^-7 of the largest (a bf16 step or two) and almost all are bit-identical."""
+    assert got.dtype == twin.dtype == torch.bfloat16 and got.shape == twin.shape
+    torch.testing.assert_close(got, twin, rtol=2**-7, atol=2**-7 * twin.abs().max().item())
+    assert (got != twin).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("bits, up_groups, grok2", [(8, 1, False), (8, 4, True), (4, None, False), (4, None, True)])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_moe_and_route_equal_their_scalar_twins(
+    build: str, bits: int, up_groups: int | None, grok2: bool, tokens: int
+) -> None:
+    """The one-call MoE, int8 (down projections block-major, up ones too with 4 blocks) and int4 (panels),
+    with Grok-1's tanh GELU or Grok-2's erf GELU and capped router: within `_assert_bf16_near` of its twin.
+    The routing alone: the same experts, and gates within 2^-20 (fp32 sums in another order; no near ties)."""
+    torch.manual_seed(tokens + bits)
+    config = get_preset("mini")
+    moe = MoE(config, torch.bfloat16)
+    if bits == 8:
+        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16)
+    else:
+        quantize_int4(moe, group_size=32)
+    parts = [(m.weight, m.scales) for m in (moe.w1, moe.v, moe.w2)]
+    xs = (torch.randn(tokens, config.emb_size) * 2).bfloat16()
+    router, cap = moe.router.weight.contiguous(), 5.0 if grok2 else 0.0
+    args = (xs, router, config.num_selected_experts, bits, *parts, cap, grok2)
+    _assert_bf16_near(kernels.moe(*args), kernels.moe(*args, reference=True))
+    gates, experts = kernels.route(xs, router, config.num_selected_experts, cap)
+    twin_gates, twin_experts = kernels.route(xs, router, config.num_selected_experts, cap, reference=True)
+    assert torch.equal(experts, twin_experts)
+    torch.testing.assert_close(gates, twin_gates, rtol=2**-20, atol=2**-20)
+
+
+@pytest.mark.parametrize(("batch", "slots", "dh", "temperature"), [(1, 1, 32, False), (1, 77, 128, True),
+                                                                   (3, 64, 32, False), (2, 1000, 128, True)])  # fmt: skip
+def test_attend_equals_its_scalar_twin(build: str, batch: int, slots: int, dh: int, temperature: bool) -> None:
+    """Decode attention (soft-capped scores, masked softmax, weighted values; Grok-2's per-row
+    temperature) within `_assert_bf16_near` of its twin. Every row sees a slot, as a decoded token sees
+    itself (with none, the kernel's softmax spreads over the slots rounded up to 8)."""
+    _, q, k, v, mask = _decode_attention_case(batch, slots, dh, seed=slots)
+    mask = mask[:, 0, 0, 0].clone()
+    mask[:, -1] = True
+    scale = torch.rand(batch) + 0.5 if temperature else None
+    args = (q[:, 0].contiguous(), k, v, mask, 0.125, 30.0, -1e30, scale)
+    _assert_bf16_near(kernels.attend(*args), kernels.attend(*args, reference=True))
+
+
+def test_transpose_equals_its_scalar_twin(build: str) -> None:
+    src = torch.randint(-128, 128, (300, 170), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    got, twin = torch.zeros(170, 300, dtype=torch.int8), torch.ones(170, 300, dtype=torch.int8)
+    assert kernels.transpose_into(got, src) and kernels.transpose_into(twin, src, reference=True)
+    assert torch.equal(got, twin) and torch.equal(got, src.T)

@@ -12,7 +12,7 @@ G = 1 is ordinary per-output-channel int8.
 Row-blocked weights (G > 1: the released attention output and expert down projections) are held
 block-major, [G, out, in/G]: block g of every row together, as the released [in, out] array already
 orders its rows. A matvec then reads each block as one run against only its own in/G activations,
-which stay in the L1 cache however wide the row (see `weight_dot` in kernels/csrc/int8_matmul.c). The int8
+which stay in the L1 cache however wide the row (see `weight_dot` in kernels/csrc/linear.c). The int8
 output head's many 64-column groups stay row-major (`Int8Linear`'s default).
 
 Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, bf16 activations on CPU); torch's

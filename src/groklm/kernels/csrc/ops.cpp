@@ -3,8 +3,7 @@
 // allocation and the call, with no Python in between.
 //
 // Why: a decode step makes ~25 of these calls, each right after its weights have swept the CPU caches,
-// and there every Python and torch call around a kernel costs 7-50 us. A 4 MB projection took 140 us
-// in C and about 300 us through a Python implementation of the op.
+// where every Python and torch call around a kernel costs microseconds (benchmarks/NOTES.md, "The ops").
 //
 // The C kernels live in their own shared library (built with the ISA flags, loaded by ctypes); its
 // functions are handed over by groklm_ops_set_kernels, called again whenever that library is loaded.
