@@ -15,7 +15,12 @@
  *   sleef.c         groklm_set_tanh8, _exp8, _erf8: torch's 8-lane functions, handed over
  *   reference.c     the scalar twins (groklm_*_ref): what each SIMD kernel is tested against
  *
- * Built with -mavx2 -mfma (and -mavx512f/bw/vl/vnni for the VNNI build, where `VNNI` is 1).
+ * Built with -mavx2 -mfma (and -mavx512f/bw/vl/vnni for the VNNI build, where `VNNI` is 1; kernels/isa.py).
+ *
+ * A new kernel: its own file, included here before linear.c if the dispatch there calls it (an ISA's
+ * variant goes under #if on the ISA's macro, as VNNI's do); an exported entry point's scalar twin,
+ * groklm_<name>_ref with the same signature, in reference.c; both declared in kernels/native.py; and a
+ * test in tests/test_kernels.py holding each build (its `build` fixture) to the twin within a stated bound.
  */
 #include "common.h"
 
