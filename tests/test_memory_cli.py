@@ -116,7 +116,7 @@ def test_cli_errors_are_clear(args: list[str], message: str) -> None:
 
 
 def test_decode_rate_leaves_out_the_prefill_and_the_compile() -> None:
-    from groklm.cli import decode_timing
+    from groklm.run import decode_timing
 
     # Tokens at 2 s (prefill), 32 s (the first decode step), then one every 0.1 s: 20 tokens in all.
     at = [2.0, 32.0, *(32.0 + 0.1 * i for i in range(1, 19))]

@@ -4,10 +4,14 @@ defined once here, so its name, help and default are the same wherever it appear
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 DTYPES = ("bf16", "fp32")
+DESCRIPTION = """groklm: run xAI's Grok models from their released checkpoints (`groklm COMMAND --help` for each
+command). Every argument and the checkpoint's config are checked before any weights are read."""
 
 
 def _version() -> str:
@@ -159,31 +163,49 @@ def serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="DIR", help="apply this LoRA adapter (from `groklm finetune`, PEFT's format)")
 
 
-def training(p: argparse.ArgumentParser, steps: int, batch: tuple[int, str], seq_len: int, lr: float, warmup: int,
-             eval_every: int, save_every: int, checkpointing: bool) -> None:  # fmt: skip
-    """A training run's options, shared by finetune and train."""
-    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=batch[0], help=batch[1])
-    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens a window")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps, then cosine decay to 0.1 x")
-    p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations on held-out data")
-    p.add_argument("--save-every", type=int, default=save_every, help="steps between saves (state.pt, and the result)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initialization, the data order and dropout")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
-    p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (saved) after this step; --resume goes on")
-    p.add_argument(
-        "--checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=checkpointing,
-        help="recompute each layer's activations in the backward pass (less memory, more compute)",
-    )
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def config_options(p: argparse.ArgumentParser, cls: type, *names: str) -> None:
+    """Add these fields of config dataclass `cls` as options, each as its field defines it (`train.common.option`):
+    flag, help, default, type and metavar; the field and the option are one definition."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f = fields[name]
+        m = f.metadata
+        default = f.default if m["cli_default"] is None else m["cli_default"]
+        kind = str(f.type).removesuffix(" | None")
+        if kind == "bool":
+            action = argparse.BooleanOptionalAction if m["negatable"] else "store_true"
+            p.add_argument(_flag(f), action=action, default=default, help=m["help"])
+        else:
+            type_ = {"int": int, "float": float}.get(kind)  # anything else: the string itself
+            p.add_argument(_flag(f), type=type_, default=default, metavar=m["metavar"], help=m["help"])
+
+
+def from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s fields that are options of this command line, by field name (`config_options`'s
+    inverse): `cls(**from_args(args, cls), ...)`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        dest = _flag(f)[2:].replace("-", "_") if "help" in f.metadata else None
+        if dest is not None and hasattr(args, dest):
+            out[f.name] = getattr(args, dest)
+    return out
+
+
+# A training run's options, shared by finetune and train (their fields in FinetuneConfig and TrainConfig).
+RUN_OPTIONS = ("steps", "batch", "seq_len", "lr", "warmup", "eval_every", "save_every", "seed", "resume", "stop_after",
+               "grad_checkpoint")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from groklm import cli
+    from groklm.train.finetune import FinetuneConfig
+    from groklm.train.lora import LoraConfig
+    from groklm.train.pretrain import TrainConfig
 
-    parser = Parser(prog="groklm", description=cli.__doc__, formatter_class=Formatter)
+    parser = Parser(prog="groklm", description=DESCRIPTION, formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"groklm {_version()}", help="print the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
@@ -325,14 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, metavar="FILE",
                     help=".jsonl ({'text'} or {'prompt', 'completion'} a line) or a text file")  # fmt: skip
     out(ft, "directory for the adapter, state.pt, log.jsonl and loss.png")
-    ft.add_argument("--targets", default="attn", help="comma-separated: attn (wq,wk,wv,wo), experts (w1,v,w2), "
-                    "router, mlp (Grok-2), or single names")  # fmt: skip
-    ft.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    ft.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / r)")
-    ft.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    training(ft, steps=100, batch=(1, "packed windows a step"), seq_len=512, lr=2e-4, warmup=10, eval_every=25,
-             save_every=50, checkpointing=True)  # fmt: skip
-    ft.add_argument("--eval-fraction", type=float, default=0.05, help="windows held out for the evaluation loss")
+    config_options(ft, LoraConfig, "target_modules", "r", "lora_alpha", "lora_dropout")
+    config_options(ft, FinetuneConfig, *RUN_OPTIONS, "eval_fraction")
     bits(ft, "hold a float base quantized (QLoRA-style)")
     tokenizer(ft)
     config(ft)
@@ -357,14 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk = tr.add_mutually_exclusive_group(required=True)
     tk.add_argument("--tokenizer", metavar="PATH", help="a SentencePiece tokenizer.model (e.g. Grok-1's)")
     tk.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a SentencePiece BPE of VOCAB pieces")
-    training(tr, steps=1000, batch=(16, "windows a step (the global batch)"), seq_len=256, lr=3e-3, warmup=50,
-             eval_every=100, save_every=200, checkpointing=False)  # fmt: skip
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches a step")
-    tr.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only")
-    tr.add_argument("--aux-loss", type=float, default=0.01, help="load-balancing loss coefficient")
-    tr.add_argument("--z-loss", type=float, default=0.0, help="router z-loss coefficient (ST-MoE uses 1e-3)")
-    tr.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (saved) after the step that passes this")
-    tr.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
+    config_options(tr, TrainConfig, *RUN_OPTIONS, "grad_accum", "weight_decay", "aux_coef", "z_coef", "time_limit_s",
+                   "max_tokens")  # fmt: skip
     compute(tr, "autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     tr.set_defaults(dtype=None)
     json_(tr, "the summary")

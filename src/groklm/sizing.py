@@ -172,3 +172,47 @@ def parse_size(text: str) -> float:
 
 def as_dict(layout: Layout) -> dict[str, object]:
     return asdict(layout)
+
+
+@dataclass
+class Plan:
+    """`plan`'s answer: the hardware assumed, the memory reserved a GPU, the layouts shown, the ones refused."""
+
+    hardware: Hardware
+    reserve: float
+    layouts: list[Layout]
+    refused: list[str]
+
+
+def plan_layouts(config: GrokConfig, *, gpus: int, nodes: int = 1, gpu: str = "h100", gpu_memory: str | None = None,
+                 memory_bandwidth: str | None = None, interconnect: str | None = None, link_bandwidth: str | None = None,
+                 inter_node_bandwidth: str | None = None, bits: int | None = None, context: int = 8192, batch: int = 1,
+                 reserve: str | None = None, efficiency: float = 0.75, all: bool = False) -> Plan:  # fmt: skip
+    """`groklm plan`: the tp x ep layouts of `config` over `gpus` GPUs (of kind `gpu`, its figures replaced by
+    any size given) and their estimated decode speed; those that do not fit only with `all`. Bad arguments
+    raise `UsageError` naming the option."""
+    from groklm.runtime import UsageError, check_at_least
+
+    check_at_least(1, gpus=gpus, nodes=nodes, context=context, batch=batch)
+    if gpus % nodes:
+        raise UsageError(f"--gpus {gpus} do not split evenly over --nodes {nodes}")
+    if not 0 < efficiency <= 1:
+        raise UsageError(f"--efficiency must be in (0, 1], not {efficiency}")
+    if context > config.sequence_len:
+        raise UsageError(f"--context {context} exceeds the model's {config.sequence_len} tokens")
+    memory, bandwidth = GPUS[gpu]
+    link, latency = LINKS[interconnect or ("nvlink3" if gpu.startswith("a100") else "nvlink")]
+
+    def size(option: str, text: str | None, default: float) -> float:
+        try:
+            return default if text is None else parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"--{option} {e}") from None
+
+    hw = Hardware(size("gpu-memory", gpu_memory, memory), size("memory-bandwidth", memory_bandwidth, bandwidth),
+                  size("link-bandwidth", link_bandwidth, link), latency,
+                  size("inter-node-bandwidth", inter_node_bandwidth, 50e9))  # fmt: skip
+    reserved = size("reserve", reserve, 4 * 2**30)
+    found, refused = layouts(config, hw, gpus, [bits] if bits else [8, 4], gpus // nodes, context, batch, reserved,
+                             efficiency)  # fmt: skip
+    return Plan(hw, reserved, [x for x in found if x.fits or all], refused)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from groklm.config import GrokConfig
 from groklm.model import Grok, MoE, _capped
 
 
@@ -271,3 +272,65 @@ Chance that two tokens share a top-{stats["top_k"]} set: {stats["chance_same_top
 {images}<p>Numbers: <code>routing.json</code> beside this page.</p></body></html>"""
     (out / "report.html").write_text(page)
     return out / "report.html"
+
+
+def main(*, checkpoint: str, out: str, prompt_file: str | None = None, prompt: str | None = None,
+         prompt_ids: str | None = None, max_tokens: int = 2000, window: int = 512, map_tokens: int = 48,
+         tokenizer: str | None = None, config: GrokConfig | None = None, dtype: str = "bf16", device: str = "cpu",
+         threads: int | None = None, bits: int | None = None, quiet: bool = False) -> Path:  # fmt: skip
+    """`groklm analyze routing`: route one input (a file's text, a text or token ids) through the model and
+    write the report into `out`; every argument is checked before the weights are read (`UsageError`). The
+    report's path."""
+    import time
+
+    from groklm.load import load
+    from groklm.runtime import (
+        UsageError,
+        check_at_least,
+        check_device,
+        check_format_options,
+        model_config,
+        parse_ids,
+        read_prompt_file,
+        set_threads,
+        tokenizer_fits,
+        torch_dtype,
+    )
+    from groklm.tokenizer import find_tokenizer
+
+    given = [n for n, v in (("--prompt-file", prompt_file), ("--prompt", prompt), ("--prompt-ids", prompt_ids)) if v]
+    if len(given) != 1:
+        raise UsageError("give one input: --prompt-file FILE (- for stdin), --prompt TEXT or --prompt-ids"
+                         + (f" (got {' and '.join(given)})" if given else ""))  # fmt: skip
+    check_at_least(1, max_tokens=max_tokens, window=window, map_tokens=map_tokens)
+    check_device(device)
+    config = model_config(checkpoint, config)
+    check_format_options(checkpoint, bits=bits)
+    tok = None
+    if prompt_ids:
+        ids = parse_ids(prompt_ids)
+    else:
+        try:
+            tok = find_tokenizer(checkpoint, tokenizer)
+        except FileNotFoundError as e:
+            raise UsageError(f"{e} (--tokenizer PATH); a text input needs it") from None
+        tokenizer_fits(tok, config, "analyze")
+        ids = tok.encode(read_prompt_file(prompt_file) if prompt_file else prompt)
+    ids = ids[:max_tokens]
+    if not ids:
+        raise UsageError("the input encodes to no tokens")
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(f"token ids {bad[:5]} are outside the vocabulary (0..{config.vocab_size - 1})")
+    set_threads(threads)
+    t0 = time.perf_counter()
+    model = load(checkpoint, config, dtype=torch_dtype(dtype), device=device, progress=not quiet, bits=bits)
+    t1 = time.perf_counter()
+    experts, _gates, probs = analyze(model, ids, window)
+    labels = [tok.decode([t]) for t in ids[:map_tokens]] if tok else None
+    stats = summarize(experts, probs, ids, labels, map_tokens)
+    report = write_report(stats, out, f"Routing of {Path(checkpoint).name}: {len(ids)} tokens")
+    if not quiet:
+        print(f"routed {len(ids)} tokens in {time.perf_counter() - t1:.1f} s (load {t1 - t0:.1f} s); wrote {report} "
+              f"and routing.json, load.png, coselection.png, consistency.png, route_map.png beside it")  # fmt: skip
+    return report

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from groklm.model import Grok
-from groklm.train.lora import _LINEAR, _features, hf_module_names, read_adapter_config
+from groklm.train.lora import LINEAR, features, hf_module_names, read_adapter_config
 
 PER_ROW_TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
 
@@ -122,11 +122,11 @@ class AdapterSet:
             if leaf not in lora.target_modules or not module_name.startswith("layers."):
                 continue
             base = module.base_layer if isinstance(module, MultiLoRALinear) else module
-            if not isinstance(base, _LINEAR):
+            if not isinstance(base, LINEAR):
                 continue
             key = f"base_model.model.{table[(f'{module_name}.weight', None)]}"
             expected |= {f"{key}.lora_A.weight", f"{key}.lora_B.weight"}
-            in_f, out_f = _features(base)
+            in_f, out_f = features(base)
             pair = []
             for which, shape in (("A", (lora.r, in_f)), ("B", (out_f, lora.r))):
                 t = stored.get(f"{key}.lora_{which}.weight")

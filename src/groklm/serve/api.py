@@ -15,14 +15,11 @@ is full or the server is stopping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -39,7 +36,9 @@ from groklm.serve.constrain import Constraint, ToolUse, output_constraint, tool_
 from groklm.serve.engine import Draining, Engine, Event, FinishEvent, Params, PromptLogprobs, QueueFull, TokenEvent
 from groklm.serve.grammar import Grammar, GrammarError, Grammars
 from groklm.serve.guard import Guard
+from groklm.serve.logprobs import Logprobs, chat_logprob
 from groklm.serve.lora_api import add_adapter_routes
+from groklm.serve.offload import off_loop, on_heavy_thread
 from groklm.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -55,27 +54,7 @@ from groklm.serve.protocol import (
 
 MAX_BODY = 8 << 20
 BODY_TIMEOUT = 30.0
-OFF_LOOP = 16 << 10  # bodies and texts larger than this (bytes, characters) are parsed and tokenized off the loop
 T = TypeVar("T")
-# One thread for the large jobs: they wait for each other, never for the loop, and the memory they
-# take comes back to one allocator arena (trimmed after each), not one arena per worker thread.
-_HEAVY = ThreadPoolExecutor(1, thread_name_prefix="groklm-heavy")
-
-
-def _trim_after(fn: Callable[..., T], *args: Any) -> T:
-    try:
-        return fn(*args)
-    finally:
-        with contextlib.suppress(OSError, AttributeError):  # glibc only: give freed memory back to the system
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on the heavy-work thread when the input is large, so that no request stalls the event loop
-    (and with it the others' streams)."""
-    if size <= OFF_LOOP:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(_HEAVY, _trim_after, fn, *args)
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -125,9 +104,7 @@ class Server:
         if constraint is None:
             return None
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                _HEAVY, self.grammars.compile, constraint.grammar, constraint.param
-            )
+            return await on_heavy_thread(self.grammars.compile, constraint.grammar, constraint.param)
         except GrammarError as e:
             raise bad(e) from None
 
@@ -173,11 +150,6 @@ class Server:
             min_p=0.0 if req.min_p is None else req.min_p,
         )
 
-    def token_text(self, token: int) -> str:
-        if self.tokenizer is None:
-            return str(token)
-        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat: ChatTemplate | None = None,
                max_body: int = MAX_BODY, body_timeout: float = BODY_TIMEOUT, adapters: AdapterSet | None = None
@@ -220,7 +192,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, chat
         loras = [{**card, "id": a.name, "root": a.path, "parent": model_name} for a in adapters.names()] if adapters else []
         return {"object": "list", "data": [card, *loras]}
 
-    add_adapter_routes(app, server)
+    add_adapter_routes(app, engine, model_name, api_key, adapters)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -443,36 +415,12 @@ def _finish_reason(f: FinishEvent) -> str:
     return f.reason if f.reason in ("stop", "length") else "abort"
 
 
-class _Logprobs:
-    """The completions API's logprobs object, built token by token."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float | None] = []
-        self.top_logprobs: list[dict[str, float] | None] = []
-        self.text_offset: list[int] = []
-        self.offset = 0
-
-    def add(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
-        text = self.server.token_text(token)
-        self.tokens.append(text)
-        self.token_logprobs.append(logprob)
-        self.top_logprobs.append(None if top is None else {self.server.token_text(t): lp for t, lp in top})
-        self.text_offset.append(self.offset)
-        self.offset += len(text)
-
-    def body(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}  # fmt: skip
-
-
 def _echo_text(run: _Run, choice: int) -> str:
     prompt = run.prompts[choice // (run.choices // len(run.prompts))]
     return run.server.tokenizer.decode(prompt) if run.server.tokenizer else ""
 
 
-def _prompt_logprobs(run: _Run, choice: int, lp: _Logprobs, event: PromptLogprobs) -> None:
+def _prompt_logprobs(run: _Run, choice: int, lp: Logprobs, event: PromptLogprobs) -> None:
     prompt = run.prompts[choice // (run.choices // len(run.prompts))]
     start = len(lp.tokens)
     for i, (logprob, top) in enumerate(zip(event.logprobs, event.top_logprobs, strict=True)):
@@ -481,7 +429,7 @@ def _prompt_logprobs(run: _Run, choice: int, lp: _Logprobs, event: PromptLogprob
 
 async def _completion_body(run: _Run, req: CompletionRequest) -> dict[str, Any]:
     texts = [_echo_text(run, c) if req.echo else "" for c in range(run.choices)]
-    lps = [_Logprobs(run.server) for _ in range(run.choices)]
+    lps = [Logprobs(run.server.tokenizer) for _ in range(run.choices)]
     finishes: list[FinishEvent | None] = [None] * run.choices
     async for choice, event in run.events():
         if isinstance(event, TokenEvent):
@@ -519,7 +467,7 @@ async def _completion_chunks(run: _Run, req: CompletionRequest) -> AsyncIterator
             reason = _finish_reason(event)
             yield {**head, "choices": [{"index": choice, "text": "", "logprobs": None, "finish_reason": reason}]}
             continue
-        lp = _Logprobs(run.server)
+        lp = Logprobs(run.server.tokenizer)
         text = ""
         if isinstance(event, PromptLogprobs):
             _prompt_logprobs(run, choice, lp, event)
@@ -535,16 +483,6 @@ async def _completion_chunks(run: _Run, req: CompletionRequest) -> AsyncIterator
         yield {**head, "choices": [], "usage": run.usage(finishes)}
 
 
-def _chat_logprob(
-    server: Server, token: int, logprob: float | None, top: list[tuple[int, float]] | None
-) -> dict[str, Any]:
-    def entry(t: int, lp: float | None) -> dict[str, Any]:
-        raw = server.tokenizer.token_bytes(t) if server.tokenizer else str(t).encode()
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
-
-    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
-
-
 async def _chat_body(run: _Run, req: ChatRequest, use: ToolUse | None) -> dict[str, Any]:
     texts = [""] * run.choices
     lps: list[list[dict[str, Any]]] = [[] for _ in range(run.choices)]
@@ -553,7 +491,7 @@ async def _chat_body(run: _Run, req: ChatRequest, use: ToolUse | None) -> dict[s
         if isinstance(event, TokenEvent):
             texts[choice] += event.text
             if req.logprobs and event.token >= 0:
-                lps[choice].append(_chat_logprob(run.server, event.token, event.logprob, event.top_logprobs))
+                lps[choice].append(chat_logprob(run.server.tokenizer, event.token, event.logprob, event.top_logprobs))
         elif isinstance(event, FinishEvent):
             finishes[choice] = event
     if any(f is None for f in finishes):
@@ -600,7 +538,8 @@ async def _chat_chunks(run: _Run, req: ChatRequest, use: ToolUse | None) -> Asyn
         elif isinstance(event, TokenEvent) and (event.text or (req.logprobs and event.token >= 0)):
             logprobs = None
             if req.logprobs and event.token >= 0:
-                logprobs = {"content": [_chat_logprob(run.server, event.token, event.logprob, event.top_logprobs)]}
+                entry = chat_logprob(run.server.tokenizer, event.token, event.logprob, event.top_logprobs)
+                logprobs = {"content": [entry]}
             text, calls = (event.text, []) if parser is None else parser.feed(event.text)
             if text or logprobs:
                 yield delta(choice, {"content": text}, logprobs)

@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import random
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,41 @@ from torch.utils.checkpoint import checkpoint
 
 from groklm.model import Block, Grok
 from groklm.train.data import IGNORE
+
+
+def option_metadata(
+    help: str, flag: str | None = None, metavar: str | None = None, negatable: bool = False, cli_default: Any = None
+) -> dict[str, Any]:
+    """What makes a config field a command-line option (`cli_options.config_options` adds it, `from_args` reads
+    it back): its help; its flag where not --FIELD-NAME; a flag/--no-flag pair if `negatable`; the parser's
+    default where the field's differs in form (--targets attn for a list of names)."""
+    return {"help": help, "flag": flag, "metavar": metavar, "negatable": negatable, "cli_default": cli_default}
+
+
+def option(default: Any, *how: Any) -> Any:
+    """A config field with this default that is also a command-line option (see `option_metadata`)."""
+    return field(default=default, metadata=option_metadata(*how))
+
+
+# The options fine-tuning and training share: (help, flag, metavar, negatable).
+_SHARED = {
+    "steps": ("optimizer steps",),
+    "seq_len": ("tokens a window",),
+    "lr": ("peak learning rate (AdamW)",),
+    "warmup": ("linear warmup steps, then cosine decay to 0.1 x",),
+    "eval_every": ("steps between evaluations on held-out data",),
+    "save_every": ("steps between saves (state.pt, and the result)",),
+    "seed": ("seeds the initialization, the data order and dropout",),
+    "resume": ("continue the run in --out from its state.pt",),
+    "stop_after": ("stop (saved) after this step; --resume goes on", None, "STEP"),
+    "grad_checkpoint": ("recompute each layer's activations in the backward pass (less memory, more compute)",
+                        "--checkpointing", None, True),
+}  # fmt: skip
+
+
+def shared_option(name: str, default: Any) -> Any:
+    """A run option fine-tuning and training share, with its one help text (see `option`)."""
+    return option(default, *_SHARED[name])
 
 
 def check_positive(config: Any, names: tuple[str, ...]) -> None:

@@ -30,11 +30,13 @@ from groklm.train.common import (
     load_state,
     log_line,
     loss_ends,
+    option,
     plot_losses,
     read_log,
     rng_state,
     save_state,
     set_rng_state,
+    shared_option,
     trainable,
 )
 from groklm.train.data import pack, read_examples, tokenize
@@ -47,20 +49,20 @@ class FinetuneConfig:
     data: str
     out: str
     lora: LoraConfig = field(default_factory=LoraConfig)
-    steps: int = 100
-    batch: int = 1
-    seq_len: int = 512
-    lr: float = 2e-4
-    warmup: int = 10
-    eval_fraction: float = 0.05
-    eval_every: int = 25
-    save_every: int = 50
-    seed: int = 0
-    resume: bool = False
-    stop_after: int | None = None  # stop (saved) after this step, to resume later
+    steps: int = shared_option("steps", 100)
+    batch: int = option(1, "packed windows a step")
+    seq_len: int = shared_option("seq_len", 512)
+    lr: float = shared_option("lr", 2e-4)
+    warmup: int = shared_option("warmup", 10)
+    eval_fraction: float = option(0.05, "windows held out for the evaluation loss")
+    eval_every: int = shared_option("eval_every", 25)
+    save_every: int = shared_option("save_every", 50)
+    seed: int = shared_option("seed", 0)
+    resume: bool = shared_option("resume", False)
+    stop_after: int | None = shared_option("stop_after", None)  # stop (saved) after this step, to resume later
     bits: int | None = None
     dtype: torch.dtype = torch.bfloat16
-    grad_checkpoint: bool = True
+    grad_checkpoint: bool = shared_option("grad_checkpoint", True)
     tokenizer: str | None = None
     config: Any = None
     progress: bool = True
@@ -107,6 +109,23 @@ def evaluate(model: Any, inputs: torch.Tensor, targets: torch.Tensor, batch: int
             count += n
     model.train(was_training)
     return total / count if count else None
+
+
+def main(cfg: FinetuneConfig, *, threads: int | None = None) -> dict[str, Any]:
+    """`groklm finetune`: check the run against the base's config (`UsageError` naming the option), then train
+    the adapters; the summary."""
+    from groklm.runtime import UsageError, check_format_options, license_notice, model_config, set_threads
+
+    check_format_options(cfg.checkpoint, bits=cfg.bits)
+    cfg.config = model_config(cfg.checkpoint, cfg.config)
+    license_notice(cfg.config)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    set_threads(threads)
+    torch.manual_seed(cfg.seed)
+    return finetune(cfg)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -41,12 +41,13 @@ from groklm.quant import (
     scales_to_panels,
     to_panels,
 )
+from groklm.train.common import option, option_metadata
 
 # Our module leaf -> what `--targets` calls it; the groups `--targets` also takes.
 TARGETS = {"wq": "wq", "wk": "wk", "wv": "wv", "wo": "wo", "router": "router", "w1": "w1", "v": "v", "w2": "w2",
            "gate": "gate", "up": "up", "down": "down"}  # fmt: skip
 GROUPS = {"attn": ["wq", "wk", "wv", "wo"], "experts": ["w1", "v", "w2"], "mlp": ["gate", "up", "down"]}
-_LINEAR = (nn.Linear, Int8Linear, Int4Linear)
+LINEAR = (nn.Linear, Int8Linear, Int4Linear)
 MAX_RANK = 1 << 16
 _EXPERTS = (ExpertLinear, Int8ExpertLinear, Int4ExpertLinear)
 
@@ -67,7 +68,7 @@ def parse_targets(spec: str | list[str]) -> list[str]:
     return out
 
 
-def _features(base: nn.Module) -> tuple[int, int]:
+def features(base: nn.Module) -> tuple[int, int]:
     """(in, out) of a linear or stacked-expert module, quantized or not."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
@@ -82,7 +83,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        in_f, out_f = _features(base)
+        in_f, out_f = features(base)
         device = base.weight.device if hasattr(base, "weight") else None
         self.base_layer = base.requires_grad_(False)
         self.lora_A = nn.Parameter(torch.empty(rank, in_f, device=device))
@@ -109,7 +110,7 @@ class LoRAExpertLinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        in_f, out_f = _features(base)
+        in_f, out_f = features(base)
         experts = base.weight.shape[0]
         device = base.weight.device
         self.base_layer = base.requires_grad_(False)
@@ -137,10 +138,14 @@ class LoRAExpertLinear(nn.Module):
 class LoraConfig:
     """What PEFT's adapter_config.json holds (the fields groklm reads back)."""
 
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    r: int = option(16, "LoRA rank r", "--rank")
+    lora_alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / r)", "--alpha")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input", "--dropout")
+    target_modules: list[str] = field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo"],
+        metadata=option_metadata("comma-separated: attn (wq,wk,wv,wo), experts (w1,v,w2), router, mlp (Grok-2), "
+                                 "or single names", "--targets", cli_default="attn"),
+    )  # fmt: skip
 
     def check(self) -> LoraConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
@@ -164,7 +169,7 @@ def add_lora(model: Grok, lora: LoraConfig) -> Grok:
             continue
         if isinstance(module, _EXPERTS):
             new: nn.Module = LoRAExpertLinear(module, lora.r, lora.lora_alpha, lora.lora_dropout)
-        elif isinstance(module, _LINEAR):
+        elif isinstance(module, LINEAR):
             new = LoRALinear(module, lora.r, lora.lora_alpha, lora.lora_dropout)
         else:
             continue
@@ -310,6 +315,18 @@ def check_adapter(path: str | Path, config: GrokConfig) -> LoraConfig:
     return lora
 
 
+def check_adapter_option(path: str, config: GrokConfig, parallel: bool) -> None:
+    """--adapter for generate and serve: one process, and an adapter that fits `config`."""
+    from groklm.runtime import UsageError
+
+    if parallel:
+        raise UsageError("--adapter runs in one process: merge it first (`groklm merge`), then split the result")
+    try:
+        check_adapter(path, config)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise UsageError(f"--adapter {e}") from None
+
+
 def load_adapter(model: Grok, path: str | Path) -> Grok:
     """Wrap `model` with the adapter saved at `path` (dropout off) and load its weights; every tensor
     is checked by name and shape."""
@@ -367,3 +384,23 @@ def merge(model: Grok) -> Grok:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
     return model
+
+
+def merge_checkpoint(*, checkpoint: str, adapter: str, out: str, config: GrokConfig | None = None,
+                     force: bool = False, progress: bool = True) -> Path:  # fmt: skip
+    """`groklm merge`: the checkpoint with the adapter folded in, written in groklm's layout (quantized again as
+    the base was) with the base's tokenizer. The adapter is checked against the base's config before the base
+    is read."""
+    from groklm.checkpoints import copy_tokenizer
+    from groklm.files import output_dir
+    from groklm.formats.native import save_native
+    from groklm.load import checkpoint_config, load
+
+    config, _ = checkpoint_config(checkpoint, config)
+    check_adapter(adapter, config)
+    with output_dir(out, force) as tmp:
+        model = load(checkpoint, config, dtype=torch.bfloat16, progress=progress)
+        merge(load_adapter(model, adapter))
+        save_native(model, tmp, progress=progress)
+    copy_tokenizer(Path(checkpoint), Path(out))
+    return Path(out)

@@ -47,9 +47,11 @@ from groklm.train.common import (
     load_state,
     log_line,
     loss_ends,
+    option,
     plot_losses,
     read_log,
     save_state,
+    shared_option,
 )
 from groklm.train.data import TokenShard, text_files, train_tokenizer, unigram_entropy, write_shard
 
@@ -61,27 +63,28 @@ class TrainConfig:
     out: str
     tokenizer: str | None = None  # a SentencePiece model, or None with train_tokenizer
     train_tokenizer: int | None = None  # train one of this many pieces on the data
-    steps: int = 1000
-    batch: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup: int = 50
-    weight_decay: float = 0.1
-    aux_coef: float = 0.01
-    z_coef: float = 0.0
+    steps: int = shared_option("steps", 1000)
+    batch: int = option(16, "windows a step (the global batch)")
+    seq_len: int = shared_option("seq_len", 256)
+    grad_accum: int = option(1, "micro-batches a step")
+    lr: float = shared_option("lr", 3e-3)
+    warmup: int = shared_option("warmup", 50)
+    weight_decay: float = option(0.1, "on matrices only")
+    aux_coef: float = option(0.01, "load-balancing loss coefficient", "--aux-loss")
+    z_coef: float = option(0.0, "router z-loss coefficient (ST-MoE uses 1e-3)", "--z-loss")
     eval_fraction: float = 0.02
-    eval_every: int = 100
+    eval_every: int = shared_option("eval_every", 100)
     eval_windows: int = 16
-    save_every: int = 200
-    seed: int = 0
-    resume: bool = False
-    stop_after: int | None = None
-    max_tokens: int | None = None  # of the data, tokenized
-    time_limit_s: float | None = None  # stop (saved) once a step ends past this
+    save_every: int = shared_option("save_every", 200)
+    seed: int = shared_option("seed", 0)
+    resume: bool = shared_option("resume", False)
+    stop_after: int | None = shared_option("stop_after", None)
+    max_tokens: int | None = option(None, "use at most this many tokens of the data")
+    time_limit_s: float | None = option(None, "stop (saved) after the step that passes this", "--time-limit",
+                                        "SECONDS")  # fmt: skip
     dtype: torch.dtype | None = None  # autocast dtype; None: bf16 on CUDA, fp32 on CPU
     device: str = "cpu"
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = shared_option("grad_checkpoint", False)
     progress: bool = True
 
     def check(self) -> TrainConfig:
@@ -209,6 +212,33 @@ def _load_dicts(model: Grok, optimizer: torch.optim.Optimizer, state: dict[str, 
 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
+
+
+def main(cfg: TrainConfig, *, threads: int | None = None) -> dict[str, Any] | None:
+    """`groklm train`: check the run (`UsageError` naming the option), join torchrun's ranks when there are
+    several (FSDP over all), train; rank 0's summary (None on the other ranks)."""
+    import os
+
+    from groklm.runtime import UsageError, check_device, set_threads
+
+    check_device(cfg.device)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: FSDP over every rank
+        from groklm import parallel
+
+        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device == "cuda" else cfg.device
+        rank = parallel.init(cfg.device)
+    set_threads(threads)
+    try:
+        summary = train(cfg)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return summary if rank == 0 else None
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
