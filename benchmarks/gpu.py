@@ -36,6 +36,9 @@ from groklm.config import get_preset
 from groklm.generate import Decode, compile_decode_cuda, decode_one, prefill
 from groklm.model import Block, KVCache, rope_tables
 from groklm.quant import Int8ExpertLinear, Int8Linear, quantize_int8, quantize_weight
+from groklm.runtime import interpret_triton_without_gpu
+
+interpret_triton_without_gpu()  # with GROKLM_KERNELS=triton on a CPU: the kernels run interpreted
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""The Triton kernels, run by Triton's interpreter on the CPU (`import groklm` sets TRITON_INTERPRET=1 where
+"""The Triton kernels, run by Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 where
 there is no GPU): weight-only int8/int4 matmuls against dequantize-then-matmul in float64, the fused MoE
 against the model's own MoE, attention against the model's own attention, over tails, 1 to 65 rows,
 every scale layout, int4 group sizes, skewed and empty expert groups, prefill and decode. The golden

@@ -1,11 +1,5 @@
-"""groklm: xAI's Grok-1 in PyTorch. Load the released checkpoint as it is, and run it faithfully."""
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # Triton kernels can then only be interpreted; triton reads this once, on import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+"""groklm: xAI's Grok-1 and Grok-2 in PyTorch. Load the released checkpoints as they are, and run them
+faithfully."""
 
 from groklm.config import PRESETS, GrokConfig, get_preset
 from groklm.files import CheckpointError

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from groklm.cli_options import build_parser, from_args
-from groklm.runtime import UsageError
+from groklm.runtime import UsageError, interpret_triton_without_gpu
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     from groklm.files import CheckpointError
 
     prog = " ".join(filter(None, ("groklm", args.command, getattr(args, "what", None))))
+    interpret_triton_without_gpu()
     try:
         _check_named_files(args)
         return int(COMMANDS[args.command](args))

@@ -17,6 +17,15 @@ class UsageError(ValueError):
     """A bad argument, named as its command-line option: `groklm` reports it as `error: ...`, exit status 2."""
 
 
+def interpret_triton_without_gpu() -> None:
+    """With no GPU, Triton's kernels (GROKLM_KERNELS=triton) run only in its interpreter: say so before anything
+    imports triton, which reads TRITON_INTERPRET once."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
