@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -17,8 +17,17 @@ from groklm.model import Grok, KVCache
 from groklm.sampling import Penalties, apply_penalties, check_penalties, min_p_filter, parse_logit_bias
 from groklm.tokenizer import TextStream, Tokenizer
 
-if TYPE_CHECKING:
-    from groklm.serve.grammar import Matcher
+
+class Matcher(Protocol):
+    """A row's place in a grammar that constrains it (`groklm.serve.grammar.Matcher`: structured outputs)."""
+
+    def mask(self, logits: Tensor) -> Tensor: ...  # the logits [V], every token the grammar forbids at -inf
+    def accept(self, token: int) -> None: ...
+    @property
+    def done(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+
 
 MAX_SEED = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as vLLM's are: dividing by them overflows fp32
