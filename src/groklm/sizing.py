@@ -185,9 +185,10 @@ class Plan:
 
 
 def plan_layouts(config: GrokConfig, *, gpus: int, nodes: int = 1, gpu: str = "h100", gpu_memory: str | None = None,
-                 memory_bandwidth: str | None = None, interconnect: str | None = None, link_bandwidth: str | None = None,
-                 inter_node_bandwidth: str | None = None, bits: int | None = None, context: int = 8192, batch: int = 1,
-                 reserve: str | None = None, efficiency: float = 0.75, all: bool = False) -> Plan:  # fmt: skip
+                 memory_bandwidth: str | None = None, interconnect: str | None = None,
+                 link_bandwidth: str | None = None, inter_node_bandwidth: str | None = None, bits: int | None = None,
+                 context: int = 8192, batch: int = 1, reserve: str | None = None, efficiency: float = 0.75,
+                 all: bool = False) -> Plan:  # fmt: skip
     """`groklm plan`: the tp x ep layouts of `config` over `gpus` GPUs (of kind `gpu`, its figures replaced by
     any size given) and their estimated decode speed; those that do not fit only with `all`. Bad arguments
     raise `UsageError` naming the option."""
