@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from groklm import kernels, quant
+from groklm import kernels
 from groklm.config import get_preset
 from groklm.model import MASK_VALUE, Attention, MoE
 from groklm.quant import (
@@ -30,6 +30,7 @@ from groklm.quant import (
     quantize_weight,
     quantize_weight_int4,
 )
+from groklm.quant import linear as quant
 
 gpu = pytest.importorskip("groklm.kernels.triton")
 

@@ -15,14 +15,18 @@ N tokens in a flat batch, P routed (token, expert) pairs (N * experts chosen per
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from groklm.config import GrokConfig
+
+M = TypeVar("M", bound=nn.Module)
 
 # The reference masks attention logits with this finite value (not -inf), so a query that sees no
 # valid key gets a uniform softmax instead of NaN.
@@ -88,8 +92,19 @@ def _scaled(x: Tensor, multiplier: float, jax_rounding: bool) -> Tensor:
     return x * multiplier
 
 
-def _capped(x: Tensor, cap: float) -> Tensor:
+def capped(x: Tensor, cap: float) -> Tensor:
+    """The soft cap `cap * tanh(x / cap)`: x squashed into (-cap, cap)."""
     return cap * torch.tanh(x / cap)
+
+
+def recast(module: nn.Module, kind: type[M], **settings: Any) -> M:
+    """A new module of class `kind` holding `module`'s parameters, buffers, submodules, settings and
+    hooks (so its state-dict names are unchanged), plus `settings`: how a transform gives a module
+    another forward. `kind` must add methods only; `module` itself is left as it was."""
+    new = kind.__new__(kind)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(module).items()})
+    new.__dict__.update(settings)
+    return new
 
 
 class RMSNorm(nn.Module):
@@ -187,7 +202,7 @@ class Attention(nn.Module):
         scores = torch.einsum("btkgd,bskd->bkgts", q.to(acc), k.to(acc))
         if c.jax_rounding:
             scores = scores.to(q.dtype).to(acc)
-        scores = _capped(scores * c.attn_output_multiplier, c.attn_softcap)
+        scores = capped(scores * c.attn_output_multiplier, c.attn_softcap)
         if temp is not None:
             scores = scores * temp
         scores = scores.masked_fill(~mask, MASK_VALUE)
@@ -251,7 +266,7 @@ class MoE(nn.Module):
         """xs [N, D] -> gates [N, k] (fp32 probabilities) and expert ids [N, k]."""
         logits = self.router(xs.float())  # [N, E], fp32
         if self.router_softcap is not None:
-            logits = _capped(logits, self.router_softcap)
+            logits = capped(logits, self.router_softcap)
         return logits.softmax(dim=-1).topk(self.top_k, dim=-1)
 
     def experts(self, xs: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
@@ -397,4 +412,4 @@ class Grok(nn.Module):
         fp32 logits [..., V]."""
         c = self.config
         logits = _scaled(self.head(h), c.output_multiplier_scale, c.jax_rounding).float()
-        return logits if c.final_softcap is None else _capped(logits, c.final_softcap)
+        return logits if c.final_softcap is None else capped(logits, c.final_softcap)

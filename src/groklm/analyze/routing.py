@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from groklm.config import GrokConfig
-from groklm.model import Grok, MoE, _capped
+from groklm.model import Grok, MoE, capped
 
 
 @dataclass
@@ -65,7 +65,7 @@ def capture_routing(model: Grok) -> Iterator[Capture]:
                 gates, experts = moe.route(xs)
                 logits = moe.router(xs.float())
                 if moe.router_softcap is not None:
-                    logits = _capped(logits, moe.router_softcap)
+                    logits = capped(logits, moe.router_softcap)
                 cap.experts[i].append(experts.cpu())
                 cap.gates[i].append(gates.float().cpu())
                 cap.probs[i].append(logits.softmax(-1).cpu())

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from groklm.config import GrokConfig
 from groklm.files import progress_bar
-from groklm.model import Grok, MoE, _capped
+from groklm.model import Grok, MoE, capped
 from groklm.train.common import (
     check_positive,
     checkpoint_layers,
@@ -133,7 +133,7 @@ def router_losses(model: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
         xs = args[0].reshape(-1, args[0].shape[-1])
         logits = moe.router(xs.float()).float()
         if moe.router_softcap is not None:
-            logits = _capped(logits, moe.router_softcap)
+            logits = capped(logits, moe.router_softcap)
         probs = logits.softmax(-1)
         chosen = probs.topk(moe.top_k, dim=-1).indices
         e = probs.shape[-1]

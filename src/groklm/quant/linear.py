@@ -1,4 +1,5 @@
-"""Weight-only int8 as a transform on a built model: int8 weights plus their scales, never dequantized whole.
+"""Weight-only int8 and int4 linears: the weights and their scales, their layouts, and the matmuls that
+read them without ever dequantizing a whole weight.
 
 Layout. The released checkpoint stores a weight [in, out] with scales [G, out]: input rows split into
 G equal blocks, one scale per (block, output column). We hold it as nn.Linear does, weight
@@ -21,7 +22,6 @@ Kernels, best first: the native kernel (`groklm.kernels`, AVX2 or AVX-512 VNNI, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,8 +30,6 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.files import advise_huge_pages
-from groklm.model import MASK_VALUE, Attention, ExpertLinear, Grok, MoE
 
 
 def _torch_int8_ok(x: Tensor, weight: Tensor, groups: int) -> bool:
@@ -203,71 +201,6 @@ class Int8ExpertLinear(nn.Module):
         return int8_linear(x, self.weight[expert], self.scales[expert])
 
 
-Groups = Callable[[str], int | None]
-"""Module path -> number of scale groups, or None to leave that module as it is."""
-
-
-def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap Linear / ExpertLinear modules for int8 ones, in place; returns the model.
-
-    On the meta device this only lays out empty int8 storage (for a loader to fill); on a real
-    device the existing weights are quantized. Modules for which `groups` says None stay as they
-    are (the router is fp32 in the released model).
-    """
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, ExpertLinear))]
-    for name, module in targets:
-        g = groups(name)
-        if g is None:
-            continue
-        dtype = scale_dtype or module.weight.dtype
-        device = module.weight.device
-        if isinstance(module, nn.Linear):
-            new: nn.Module = Int8Linear(module.in_features, module.out_features, g, dtype, block_major=True)
-        else:
-            e, out_features, in_features = module.weight.shape
-            new = Int8ExpertLinear(e, in_features, out_features, g, dtype)
-        new = new.to(device)
-        if device.type != "meta":
-            q, s = quantize_weight(module.weight.detach(), g, dtype)
-            new.weight.copy_(q if g == 1 else block_major(q, g))
-            new.scales.copy_(s)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return _fuse(model)
-
-
-def int8_head(config: GrokConfig, dtype: torch.dtype, group_size: int = 64) -> Int8Linear:
-    """An empty int8 output projection [vocab, width] with one scale per `group_size` columns."""
-    width = config.emb_size
-    groups = width // group_size if width % group_size == 0 else 1
-    return Int8Linear(width, config.vocab_size, groups, dtype)
-
-
-def fill_int8_head(head: Int8Linear, start: int, rows: Tensor) -> None:
-    """Quantize embedding-table rows [n, width] into head rows start..start+n."""
-    q, sc = quantize_weight(rows, head.scales.shape[-1], head.scales.dtype)
-    head.weight[start : start + rows.shape[0]] = q
-    head.scales[start : start + rows.shape[0]] = sc
-
-
-def quantize_output_head(model: Grok, group_size: int = 64) -> Grok:
-    """Give the output projection its own int8 copy of the (tied) embedding table, with one scale
-    per `group_size` columns; the input lookup keeps the exact table.
-
-    The output head reads the whole table every token (vocab x width), so this halves its bytes
-    against bf16. Quantizing the lookup too would move the golden logits ~5x further from the
-    reference (router choices flip); the head alone moves them from 0.0196 to 0.0203 mean |diff|
-    in bf16. (The loader avoids the extra memory: see `checkpoint.MappedEmbedding`.)
-    """
-    table = model.embed.weight if model.config.tie_embeddings else model.head.weight  # Grok-2: its own head
-    head = int8_head(model.config, table.dtype, group_size).to(table.device)
-    with torch.no_grad():
-        for start in range(0, table.shape[0], 8192):  # bounded temporaries
-            fill_int8_head(head, start, table[start : start + 8192])
-    model.head = head
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # int4: symmetric, one bf16 scale per `group_size` input columns, two weights a byte.
 #
@@ -360,24 +293,6 @@ def is_panels(packed: Tensor, scales: Tensor) -> bool:
     return kernels.is_block_major(packed, scales)  # (the kernels' own layout, one dimension more than the scales)
 
 
-def pack_int4(model: nn.Module) -> nn.Module:
-    """Lay out every int4 weight the native CPU kernel takes in its panels (`to_panels`, its scales in
-    panel order: `scales_to_panels`), in place, one module at a time (each module's rows freed as its
-    panels replace them). A transform for CPU inference after loading: everything else reads either
-    layout (`dequantize_weight_int4`), and `save_native` writes rows."""
-    for module in model.modules():
-        if isinstance(module, (Int4Linear, Int4ExpertLinear)) and not is_panels(module.weight, module.scales):
-            n, groups, k = module.scales.shape[-2], module.scales.shape[-1], module.weight.shape[-1] * 2
-            if module.weight.device.type == "cpu" and n % PANEL == 0 and (k // groups) % 32 == 0:
-                rows = module.weight
-                panels = torch.empty(*rows.shape[:-2], n // PANEL, k // 32, 16 * PANEL, dtype=torch.uint8)
-                advise_huge_pages([panels])  # as the loader's weights: decode streams them every token
-                module.weight = to_panels(rows, out=panels)
-                module.scales = scales_to_panels(module.scales).contiguous()
-                del rows
-    return model
-
-
 def dequantize_weight_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of quantize_weight_int4 (from rows or panels): -> [..., out, in] in `dtype`."""
     if is_panels(packed, scales):
@@ -448,161 +363,3 @@ def dense_weight(module: nn.Module, expert: int | None = None) -> Tensor:
             return dequantize_weight_int4(w, scales)
         return dequantize_weight(w, scales)
     return w.detach().float()
-
-
-def released_groups(module: str) -> int | None:
-    """Scale groups over the input of the released int8 weights, by our module name: 8 blocks for the
-    attention output and the experts' down projections, one scale per output row for the other
-    linears; None (left in float) for the router, the norms and the embedding."""
-    leaf = module.rpartition(".")[2]
-    if leaf in ("wo", "w2", "down"):  # (Grok-2's dense MLP as its experts)
-        return 8
-    return 1 if leaf in ("wq", "wk", "wv", "w1", "v", "gate", "up") else None
-
-
-def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Swap every linear / expert linear except the router for int4, in place, one module (and one
-    expert, 4096 rows) at a time, each module's old storage freed as it is replaced: the temporaries
-    are one block of fp32 rows. Works from float or int8 modules. On the meta device it only lays out
-    empty storage, for a loader to fill."""
-    kinds = (nn.Linear, ExpertLinear, Int8Linear, Int8ExpertLinear)
-    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("router")]
-    for name in names:
-        module = model.get_submodule(name)
-        w = module.weight
-        out_features = w.shape[-2]
-        int8 = isinstance(module, (Int8Linear, Int8ExpertLinear))
-        in_features = kernels.in_features(w, module.scales) if int8 else w.shape[-1]
-        stacked = isinstance(module, (ExpertLinear, Int8ExpertLinear))
-        new: nn.Module = (
-            Int4ExpertLinear(w.shape[0], in_features, out_features, group_size, scale_dtype)
-            if stacked
-            else Int4Linear(in_features, out_features, group_size, scale_dtype)
-        ).to(w.device)
-        if w.device.type != "meta":
-            with torch.no_grad():
-                for e in range(w.shape[0]) if stacked else [None]:
-                    weight = module.weight if e is None else module.weight[e]
-                    scales = (module.scales if e is None else module.scales[e]) if int8 else None
-                    for r0 in range(0, out_features, 4096):
-                        n = min(4096, out_features - r0)
-                        rows = weight.narrow(-2, r0, n)
-                        dense = (
-                            dequantize_weight(rows, scales.narrow(-2, r0, n)) if scales is not None else rows.float()
-                        )
-                        q, sc = quantize_weight_int4(dense, group_size, scale_dtype)
-                        (new.weight if e is None else new.weight[e])[r0 : r0 + n] = q
-                        (new.scales if e is None else new.scales[e])[r0 : r0 + n] = sc
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-        del module, w
-    return _fuse(model)
-
-
-_EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
-_LINEAR_BITS: dict[type[nn.Module], int] = {Int8Linear: 8, Int4Linear: 4}
-
-
-def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[nn.Module], int]) -> int | None:
-    """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
-    CPU, one kind of module, one scale layout); else None."""
-    bits = bits_of.get(type(modules[0]))
-    if (
-        bits is None
-        or x.dtype != torch.bfloat16
-        or x.device.type != "cpu"
-        or kernels.needs_grad(x)
-        or kernels.use_triton(x)
-    ):
-        return None
-    if any(type(m) is not type(modules[0]) for m in modules):
-        return None
-    return bits
-
-
-class QuantizedAttention(Attention):
-    """Attention whose q, k and v projections are int8 or int4: on CPU in bf16 they run as one native
-    call (`kernels.linear`: one activation quantization, one pass over the three weights), and so does
-    a decode step's attention over the cache (`kernels.attend`)."""
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mods = (self.wq, self.wk, self.wv)
-        bits = _native_bits(x, mods, _LINEAR_BITS)
-        parts = [(m.weight, m.scales) for m in mods] if bits is not None else []
-        if bits is None or not kernels.supports_linear(bits, parts):
-            return super().qkv(x)
-        q, k, v = kernels.linear(bits, x.reshape(-1, x.shape[-1]), parts)
-        return q.view(*x.shape[:-1], -1), k.view(*x.shape[:-1], -1), v.view(*x.shape[:-1], -1)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, temp: Tensor | None = None) -> Tensor:
-        b, t = q.shape[:2]
-        c = self.config
-        if kernels.use_triton(q):
-            from groklm.kernels import triton as gpu
-
-            return gpu.attention(q, k, v, mask, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, temp,
-                                 round_scores=c.jax_rounding)  # fmt: skip
-        if t != 1 or not kernels.supports_attend(q[:, 0], k):  # prefill: torch's batched matmuls
-            return super().attend(q, k, v, mask, temp)
-        q1, mask1 = q[:, 0].contiguous(), mask[:, 0, 0, 0].contiguous()  # [B, K, G, Dh], [B, S]
-        scale = None if temp is None else temp.reshape(b).contiguous()
-        o = kernels.attend(q1, k, v, mask1, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, scale)
-        return o.view(b, 1, c.q_size)
-
-
-class QuantizedMoE(MoE):
-    """An MoE whose experts are int8 or int4: on CPU in bf16, the routing and the chosen experts run in
-    one native call (`kernels.moe`: grouped by expert, no host synchronisation on the routing);
-    elsewhere as MoE."""
-
-    def native(self, x: Tensor) -> int | None:
-        """The width of the native call this input takes (8 or 4), or None: the plain MoE path."""
-        mods = (self.w1, self.v, self.w2)
-        bits = _native_bits(x, mods, _EXPERT_BITS)
-        if bits is None or type(self.router) is not nn.Linear or self.router.weight.dtype != torch.float32:
-            return None
-        return bits if kernels.supports_moe(bits, *[(m.weight, m.scales) for m in mods]) else None
-
-    def route(self, xs: Tensor) -> tuple[Tensor, Tensor]:
-        """As MoE.route, computed as the native call routes where it applies (the same function)."""
-        if self.native(xs) is None:
-            return super().route(xs)
-        return kernels.route(xs, self.router.weight.contiguous(), self.top_k, self.router_softcap or 0.0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        mods = (self.w1, self.v, self.w2)
-        bits = _EXPERT_BITS.get(type(self.w1))
-        if kernels.use_triton(x) and bits is not None and all(type(m) is type(self.w1) for m in mods):
-            from groklm.kernels import triton as gpu
-
-            xs = x.reshape(-1, x.shape[-1])
-            gates, experts = MoE.route(self, xs)
-            w = [(m.weight, m.scales) for m in mods]
-            return gpu.moe(xs, gates, experts, bits, *w, erf=self.approximate == "none").view(x.shape)
-        bits = self.native(x)
-        if bits is None:
-            return super().forward(x)
-        parts = [(m.weight, m.scales) for m in (self.w1, self.v, self.w2)]
-        cap = self.router_softcap or 0.0
-        return kernels.moe(
-            x.reshape(-1, x.shape[-1]),
-            self.router.weight.contiguous(),
-            self.top_k,
-            bits,
-            *parts,
-            cap,
-            self.approximate == "none",
-        ).view(x.shape)
-
-
-_QUANTIZED = {MoE: QuantizedMoE, Attention: QuantizedAttention}
-
-
-def _fuse(model: nn.Module) -> nn.Module:
-    """Give quantized attention and MoE blocks their fused native paths. Same parameters and state-dict
-    names; only `qkv`, `attend` and the MoE's `forward` differ, and they fall back to the plain ones wherever the kernels
-    do not apply."""
-    for module in model.modules():
-        if type(module) in _QUANTIZED:
-            module.__class__ = _QUANTIZED[type(module)]
-    return model
