@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from groklm.model import Block, Grok
+from groklm.model import Block, Grok, recast
 from groklm.train.data import IGNORE
 
 
@@ -117,9 +117,9 @@ class CheckpointedBlock(Block):
 
 def checkpoint_layers(model: Grok) -> Grok:
     """Gradient checkpointing per layer, as a transform (same parameters and names)."""
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         if type(layer) is Block:
-            layer.__class__ = CheckpointedBlock
+            model.layers[i] = recast(layer, CheckpointedBlock)
     return model
 
 

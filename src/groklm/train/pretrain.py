@@ -14,7 +14,7 @@ from the router by hooks; the model's forward is unchanged. AdamW (betas 0.9/0.9
 matrices only), warmup then cosine decay, gradients clipped at 1.0; fp32 weights, with bf16 autocast
 where asked (the default on CUDA).
 
-Under torchrun the model is sharded with FSDP2 (`fully_shard`, each layer then the whole): every rank
+Under torchrun the model is sharded with FSDP2 (`parallel.parallelize` over a "dp" mesh): every rank
 draws the same global batch and takes its own rows of it, so the run follows the single process's.
 `out/` receives state.pt (model, optimizer, schedule, batch generator, step: `resume` continues bit for
 bit on the same machine), log.jsonl, loss.png (with the data's unigram entropy for scale) and model/, a
@@ -35,10 +35,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from groklm.config import GrokConfig
 from groklm.files import progress_bar
 from groklm.model import Grok, MoE, capped
+from groklm.parallel import parallelize
 from groklm.train.common import (
     check_positive,
     checkpoint_layers,
@@ -182,19 +184,6 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int) -> tuple[Path, Path, Path]:
     return tok, train, evals
 
 
-def _shard_model(model: Grok) -> Grok:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for method in ("hidden", "unembed"):  # the loop calls these, not forward: they gather the root's weights too
-        register_fsdp_forward_method(model, method)
-    return model
-
-
 def _state_dicts(model: Grok, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict[str, Any], Any]:
     if not sharded:
         return model.state_dict(), optimizer.state_dict()
@@ -273,7 +262,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         checkpoint_layers(model)
     sharded = world > 1
     if sharded:
-        _shard_model(model)
+        model = parallelize(model, init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
