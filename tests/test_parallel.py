@@ -4,6 +4,7 @@ outputs; per-rank loading reads and holds its share only; torchrun runs the CLI 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -23,7 +24,7 @@ from groklm import parallel
 from groklm.config import GrokConfig, get_preset
 from groklm.formats import native
 from groklm.parallel import ParallelError
-from groklm.quant import quantize_int4
+from groklm.quant import QuantizedAttention, QuantizedMoE, quantize_int4, quantize_int8, released_groups
 from groklm.sizing import _meta_model
 from tests.conftest import GOLDEN, TOKENIZER
 from tests.serving import serve
@@ -119,6 +120,40 @@ def test_layouts_that_do_not_divide_are_named(golden_config: GrokConfig) -> None
         parallel.make_mesh(c, 2, 1)
     with pytest.raises(ParallelError, match=r"needs a torch.distributed process group"):
         groklm.load(GOLDEN, tp=2)  # before any file is read
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tp,ep", [(1, 2), (1, 4), (2, 1), (2, 2)])
+def test_quantize_and_parallelize_commute(golden_config: GrokConfig, tp: int, ep: int, bits: int) -> None:
+    """Each rank's share, quantized then split or split then quantized: the same module kinds and hooks
+    everywhere (the expert-parallel MoE, whichever ran first); and where quantizing a rank's share makes
+    the scale groups the whole's split makes (whole experts over ep; int4's small groups over tp, not
+    int8's 8 row blocks), the same tensors and outputs (each rank's partial logits, bf16, native kernels)."""
+    config = golden_config.replace(num_layers=2, widening_factor=3.0)  # experts' hidden size 256: int4 halves
+    torch.manual_seed(0)
+    whole = groklm.Grok(config, torch.bfloat16).requires_grad_(False)
+    tokens = torch.randint(1, config.vocab_size, (2, 7))
+
+    def quantize(model: groklm.Grok) -> groklm.Grok:
+        return quantize_int8(model, released_groups) if bits == 8 else quantize_int4(model, 16)  # type: ignore[return-value]
+
+    def kinds(model: torch.nn.Module) -> dict[str, tuple[type, int]]:
+        return {n: (type(m), len(m._forward_hooks)) for n, m in model.named_modules()}
+
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            p = parallel.plan(config, tp, ep, tp_rank, ep_rank)
+            first = parallel.apply_plan(quantize(copy.deepcopy(whole)), p)
+            then = quantize(parallel.apply_plan(whole, p))
+            assert kinds(first) == kinds(then)
+            moe, attn = first.layers[0].moe, first.layers[0].attn
+            assert type(moe) is (parallel.ExpertParallelMoE if ep > 1 else QuantizedMoE)
+            assert type(attn) is QuantizedAttention and attn.config == p.local_config
+            if tp == 1 or bits == 4:
+                a, b = first.state_dict(), then.state_dict()
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                with torch.inference_mode():
+                    assert torch.equal(first(tokens), then(tokens))
 
 
 # -- layouts run in processes against the single-process model ------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,3 +75,10 @@ def test_quantization_error_is_bounded() -> None:
     blocks = w.reshape(64, 4, 32).abs().amax(-1)  # [out, G]
     bound = (blocks / 127 * 0.5 * (1 + 2**-7) + blocks * 2**-8).repeat_interleave(32, dim=1)
     assert torch.all(err <= bound)
+
+
+def test_no_transform_assigns_a_class() -> None:
+    """Transforms swap modules (`model.recast`) or add hooks: none changes an object's class under those
+    holding it."""
+    src = Path(__file__).resolve().parents[1] / "src" / "groklm"
+    assert [f for f in src.rglob("*.py") if ".__class__ =" in f.read_text()] == []

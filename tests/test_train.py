@@ -4,6 +4,7 @@ are what they claim, and the command line trains a model `generate` loads."""
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 
 from groklm.config import get_preset
 from groklm.model import Grok
+from groklm.train.common import CheckpointedBlock, checkpoint_layers, loss_fn
 from groklm.train.pretrain import TrainConfig, router_losses, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,24 @@ def test_router_losses_are_the_stated_formulas() -> None:
     for balance, z in got:
         torch.testing.assert_close(balance, torch.tensor(1.0))  # E x sum f_e / E = 1
         torch.testing.assert_close(z, torch.tensor(torch.log(torch.tensor(8.0)).item() ** 2))  # logsumexp(0) = log E
+
+
+def test_checkpointed_layers_give_the_same_loss_and_gradients() -> None:
+    """Gradient checkpointing swaps in new layer modules holding the same parameters (state-dict names
+    unchanged); the loss and every gradient are those of the plain model."""
+    torch.manual_seed(0)
+    plain = Grok(SMALL.replace(vocab_size=512), torch.float32)
+    checked = checkpoint_layers(copy.deepcopy(plain))
+    assert all(type(layer) is CheckpointedBlock for layer in checked.layers)
+    assert checked.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(4, 500, (2, 16))
+    grads = []
+    for model in (plain, checked):
+        loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
 
 
 def test_loss_falls_well_below_the_unigram_entropy(tmp_path: Path) -> None:
