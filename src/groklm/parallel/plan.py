@@ -99,14 +99,17 @@ class VocabRows(Sharded):
         return VocabParallelHead(head, groups)
 
 
-class Block:
+class BlockStyle:
     """A block's behaviour under the plan (its parameters split by its children's entries)."""
 
     def slices(self, p: Plan, leaf: str, shape: tuple[int, ...], groups: int, module: str) -> None:
         return None  # (a block holds no tensors of its own)
 
+    def apply(self, model: Grok, name: str, p: Plan, groups: Groups) -> nn.Module:
+        raise NotImplementedError
 
-class SumOutputs(Block):
+
+class SumOutputs(BlockStyle):
     """Partial outputs (of row-parallel projections) added across the tp ranks by a forward hook."""
 
     def apply(self, model: Grok, name: str, p: Plan, groups: Groups) -> nn.Module:
@@ -134,7 +137,7 @@ class ExpertParallel(SumOutputs):
         return recast(model.get_submodule(name), ExpertParallelMoE, offset=p.experts().start, groups=groups)
 
 
-Style = Sharded | Block
+Style = Sharded | BlockStyle
 
 LAYER_PLAN: dict[str, Style] = {
     "attn": LocalHeads(),
