@@ -150,10 +150,12 @@ def test_fused_moe_matches_expert_by_expert(
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
     if bits == 8:
-        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16)
+        moe = quantize_int8(
+            moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16
+        )
         assert moe.w2.weight.dim() == 4 and moe.w1.weight.dim() == (4 if up_groups == 4 else 3)
     else:
-        quantize_int4(moe, group_size=32)
+        moe = quantize_int4(moe, group_size=32)
     assert type(moe) is QuantizedMoE
     xs = torch.randn(tokens, config.emb_size).bfloat16()
     if tokens == 40:  # skewed: expert 5 takes most tokens, some experts none
@@ -212,7 +214,7 @@ def test_each_row_gets_the_bits_it_gets_alone(build: str, bits: int, groups: int
         assert torch.equal(kernels.linear(bits, x[:rows], [(w, sc)], torch.float32)[0], alone[:rows]), rows
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
-    quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else 1, torch.bfloat16)
+    moe = quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else 1, torch.bfloat16)
     xs = torch.randn(48, config.emb_size, generator=g).bfloat16()  # up to 48 tokens an expert
     together = moe(xs)
     assert torch.equal(together, torch.cat([moe(xs[i : i + 1]) for i in range(48)]))
@@ -249,7 +251,7 @@ def test_linear_refuses_weights_that_do_not_share_a_layout() -> None:
 def test_quantized_attention_projects_q_k_v_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     config = get_preset("mini")
     attn = Attention(config, torch.bfloat16)
-    quantize_int8(attn, lambda name: 1, torch.bfloat16)
+    attn = quantize_int8(attn, lambda name: 1, torch.bfloat16)
     assert type(attn) is QuantizedAttention
     x = torch.randn(2, 3, config.emb_size).bfloat16()
     real, calls = kernels.linear, []
@@ -274,7 +276,7 @@ def _decode_attention_case(
     torch.manual_seed(seed)
     config = replace(get_preset("mini"), num_q_heads=8, num_kv_heads=4, key_size=dh)
     attn = Attention(config, torch.bfloat16)
-    quantize_int8(attn, lambda name: 1, torch.bfloat16)
+    attn = quantize_int8(attn, lambda name: 1, torch.bfloat16)
     assert type(attn) is QuantizedAttention
     q = (torch.randn(batch, 1, 4, 2, dh) * 3).bfloat16()
     k = (torch.randn(batch, slots + 5, 4, dh) * 3).bfloat16()[:, :slots]
@@ -360,7 +362,7 @@ def test_weights_replaced_or_moved_are_checked_again() -> None:
 def test_a_router_that_does_not_fit_is_refused() -> None:
     config = get_preset("mini")
     moe = MoE(config, torch.bfloat16)
-    quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
+    moe = quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
     xs = torch.randn(2, config.emb_size).bfloat16()
     parts = [(m.weight, m.scales) for m in (moe.w1, moe.v, moe.w2)]
     router = moe.router.weight
@@ -381,14 +383,14 @@ q, s = quantize_weight(torch.randn(64, 512), 8, torch.bfloat16)
 torch.testing.assert_close(kernels.int8_matmul(x, q, s, torch.float32), x.float() @ dequantize_weight(q, s).T,
                            rtol=2e-3, atol=2e-3)
 moe = MoE(get_preset("mini"), torch.bfloat16)
-quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
+moe = quantize_int8(moe, lambda name: None if name == "router" else 1, torch.bfloat16)
 xs = torch.randn(4, 256).bfloat16()
 experts, MoE.experts = MoE.experts, None  # the native path must not need it
 fused = moe(xs)
 MoE.experts = experts
 torch.testing.assert_close(fused, MoE.forward(moe, xs), rtol=0.02, atol=0.02)
 attn = Attention(get_preset("mini"), torch.bfloat16)
-quantize_int8(attn, lambda name: 1, torch.bfloat16)
+attn = quantize_int8(attn, lambda name: 1, torch.bfloat16)
 q, k, v = torch.randn(2, 1, 2, 4, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16(), torch.randn(2, 9, 2, 32).bfloat16()
 mask = torch.ones(2, 1, 1, 1, 9, dtype=torch.bool)
 torch.testing.assert_close(attn.attend(q, k, v, mask), Attention.attend(attn, q, k, v, mask), rtol=0.02, atol=0.02)

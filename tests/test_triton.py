@@ -104,9 +104,11 @@ def _moe(bits: int, up_groups: int, erf: bool, seed: int) -> QuantizedMoE:
     config = get_preset("mini").replace(gelu="erf" if erf else "tanh")
     moe = MoE(config, torch.bfloat16)
     if bits == 8:
-        quantize_int8(moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16)
+        moe = quantize_int8(
+            moe, lambda name: None if name == "router" else 8 if name == "w2" else up_groups, torch.bfloat16
+        )
     else:
-        quantize_int4(moe, group_size=32)
+        moe = quantize_int4(moe, group_size=32)
     assert type(moe) is QuantizedMoE
     return moe
 
@@ -159,7 +161,7 @@ def test_no_tokens_no_launch(forced: None) -> None:
 def _attention(g: int, dh: int, rounding: bool) -> QuantizedAttention:
     config = get_preset("mini").replace(num_kv_heads=2, num_q_heads=2 * g, key_size=dh, jax_rounding=rounding)
     attn = Attention(config, torch.bfloat16)
-    quantize_int8(attn, lambda name: 1, torch.bfloat16)
+    attn = quantize_int8(attn, lambda name: 1, torch.bfloat16)
     assert type(attn) is QuantizedAttention
     return attn
 

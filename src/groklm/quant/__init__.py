@@ -83,7 +83,8 @@ Groups = Callable[[str], int | None]
 
 
 def quantize_int8(model: nn.Module, groups: Groups, scale_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap Linear / ExpertLinear modules for int8 ones, in place; returns the model.
+    """Swap Linear / ExpertLinear modules for int8 ones, in place, then `fuse`; returns the model (a new
+    block where `model` is itself an attention or MoE block: use what it returns).
 
     On the meta device this only lays out empty int8 storage (for a loader to fill); on a real
     device the existing weights are quantized. Modules for which `groups` says None stay as they
@@ -157,7 +158,7 @@ def quantize_int4(model: nn.Module, group_size: int = 64, scale_dtype: torch.dty
     """Swap every linear / expert linear except the router for int4, in place, one module (and one
     expert, 4096 rows) at a time, each module's old storage freed as it is replaced: the temporaries
     are one block of fp32 rows. Works from float or int8 modules. On the meta device it only lays out
-    empty storage, for a loader to fill."""
+    empty storage, for a loader to fill. Then `fuse`; returns the model (as `quantize_int8`)."""
     kinds = (nn.Linear, ExpertLinear, Int8Linear, Int8ExpertLinear)
     names = [n for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("router")]
     for name in names:

@@ -116,9 +116,12 @@ parallel MoE, which holds a share of the experts the fused MoE kernel cannot rou
 
 def fuse(model: nn.Module) -> nn.Module:
     """Give attention and MoE blocks their fused native paths, in place (each swapped for a module
-    holding the same parameters, settings and hooks: state-dict names unchanged); returns the model.
-    Only `qkv`, `attend` and the MoE's `forward` differ, and they fall back to the plain ones wherever
-    the kernels do not apply (float weights included)."""
+    holding the same parameters, settings and hooks: state-dict names unchanged); returns the model,
+    or, where `model` is itself such a block, the new block. Only `qkv`, `attend` and the MoE's
+    `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float
+    weights included)."""
+    if type(model) in FUSED:
+        return recast(model, FUSED[type(model)])
     for name, module in list(model.named_modules()):
         kind = FUSED.get(type(module))
         if kind is not None:
