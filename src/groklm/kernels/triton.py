@@ -21,7 +21,8 @@
 
 Used for CUDA tensors when triton is installed (`groklm.kernels.use_triton`); GROKLM_KERNELS=triton
 forces them for CPU tensors too, where Triton's interpreter runs them (TRITON_INTERPRET=1, which
-`import groklm` sets when there is no GPU, before anything imports triton): that is how the tests run
+the `groklm` command and the tests set when there is no GPU, before anything imports triton, with
+`runtime.interpret_triton_without_gpu`; a library user sets it themselves): that is how the tests run
 them on machines without one.
 """
 
