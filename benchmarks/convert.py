@@ -24,7 +24,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 _RUN = r"""
 import json, sys
 from pathlib import Path
-from groklm.formats.convert import convert
+from groklm.convert import convert
 src, out, to, qtype = sys.argv[1:5]
 if to == "native":
     convert(src, out, to, bits=int(qtype), group_size=64, progress=False)

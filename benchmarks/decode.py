@@ -29,8 +29,8 @@ from torch import Tensor, nn
 import groklm
 from groklm import kernels
 from groklm.config import get_preset
+from groklm.convert import to_native
 from groklm.files import advise_huge_pages
-from groklm.formats import native
 from groklm.generate import Decode, compile_decode, decode_one, prefill, sample
 from groklm.model import Grok, KVCache, MoE
 
@@ -163,7 +163,7 @@ def int4_checkpoint(source: Path, group_size: int) -> Path:
     """An int4 copy of `source` (made once, as `groklm quantize --bits 4` makes it, and kept in the cache)."""
     out = CACHE / f"{source.name}-int4-g{group_size}"
     if not (out / "config.json").is_file():
-        native.convert(source, out, bits=4, group_size=group_size, progress=False, force=True)
+        to_native(source, out, bits=4, group_size=group_size, progress=False, force=True)
     return out
 
 

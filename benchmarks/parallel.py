@@ -140,7 +140,7 @@ def main() -> None:
         groklm.write_random_checkpoint(released, get_preset("bench-mid"), seed=0, progress=False)
     native = CACHE / "bench-mid-native"
     if "native" in args.formats and not (native / "config.json").is_file():
-        from groklm.formats.native import convert
+        from groklm.convert import to_native as convert
 
         convert(released, native, 8, progress=False)
     tmp = CACHE / "parallel"

@@ -26,8 +26,8 @@ import torch
 
 from groklm import cli
 from groklm.config import GrokConfig
+from groklm.convert import convert
 from groklm.formats import gguf, grok2, hf, native, verify  # noqa: F401
-from groklm.formats.convert import convert
 from groklm.formats.gguf_scan import scan
 from groklm.formats.safetensors_io import write_file
 from groklm.model import Grok

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import cli
 from groklm.config import GrokConfig, get_preset
+from groklm.convert import convert
 from groklm.files import CheckpointError
 from groklm.formats import hf
-from groklm.formats.convert import convert
 from groklm.formats.verify import verify
 from groklm.model import ExpertLinear
 from groklm.quant import Int8ExpertLinear, Int8Linear, dequantize_weight
@@ -248,7 +248,7 @@ def test_gguf_is_what_llama_cpp_reads(tmp_path: Path, mini_ckpt: Path) -> None:
 
 _CONVERT_RSS = r"""
 import json, sys
-from groklm.formats.convert import convert
+from groklm.convert import convert
 from tests.conftest import peak_rss_since_reset, reset_peak_rss
 before = reset_peak_rss()
 convert(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], progress=False)

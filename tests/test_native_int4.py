@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import kernels
 from groklm.config import GrokConfig
+from groklm.convert import to_native as convert
 from groklm.files import CheckpointError
-from groklm.formats.native import convert, save_native
+from groklm.formats.native import save_native
 from groklm.quant import (
     Int4ExpertLinear,
     Int4Linear,
@@ -340,7 +341,7 @@ def test_convert_layer_by_layer_equals_the_whole_model_path(tmp_path: Path, mini
 
 _CONVERT_RSS = r"""
 import json, sys, torch
-from groklm.formats.native import convert
+from groklm.convert import to_native as convert
 from tests.conftest import peak_rss_since_reset, reset_peak_rss
 before = reset_peak_rss()  # after the imports' own transient peak
 convert(sys.argv[1], sys.argv[2], int(sys.argv[3]), progress=False)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import groklm
 from groklm import parallel
 from groklm.config import GrokConfig, get_preset
-from groklm.formats import native
+from groklm.convert import to_native
 from groklm.parallel import ParallelError
 from groklm.quant import QuantizedAttention, QuantizedMoE, quantize_int4, quantize_int8, released_groups
 from groklm.sizing import _meta_model
@@ -187,7 +187,7 @@ def int4_mini(tmp_path_factory: pytest.TempPathFactory, mini_ckpt: Path) -> Path
     """The mini model in int4, groups of 32 (the golden model's expert size, 176, splits in halves of 88:
     not whole groups of 16; plan() refuses that, see below)."""
     out = tmp_path_factory.mktemp("int4") / "mini-int4"
-    native.convert(mini_ckpt, out, 4, 32, progress=False)
+    to_native(mini_ckpt, out, 4, 32, progress=False)
     return out
 
 
@@ -272,7 +272,7 @@ def test_each_rank_reads_and_holds_its_share_only(fmt: str, gib_released: Path, 
     path = gib_released
     if fmt == "native":
         path = tmp_path / "native"
-        native.convert(gib_released, path, 8, progress=False)
+        to_native(gib_released, path, 8, progress=False)
     files = [f for f in path.rglob("*") if f.is_file()]
     size = sum(f.stat().st_size for f in files)
     _spawn(_memory_worker, 2, str(path), str(tmp_path / "m"))

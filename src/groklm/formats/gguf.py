@@ -53,6 +53,7 @@ from groklm.formats.layout import (
     parts,
     place,
     quantize_layout,
+    with_int8_head,
 )
 from groklm.model import Grok
 from groklm.quant import Int8ExpertLinear, Int8Linear, block_major, dense_weight, quantize_int8, row_major
@@ -399,7 +400,7 @@ class GGUFSource:
     against the config before any tensor is read."""
 
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None) -> None:  # fmt: skip
+                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
         self.path = path = Path(path)
         # Every count, extent and name is checked before the gguf package reads the file.
         found, scanned = read_config(path, config)
@@ -425,7 +426,8 @@ class GGUFSource:
             model = Grok(found, dtype)
             quantize_int8(model, q8.get)  # Q8_0 weights stay int8
             quantize_layout(model, bits)  # the other linears, if asked
-        self.model = model
+        self.head_from_table = quantize_head
+        self.model = with_int8_head(model, quantize_head)
         self.table = []
         for ours, name in names(found):
             t = tensors[name]

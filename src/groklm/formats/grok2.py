@@ -24,7 +24,7 @@ import torch
 
 from groklm.config import GrokConfig, grok2_config
 from groklm.files import CheckpointError, read_json
-from groklm.formats.layout import allocate, dense_shape, part_of, place, quantize_layout
+from groklm.formats.layout import allocate, dense_shape, part_of, place, quantize_layout, with_int8_head
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor
 from groklm.model import Grok
 
@@ -87,7 +87,7 @@ class Grok2Source:
     every rank's share of every expert matrix, shapes checked against config.json, before any is read."""
 
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None) -> None:  # fmt: skip
+                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
         self.path = path = Path(path)
         found = read_config(path)
         if config is not None and config != found:
@@ -114,7 +114,8 @@ class Grok2Source:
             raise CheckpointError(f"{path}: tensors missing for this config ({found.num_layers} layers, "
                                   f"{found.num_experts} experts): {missing[:5]}{' and more' if len(missing) > 5 else ''}")  # fmt: skip
         with torch.device("meta"):
-            self.model = quantize_layout(Grok(found, dtype), bits)
+            self.head_from_table = False  # untied: its head is stored (int8 as it is read, if asked)
+            self.model = with_int8_head(quantize_layout(Grok(found, dtype), bits), quantize_head)
         self.table: list[tuple[str, str, int | None, int | None, list[Entry]]] = []
         missing: list[str] = []
         for ours, theirs, expert, dim in wanted:

@@ -43,6 +43,7 @@ from groklm.formats.layout import (
     parts,
     place,
     quantize_layout,
+    with_int8_head,
 )
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor, write_file
 from groklm.model import Grok
@@ -209,7 +210,7 @@ class HFSource:
     is found, by name, and its shape checked against the config before any is read."""
 
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None) -> None:  # fmt: skip
+                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
         self.path = path = Path(path)
         found = read_config(path)
         if config is not None and config != found:
@@ -238,7 +239,8 @@ class HFSource:
                 f", unexpected {unexpected[:5]}"
             )
         with torch.device("meta"):
-            self.model = quantize_layout(Grok(found, dtype), bits)
+            self.head_from_table = quantize_head
+            self.model = with_int8_head(quantize_layout(Grok(found, dtype), bits), quantize_head)
         self.table: list[tuple[Name, Entry]] = []
         for n, entry in found_names:
             expected = dense_shape(self.model, n.ours)

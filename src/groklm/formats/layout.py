@@ -19,6 +19,7 @@ from groklm.quant import (
     Int8Linear,
     block_major,
     fill_int8_head,
+    int8_head,
     quantize_int4,
     quantize_int8,
     quantize_weight,
@@ -33,6 +34,9 @@ class Source(Protocol):
     tensors in. Parts are "" (everything outside the decoder layers) and "layers.N"."""
 
     model: Grok
+    head_from_table: bool  # the int8 output head is made from the embedding table as it is read
+
+    def __len__(self) -> int: ...  # the tensors `fill` reads
 
     def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None: ...
 
@@ -74,6 +78,14 @@ def quantize_layout(model: Grok, bits: int | None, group_size: int = 64) -> Grok
         quantize_int4(model, group_size)
     elif bits is not None:
         raise ValueError(f"bits must be 4, 8 or None, not {bits}")
+    return model
+
+
+def with_int8_head(model: Grok, quantize_head: bool = True) -> Grok:
+    """The output head laid out int8 (on meta), filled from the table as it is read (see `place`)."""
+    if quantize_head:
+        with torch.device("meta"):
+            model.head = int8_head(model.config, model.dtype)
     return model
 
 

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.files import CheckpointError, advise_huge_pages, output_dir, progress_bar, return_freed_memory
+from groklm.files import CheckpointError, advise_huge_pages
 from groklm.formats.common import BlockMajorArray, DiskArray
 from groklm.formats.layout import allocate, part_of
-from groklm.formats.released import MappedEmbedding, open_released
+from groklm.formats.released import MappedEmbedding
 from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file
 from groklm.model import Grok
 from groklm.quant import (
@@ -60,14 +60,14 @@ def save_native(model: Grok, out: str | Path, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
     shards: dict[int, dict[str, Tensor]] = {}
-    for name, t in _state(model).items():
+    for name, t in as_stored(model).items():
         shards.setdefault(_shard_of(name), {})[name] = t
     for index in range(model.config.num_layers + 1):
-        _save_shard(out, index, shards.get(index, {}))
+        save_shard(out, index, shards.get(index, {}))
     return out
 
 
-def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+def as_stored(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     state = {prefix + name: t for name, t in module.state_dict().items()}
     for name, t in list(state.items()):  # int4 weights in the CPU kernel's panels are written in rows
         scales_name = name.removesuffix("weight") + "scales"
@@ -79,89 +79,13 @@ def _state(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return state
 
 
-def _save_shard(out: Path, index: int, tensors: dict[str, Tensor], streamed: dict[str, Any] | None = None) -> None:
+def save_shard(out: Path, index: int, tensors: dict[str, Tensor], streamed: dict[str, Any] | None = None) -> None:
     """One shard: `tensors`, then each of `streamed` (name -> (dtype, shape, chunks along axis 0))."""
     streamed = streamed or {}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     layout += [(name, dtype, shape) for name, (dtype, shape, _) in streamed.items()]
     data = [*tensors.values(), *(chunks for _, _, chunks in streamed.values())]
     write_file(out / SHARD.format(index), layout, iter(data), metadata={"format": "pt", "groklm": "1"})
-
-
-def convert(
-    src: str | Path,
-    out: str | Path,
-    bits: int = 8,
-    group_size: int = 64,
-    config: GrokConfig | None = None,
-    progress: bool = True,
-    force: bool = False,
-) -> Path:
-    """Write a checkpoint (released or groklm's) in groklm's layout, int8 as it is or int4, one
-    decoder layer at a time: memory holds 1-3 layers' worth for int8 (the layer and safetensors'
-    serialized copy of it) and about 3 for int4 (float temporaries and the result), plus the int8
-    output head, never the model. For the released Grok-1 that is under 16 GB rather than 300.
-
-    The result equals loading the whole model, quantizing it and `save_native`, bit for bit. It is
-    written beside `out` and moved there at the end (`common.output_dir`): nothing half-written is left."""
-    from groklm.load import detect_format
-    from groklm.quant import check_int4_group, quantize_int4
-
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
-    fmt = detect_format(src)
-    if fmt == "native":
-        model = load_native(src, torch.bfloat16, mmap=True)  # weights stay on disk until read
-        if config is not None and config != model.config:
-            raise CheckpointError(f"{src}: its config.json differs from the config given")
-        if bits == 8 and any(isinstance(m, (Int4Linear, Int4ExpertLinear)) for m in model.modules()):
-            raise ValueError(f"{src} is int4: int8 cannot be recovered from it")
-
-        def fill(part: str) -> None:
-            pass
-
-    elif fmt != "released":  # float weights (Grok-2's, Hugging Face's, GGUF's), quantized as they are read
-        from groklm.formats.convert import open_source
-        from groklm.quant import int8_head
-
-        source = open_source(src, config, torch.bfloat16, bits)
-        model = source.model
-        if bits == 8:  # the output head int8 too, with 64-column groups, as for the released checkpoint
-            with torch.device("meta"):
-                model.head = int8_head(model.config, torch.bfloat16)
-
-        def fill(part: str) -> None:
-            source.fill(part)
-
-    else:  # the table is streamed into the shard, the int8 head made from it as it is read
-        released = open_released(src, config, torch.bfloat16, quantize_head=True, lazy_embedding=True)
-        model = released.model
-        fill = released.fill
-    if bits == 4:
-        check_int4_group(model.config, group_size)
-    with output_dir(out, force) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-        bar = progress_bar(model.config.num_layers + 1, f"converting to int{bits}", progress, unit="part")
-        for i, layer in enumerate(model.layers):
-            fill(f"layers.{i}")
-            if bits == 4:
-                quantize_int4(layer, group_size)
-            _save_shard(tmp, i + 1, _state(layer, f"layers.{i}."))
-            layer.to("meta")  # frees it (or drops its maps)
-            return_freed_memory()
-            bar.update(1)
-        fill("")
-        if bits == 4 and fmt in ("native", "released"):
-            quantize_int4(model, group_size)  # the output head; the layers, on meta by now, are only laid out
-        top = {name: t for name, t in _state(model).items() if not name.startswith("layers.")}
-        streamed = {}
-        if "embed.weight" not in top:
-            table = (rows.to(model.dtype) for rows in released.embedding_rows())
-            streamed["embed.weight"] = (model.dtype, (model.config.vocab_size, model.config.emb_size), table)
-        _save_shard(tmp, 0, top, streamed)
-        bar.update(1)
-        bar.close()
-    return Path(out)
 
 
 def shard_files(path: Path, num_layers: int) -> list[Path]:
@@ -309,6 +233,7 @@ class NativeSource:
 
     def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
         self.path = Path(path)
+        self.head_from_table = False  # a quantized head is stored
         self.model, self.stored, self.relayout = _layout(self.path, dtype)
         if config is not None and config != self.model.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")

@@ -280,8 +280,12 @@ class Released:
         for _, chunk in _Reader(self.ckpt / self.params[0].file, self.records[0]).rows(rows):  # type: ignore[arg-type]
             yield chunk
 
-    def parts(self) -> list[str]:
-        return ["", *(f"layers.{i}" for i in range(self.model.config.num_layers))]
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def head_from_table(self) -> bool:
+        return self.quantize_head
 
     def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
         model = self.model

@@ -16,8 +16,12 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from groklm.config import GrokConfig
 from groklm.files import CheckpointError, progress_bar
+from groklm.formats import registry
+from groklm.formats.released import checkpoint_config, find_ckpt_dir, read_param, reference_params
 
 _LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+?)\s*$")
 _BSD = re.compile(r"^SHA256 \((.+)\) = ([0-9a-fA-F]{64})\s*$")
@@ -90,24 +94,20 @@ def verify(path: str | Path, config: GrokConfig | None = None, manifest: Path | 
            progress: bool = True) -> Report:  # fmt: skip
     """Check the checkpoint at `path` (and its files' sha256 against `manifest`); never raises for a
     problem in the checkpoint: every one found is in the report."""
-    from groklm.load import detect_format
-
     root = Path(path)
-    fmt = detect_format(root)
+    fmt = registry.detect(root)
     problems: list[Problem] = []
-    if fmt == "released":
+    if fmt.file_per_tensor:  # every file checked, not only up to the first problem
         problems += _released(root, config)
     else:
         problems += _by_loader(root, fmt, config)
     files = checkpoint_files(root) if root.is_dir() else [root]
     if manifest is not None:
         problems += _against(root if root.is_dir() else root.parent, files, read_manifest(manifest), progress, manifest)
-    return Report(root, fmt, len(files), sum(f.stat().st_size for f in files), problems)
+    return Report(root, fmt.name, len(files), sum(f.stat().st_size for f in files), problems)
 
 
 def _released(root: Path, config: GrokConfig | None) -> list[Problem]:
-    from groklm.formats.released import checkpoint_config, find_ckpt_dir, read_param, reference_params
-
     ckpt = find_ckpt_dir(root)
     try:
         config = checkpoint_config(ckpt, config)
@@ -132,12 +132,10 @@ def _released(root: Path, config: GrokConfig | None) -> list[Problem]:
     return problems
 
 
-def _by_loader(root: Path, fmt: str, config: GrokConfig | None) -> list[Problem]:
+def _by_loader(root: Path, fmt: registry.Format, config: GrokConfig | None) -> list[Problem]:
     """Open the checkpoint as its loader does before reading weights; the first problem is reported."""
-    from groklm.formats.convert import open_source
-
     try:
-        open_source(root, config)
+        fmt.open(root, config, torch.bfloat16, stream_table=True)
     except (CheckpointError, ValueError) as e:
         where, _, what = str(e).partition(": ")
         return [Problem(where, None, what or str(e))]
