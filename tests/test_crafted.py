@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import torch
 
-from groklm import cli
+from groklm import cli, verify
 from groklm.config import GrokConfig
-from groklm.convert import convert
-from groklm.formats import gguf, grok2, hf, native, verify  # noqa: F401
+from groklm.convert import convert, save_native
+from groklm.formats import gguf, grok2, hf, native  # noqa: F401
 from groklm.formats.gguf_scan import scan
 from groklm.formats.safetensors_io import write_file
 from groklm.model import Grok
@@ -50,7 +50,7 @@ CPU_SECONDS = 2
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("base")
     torch.manual_seed(0)
-    native.save_native(Grok(TINY, torch.bfloat16), d / "native", progress=False)
+    save_native(Grok(TINY, torch.bfloat16), d / "native", progress=False)
     convert(d / "native", d / "hf", "hf", "bf16", progress=False)
     convert(d / "native", d / "tiny.gguf", "gguf", "q8_0", progress=False)
     return {"native": d / "native", "hf": d / "hf", "gguf": d / "tiny.gguf"}
@@ -381,7 +381,7 @@ _CHILD_ERR = 70  # the child's own failure (an uncaught exception in cli.main)
 # that computed hung in libgomp).
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(["groklm.cli", "groklm.formats.gguf", "groklm.formats.grok2", "groklm.formats.hf",
-                               "groklm.formats.native", "groklm.formats.verify", "groklm.train.lora",
+                               "groklm.formats.native", "groklm.verify", "groklm.convert", "groklm.train.lora",
                                "tests.test_crafted"])  # fmt: skip
 
 

@@ -26,9 +26,9 @@ from groklm.config import GrokConfig, get_preset
 from groklm.convert import convert
 from groklm.files import CheckpointError
 from groklm.formats import hf
-from groklm.formats.verify import verify
 from groklm.model import ExpertLinear
 from groklm.quant import Int8ExpertLinear, Int8Linear, dequantize_weight
+from groklm.verify import verify
 from tests.conftest import GOLDEN, TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ import torch
 import groklm
 from groklm import cli, kernels
 from groklm.config import GrokConfig, get_preset
+from groklm.convert import save_native
 from groklm.files import CheckpointError
-from groklm.formats.native import save_native
 from groklm.formats.safe_pickle import _BFloat16, read_record
 from groklm.formats.safetensors_io import read_header, read_into
 from groklm.quant import check_int4_group

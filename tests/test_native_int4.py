@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 import groklm
 from groklm import kernels
 from groklm.config import GrokConfig
+from groklm.convert import save_native
 from groklm.convert import to_native as convert
 from groklm.files import CheckpointError
-from groklm.formats.native import save_native
 from groklm.quant import (
     Int4ExpertLinear,
     Int4Linear,

@@ -2,8 +2,8 @@
 faithfully."""
 
 from groklm.config import PRESETS, GrokConfig, get_preset
+from groklm.convert import write_random_checkpoint
 from groklm.files import CheckpointError
-from groklm.formats.released import write_random_checkpoint
 from groklm.generate import generate, generate_stream
 from groklm.load import load
 from groklm.model import Grok, KVCache

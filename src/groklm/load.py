@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from groklm import kernels, parallel
+from groklm import kernels, parallel, place
 from groklm.config import GrokConfig
 from groklm.files import progress_bar, return_freed_memory
-from groklm.formats import native, registry
-from groklm.formats.layout import Source, free, part_of, parts
+from groklm.formats import registry
+from groklm.formats.common import Source, part_of, parts
 from groklm.model import Grok
 from groklm.quant import Int4ExpertLinear, Int4Linear, Int8Linear, fill_int8_head, pack_int4
 
@@ -96,31 +96,31 @@ def load(
     it on tokens gives the full logits on every rank.
 
     In bf16 on the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's
-    panels (`quant.pack_int4`); `save_native` writes them back in rows.
+    panels (`quant.pack_int4`); `convert.save_native` writes them back in rows.
     """
     config, _ = checkpoint_config(path, config, mmap=mmap, bits=bits, tp=tp, ep=ep)  # before any weight is read
-    if mmap:
-        return native.load_native(path, dtype, device, mmap=True)
+    if mmap and torch.device(device).type != "cpu":
+        raise ValueError("mmap loading is for the CPU")
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     fmt = registry.detect(path)
-    parallel_ = (tp, ep) != (1, 1)
-    # laid out on the meta device as stored, `bits` quantizing float linears as read, the head int8 if asked
-    source = fmt.open(Path(path), config, dtype, bits, quantize_head=quantize_head, stream_table=parallel_)
-    if parallel_:
-        model = load_sharded(source, tp, ep, device, progress, f"loading {path}")
+    sharded = (tp, ep) != (1, 1)
+    source = fmt.open(Path(path), config, int8_head=quantize_head, stream_table=sharded)
+    model = place.build(source, dtype)  # on the meta device
+    model = place.lay_out(model, source.quantized)  # int8 and int4 as stored
+    model = place.quantize_on_load(model, bits if fmt.quantizes_on_load else None)
+    model = place.with_int8_head(model, source.int8_head)  # filled from the table as it is read
+    model = place.with_table(model, source)  # held, mapped from its file, or left there
+    model = place.checked(model, source)  # every tensor's name and shape, before any is read
+    if mmap:
+        return place.mapped(model, source)
+    if sharded:
+        model = load_sharded(model, source, tp, ep, device, progress, f"loading {path}")
     else:
-        model = fill(source, device, progress, f"loading {path}")
+        bar = progress_bar(len(source), f"loading {path}", progress)
+        model = place.fill(model, source, device, bar)
+        bar.close()
     return for_kernels(model, dtype, device)
-
-
-def fill(source: Source, device: str | torch.device = "cpu", progress: bool = True, what: str = "loading") -> Grok:
-    """The source's model with every part given storage on `device` and its tensors read in."""
-    bar = progress_bar(len(source), what, progress)
-    for part in parts(source.model):
-        source.fill(part, device, bar)
-    bar.close()
-    return source.model.eval().requires_grad_(False)
 
 
 def for_kernels(model: Grok, dtype: torch.dtype, device: str | torch.device) -> Grok:
@@ -132,14 +132,13 @@ def for_kernels(model: Grok, dtype: torch.dtype, device: str | torch.device) -> 
     return model
 
 
-def load_sharded(source: Source, tp: int, ep: int, device: str | torch.device = "cpu", progress: bool = True,
-                 what: str = "loading") -> Grok:  # fmt: skip
-    """This rank's share of a checkpoint on a tp x ep mesh (see `parallel`), laid out on the meta device and
-    filled with its slices only. The released pickles and groklm's layout are read slice by slice (each
-    rank reads its bytes, seeking within the files); the other formats a part (a layer) at a time,
-    sliced, the part then dropped. An int8 output head is made from the table's rows (the rank's
-    vocabulary). Every call into `parallel` is here."""
-    whole = source.model
+def load_sharded(whole: Grok, source: Source, tp: int, ep: int, device: str | torch.device = "cpu",
+                 progress: bool = True, what: str = "loading") -> Grok:  # fmt: skip
+    """This rank's share of a checkpoint on a tp x ep mesh (see `parallel`): the whole model as laid out
+    for the source (on meta), sharded, and filled with its slices only. The released pickles and groklm's
+    layout are read slice by slice (each rank reads its bytes, seeking within the files); the other formats
+    a part (a layer) at a time, sliced, the part then dropped. An int8 output head made from the table is
+    filled from the table's rows (the rank's vocabulary). Every call into `parallel` is here."""
     mesh = parallel.make_mesh(whole.config, tp, ep, device)  # the process group checked before any weight is read
     p, groups = parallel.plan_of(whole.config, mesh)
     model = parallel.apply_plan(whole, p, groups)  # laid out on meta
@@ -148,19 +147,19 @@ def load_sharded(source: Source, tp: int, ep: int, device: str | torch.device = 
     bar = progress_bar(len(names), f"{what} (tp rank {p.tp_rank} of {p.tp}, ep rank {p.ep_rank} of {p.ep})", progress)
     lazy = getattr(source, "lazy", None)
     head = model.head.local  # type: ignore[union-attr]
-    quantize_head = source.head_from_table and isinstance(head, Int8Linear)
+    head_from_table = source.int8_head and whole.config.tie_embeddings and isinstance(head, Int8Linear)
     with torch.no_grad():
         if lazy is not None:
-            if quantize_head or "embed" in names:  # the table's rows: the embedding, and the int8 head from them
+            if head_from_table or "embed" in names:  # the table's rows: the embedding, and the int8 head from them
                 table, start = lazy("embed.weight"), p.vocab().start
                 local_rows = p.vocab().stop - start
                 for r in range(0, local_rows, 4096):
                     n = min(4096, local_rows - r)
                     rows = table.read((slice(start + r, start + r + n), slice(None)))
                     model.embed.weight[r : r + n] = rows
-                    if quantize_head:
+                    if head_from_table:
                         fill_int8_head(head, r, rows.float())
-            done = {"embed", "head.local"} if quantize_head else {"embed"}
+            done = {"embed", "head.local"} if head_from_table else {"embed"}
             for name in names:
                 if name not in done:
                     parallel.fill_module(model, whole, p, name, lambda n, sl: lazy(n).read(sl))
@@ -168,12 +167,12 @@ def load_sharded(source: Source, tp: int, ep: int, device: str | torch.device = 
                 bar.update(1)
         else:
             read = parallel.model_reader(whole)
-            for part in parts(whole):
-                source.fill(part, "cpu")
+            for part in parts(whole.config):
+                place.fill_part(whole, source, part, "cpu")
                 for name in names:
                     if part_of(parallel.global_name(name)) == part:
                         parallel.fill_module(model, whole, p, name, read)
                         bar.update(1)
-                free(whole, part)
+                place.free(whole, part)
     bar.close()
     return model.eval().requires_grad_(False)

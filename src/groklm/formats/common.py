@@ -1,15 +1,84 @@
-"""Reading parts of arrays stored in files: a tensor-parallel rank, or a lazily streamed table, reads
-its own slices with positioned reads, never the whole tensor."""
+"""What the format modules share: a checkpoint opened as a `Source` of (our name, tensor) pairs, the parts
+they come in, and reading parts of arrays stored in files (a tensor-parallel rank, or a lazily streamed
+table, reads its own slices with positioned reads, never the whole tensor)."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from torch import Tensor
+
+from groklm.config import GrokConfig
 from groklm.files import CheckpointError
+
+# What a source yields: (our parameter or buffer name, where in it: an expert's slot, or rows of it, or
+# None for the whole, the value, where it lies (file and tensor, for messages)). The value is a tensor as
+# stored ([out, in] for linears; float, or int8/uint8 values and their scales), or a function that reads
+# it straight into the target it is given (of the stored shape and dtype) where the format has a faster way.
+Item = tuple[str, "int | slice | None", "Tensor | Callable[[Tensor], None]", str]
+
+
+class Source(Protocol):
+    """A checkpoint opened for reading, its names, kinds and shapes checked (nothing read yet). `quantized`
+    tells how its linears are stored: module -> (8, scale groups) or (4, group size); None where every one
+    is float. `check(held, dense)` checks every tensor against the model laid out for it (`held`: its
+    tensors on the meta device by name; `dense(name)`: a linear's [out, in], one expert's for stacked ones)
+    before any is read; `tensors(part)` reads a part's: "" (everything outside the decoder layers) or
+    "layers.N"."""
+
+    config: GrokConfig
+    quantized: dict[str, tuple[int, int]] | None
+    int8_head: bool  # the output head is made int8 as it is read (from the table, where tied)
+
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None: ...
+
+    def tensors(self, part: str) -> Iterator[Item]: ...
+
+    def __len__(self) -> int: ...  # the items `tensors` yields, over all parts
+
+
+class Tensors(Protocol):
+    """What a writer is given by the layer above: a model, one part at a time, as (our name, tensor). `shape`
+    and `int8_groups` need nothing read: a linear's dense [out, in] (one expert's), and the scale groups
+    of an int8 one (None where it is not int8)."""
+
+    config: GrokConfig
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def int8_groups(self, name: str) -> int | None: ...
+
+    def read(self, part: str) -> None: ...  # the part's tensors read in
+
+    def dense(self, name: str, expert: int | None = None) -> Tensor: ...  # float: dequantized where quantized
+
+    def int8(self, name: str, expert: int | None = None) -> tuple[Tensor, Tensor]: ...  # [out, in] int8, [out, G]
+
+    def done(self, name: str) -> None: ...  # the module holding `name` is written: its memory goes now
+
+    def drop(self, part: str) -> None: ...  # the part is written: its memory goes
+
+    def table_rows(self) -> Iterator[Tensor]: ...  # the embedding table [V, D] in chunks of rows, as stored
+
+
+def parts(config: GrokConfig) -> list[str]:
+    return ["", *(f"layers.{i}" for i in range(config.num_layers))]
+
+
+def part_of(name: str) -> str:
+    """The part a parameter or module belongs to: "layers.N" or ""."""
+    head, _, rest = name.partition(".")
+    return f"layers.{rest.partition('.')[0]}" if head == "layers" else ""
+
+
+def check_shape(where: str, got: Any, expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise CheckpointError(f"{where}: shape {tuple(got)}, expected {tuple(expected)}")
 
 
 class DiskArray:

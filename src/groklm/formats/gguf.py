@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,21 +42,8 @@ from torch import Tensor
 
 from groklm.config import GrokConfig
 from groklm.files import CheckpointError, parse_json, progress_bar
+from groklm.formats.common import Item, Tensors, part_of, parts
 from groklm.formats.gguf_scan import Scan, scan
-from groklm.formats.layout import (
-    Source,
-    allocate,
-    dense_shape,
-    embedding_rows,
-    free,
-    part_of,
-    parts,
-    place,
-    quantize_layout,
-    with_int8_head,
-)
-from groklm.model import Grok
-from groklm.quant import Int8ExpertLinear, Int8Linear, block_major, dense_weight, quantize_int8, row_major
 
 ARCH = "grok"
 TYPES = ("q8_0", "f16", "bf16", "q4_0")
@@ -117,19 +104,15 @@ class Planned:
     shape: tuple[int, ...]  # logical, numpy order
 
 
-def _int8(module: Any) -> bool:
-    return isinstance(module, (Int8Linear, Int8ExpertLinear))
-
-
-def plan(model: Grok, qtype: str) -> list[Planned]:
+def plan(model: Tensors, qtype: str) -> list[Planned]:
     """The GGUF type of every tensor for `--type qtype` (see the module docstring)."""
     if qtype not in TYPES:
         raise ValueError(f"GGUF type must be one of {TYPES}, not {qtype!r}")
     out = []
     for ours, name in names(model.config):
-        module = model.get_submodule(ours.rpartition(".")[0])
+        groups = model.int8_groups(ours)
         stacked = name.endswith("_exps.weight")
-        shape = ((model.config.num_experts,) if stacked else ()) + dense_shape(model, ours)
+        shape = ((model.config.num_experts,) if stacked else ()) + model.shape(ours)
         k = shape[-1]
         if ours.endswith("norm.weight") or ours.endswith("router.weight"):
             t = T.F32
@@ -141,7 +124,7 @@ def plan(model: Grok, qtype: str) -> list[Planned]:
             t = T.F32 if qtype == "q8_0" else T.F16
         elif qtype == "q4_0":
             t = T.Q4_0
-        elif _int8(module) and (k // module.scales.shape[-1]) % 32:
+        elif groups is not None and (k // groups) % 32:
             t = T.F32  # scale groups that are not whole 32-column blocks: exact in F32
         else:
             t = T.Q8_0
@@ -155,10 +138,9 @@ def _byte_shape(p: Planned) -> tuple[tuple[int, ...], np.dtype]:
     return gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype), np.dtype(np.uint8)
 
 
-def _q8_exact(weight: Tensor, scales: Tensor) -> np.ndarray:
+def _q8_exact(w: Tensor, scales: Tensor) -> np.ndarray:
     """Q8_0 blocks of an int8 weight [N, K] (row-major or block-major) with scales [N, G]: the int8
     values as they are, each 32-column block with its group's scale as f16."""
-    w = row_major(weight, scales)
     n, k = w.shape
     per_block = scales.float().repeat_interleave(k // scales.shape[-1] // 32, dim=-1)  # [N, K/32]
     blocks = np.empty((n, k // 32), dtype=_Q8_BLOCK)
@@ -177,22 +159,15 @@ def _encode(p: Planned, dense: Tensor) -> np.ndarray:
     return gguf.quants.quantize(a, p.qtype)
 
 
-def _chunks(model: Grok, p: Planned) -> Iterator[np.ndarray]:
+def _chunks(model: Tensors, p: Planned) -> Iterator[np.ndarray]:
     """The planned tensor's bytes: whole, or one expert at a time for stacked experts (so one fp32
     expert is the largest temporary, and no stacked copy is ever made)."""
-    module = model.get_submodule(p.ours.rpartition(".")[0])
-    leaf = p.ours.rpartition(".")[2]
     stacked = p.name.endswith("_exps.weight")
     for e in range(p.shape[0]) if stacked else [None]:
-        if p.qtype == T.Q8_0 and _int8(module):
-            yield _q8_exact(
-                module.weight if e is None else module.weight[e], module.scales if e is None else module.scales[e]
-            )
-        elif leaf == "weight" and hasattr(module, "scales"):
-            yield _encode(p, dense_weight(module, e))
+        if p.qtype == T.Q8_0 and model.int8_groups(p.ours) is not None:
+            yield _q8_exact(*model.int8(p.ours, e))
         else:
-            value = getattr(module, leaf).detach()
-            yield _encode(p, value if e is None else value[e])
+            yield _encode(p, model.dense(p.ours, e))
 
 
 def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], bar: Any) -> None:
@@ -244,12 +219,11 @@ def _vocabulary(writer: gguf.GGUFWriter, tokenizer: Path | None, config: GrokCon
     writer.add_add_eos_token(False)
 
 
-def write(source: Source, out: Path, qtype: str = "q8_0", tokenizer: Path | None = None,
+def write(model: Tensors, out: Path, qtype: str = "q8_0", tokenizer: Path | None = None,
           progress: bool = True) -> None:  # fmt: skip
-    """Write the source's model as one GGUF file. Every tensor's name, type and size is declared first
-    (from the layout alone), then the data is written part by part: memory holds one part and one
-    tensor's encoding."""
-    model = source.model
+    """Write the model the layer above gives, a part at a time (see `common.Tensors`), as one GGUF file.
+    Every tensor's name, type and size is declared first (from the layout alone), then the data is
+    written part by part: memory holds one part and one tensor's encoding."""
     config = model.config
     planned = plan(model, qtype)
     writer = gguf.GGUFWriter(out, ARCH)
@@ -274,8 +248,8 @@ def write(source: Source, out: Path, qtype: str = "q8_0", tokenizer: Path | None
     writer.add_attn_logit_softcapping(config.attn_softcap)
     writer.add_file_type(_FILE_TYPES[qtype])
     _vocabulary(writer, tokenizer, config)
-    groups = {p.name: model.get_submodule(p.ours.rpartition(".")[0]).scales.shape[-1]
-              for p in planned if p.qtype == T.Q8_0 and _int8(model.get_submodule(p.ours.rpartition(".")[0]))}  # fmt: skip
+    groups = {p.name: model.int8_groups(p.ours) for p in planned
+              if p.qtype == T.Q8_0 and model.int8_groups(p.ours) is not None}  # fmt: skip
     writer.add_string("groklm.config", json.dumps(config.to_dict()))
     writer.add_string("groklm.int8_groups", json.dumps(groups))
     for p in planned:
@@ -286,17 +260,17 @@ def write(source: Source, out: Path, qtype: str = "q8_0", tokenizer: Path | None
     writer.write_ti_data_to_file()
     bar = progress_bar(sum(math.prod(_byte_shape(p)[0]) * _byte_shape(p)[1].itemsize for p in planned),
                        f"writing {out.name}", progress, unit="B")  # fmt: skip
-    for part in parts(model):
-        source.fill(part)
+    for part in parts(config):
+        model.read(part)
         for p in planned:
             if part_of(p.ours) != part:
                 continue
             if p.ours == "embed.weight":  # the largest float table: streamed in rows
-                _write_chunks(writer, (_encode(p, rows) for rows in embedding_rows(source)), bar)
+                _write_chunks(writer, (_encode(p, rows) for rows in model.table_rows()), bar)
                 continue
             _write_chunks(writer, _chunks(model, p), bar)
-            model.get_submodule(p.ours.rpartition(".")[0]).to("meta")  # done with it: its memory goes now
-        free(model, part)
+            model.done(p.ours)  # its memory goes now
+        model.drop(part)
     writer.close()
     bar.close()
 
@@ -396,19 +370,20 @@ def read_config(file: Path, config: GrokConfig | None = None) -> tuple[GrokConfi
 
 
 class GGUFSource:
-    """A `grok` GGUF file opened for streaming (see `layout.Source`): names, shapes and types are checked
-    against the config before any tensor is read."""
+    """A `grok` GGUF file opened for reading (see `common.Source`): names, counts and extents are checked
+    before the gguf package reads the file, shapes against the model laid out for it before any tensor is
+    read. Q8_0 weights are yielded as their int8 values and scales where the model holds them int8."""
 
-    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
+    def __init__(self, path: str | Path, config: GrokConfig | None = None, int8_head: bool = False) -> None:
         self.path = path = Path(path)
-        # Every count, extent and name is checked before the gguf package reads the file.
+        self.int8_head = int8_head
         found, scanned = read_config(path, config)
+        self.config = found
         saved = scanned.fields.get("groklm.int8_groups")
         groups = parse_json(saved, f"{path}: key groklm.int8_groups") if isinstance(saved, str) else {}
         if not isinstance(groups, dict):
             raise CheckpointError(f"{path}: key groklm.int8_groups is not a JSON object")
-        q8 = {}
+        self.quantized: dict[str, tuple[int, int]] = {}  # Q8_0 weights stay int8
         for ours, name in names(found):
             t = scanned.tensors[name]
             if t.qtype == T.Q8_0:
@@ -416,62 +391,53 @@ class GGUFSource:
                 if type(g) is not int or g <= 0 or (t.shape[-1] // 32) % g:
                     raise CheckpointError(f"{path}: tensor {name}: {g!r} int8 groups do not split its "
                                           f"{t.shape[-1] // 32} Q8_0 blocks a row")  # fmt: skip
-                q8[ours.rpartition(".")[0]] = g
+                self.quantized[ours.rpartition(".")[0]] = (8, g)
         try:
             self.reader = reader = gguf.GGUFReader(path)
         except (ValueError, OSError, IndexError, KeyError) as e:
             raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
         tensors = {t.name: t for t in reader.tensors}
-        with torch.device("meta"):
-            model = Grok(found, dtype)
-            quantize_int8(model, q8.get)  # Q8_0 weights stay int8
-            quantize_layout(model, bits)  # the other linears, if asked
-        self.head_from_table = quantize_head
-        self.model = with_int8_head(model, quantize_head)
-        self.table = []
-        for ours, name in names(found):
-            t = tensors[name]
-            shape = tuple(int(n) for n in reversed(t.shape))
-            expected = ((found.num_experts,) if name.endswith("_exps.weight") else ()) + dense_shape(model, ours)
-            if shape != expected:
-                raise CheckpointError(f"{path}: tensor {name}: shape {shape}, expected {expected}")
-            self.table.append((ours, name, t, shape))
+        self.table = [(ours, name, tensors[name], tuple(int(n) for n in reversed(tensors[name].shape)))
+                      for ours, name in names(found)]  # fmt: skip
+        self.raw: set[str] = set()
 
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
-        allocate(self.model, part, device)
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None:
+        for ours, name, t, shape in self.table:
+            expected = ((self.config.num_experts,) if name.endswith("_exps.weight") else ()) + dense(ours)
+            if shape != expected:
+                raise CheckpointError(f"{self.path}: tensor {name}: shape {shape}, expected {expected}")
+            if t.tensor_type == T.Q8_0 and held[ours].dtype == torch.int8:  # (not where quantized to int4)
+                self.raw.add(ours)
+
+    def tensors(self, part: str) -> Iterator[Item]:
         for ours, name, t, shape in self.table:
             if part_of(ours) != part:
                 continue
             where = f"{self.path}: tensor {name}"
-            module = self.model.get_submodule(ours.rpartition(".")[0])
             stacked = name.endswith("_exps.weight")
             for e in range(shape[0]) if stacked else [None]:
-                data = t.data[e] if stacked else t.data
-                if t.tensor_type == T.Q8_0 and _int8(module):
-                    self._place_q8(module, np.asarray(data), e, where)
+                data = np.asarray(t.data[e] if stacked else t.data)
+                if ours in self.raw:
+                    q, scales = self._q8(data, self.quantized[ours.rpartition(".")[0]][1], where)
+                    yield ours, e, q, where
+                    yield ours.removesuffix("weight") + "scales", e, scales, where
                 else:
-                    value = torch.from_numpy(np.array(_decode(np.asarray(data), t.tensor_type)))
-                    place(self.model, ours, value, e, where)
-            if bar is not None:
-                bar.update(1)
+                    yield ours, e, torch.from_numpy(np.array(_decode(data, t.tensor_type))), where
 
     @staticmethod
-    def _place_q8(module: Any, data: np.ndarray, expert: int | None, where: str) -> None:
+    def _q8(data: np.ndarray, groups: int, where: str) -> tuple[Tensor, Tensor]:
+        """Q8_0 blocks as int8 values [N, K] and their scales [N, groups] (one a group, as recorded)."""
         blocks = np.ascontiguousarray(data).view(_Q8_BLOCK)  # [N, K/32]
-        weight = module.weight if expert is None else module.weight[expert]
-        scales = module.scales if expert is None else module.scales[expert]
-        n, groups = scales.shape
+        n = blocks.shape[0]
         per_group = blocks.shape[1] // groups
         d = torch.from_numpy(blocks["d"].astype(np.float32))  # [N, K/32]
         if not torch.equal(d, d[:, ::per_group].repeat_interleave(per_group, dim=1)):
             raise CheckpointError(f"{where}: Q8_0 block scales differ within the {groups} groups recorded for it")
-        q = torch.from_numpy(np.ascontiguousarray(blocks["qs"]).reshape(n, -1))
-        with torch.no_grad():
-            weight.copy_(q if weight.dim() == 2 else block_major(q, groups))
-            scales.copy_(d[:, ::per_group])
+        return torch.from_numpy(np.ascontiguousarray(blocks["qs"]).reshape(n, -1)), d[:, ::per_group]
 
     def __len__(self) -> int:
-        return len(self.table)
+        per = {ours: 2 if ours in self.raw else 1 for ours, *_ in self.table}
+        return sum(per[ours] * (shape[0] if name.endswith("_exps.weight") else 1) for ours, name, _, shape in self.table)
 
 
 def _decode(data: np.ndarray, qtype: T) -> np.ndarray:

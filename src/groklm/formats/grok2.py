@@ -17,16 +17,16 @@ moe_norm, moe_out_norm. The config is `config.grok2_config` of config.json.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import Tensor
 
 from groklm.config import GrokConfig, grok2_config
 from groklm.files import CheckpointError, read_json
-from groklm.formats.layout import allocate, dense_shape, part_of, place, quantize_layout, with_int8_head
+from groklm.formats.common import Item, part_of
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor
-from groklm.model import Grok
 
 LICENSE = (
     "Grok 2 Community License Agreement (now titled the xAI Community License Agreement): you may not use "
@@ -83,13 +83,15 @@ def read_config(path: Path) -> GrokConfig:
 
 
 class Grok2Source:
-    """Grok-2's released files opened for streaming (see `layout.Source`): every tensor found by name,
+    """Grok-2's released files opened for streaming (see `common.Source`): every tensor found by name,
     every rank's share of every expert matrix, shapes checked against config.json, before any is read."""
 
-    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
+    quantized = None  # bf16 weights only
+
+    def __init__(self, path: str | Path, config: GrokConfig | None = None, int8_head: bool = False) -> None:
         self.path = path = Path(path)
-        found = read_config(path)
+        self.int8_head = int8_head  # (untied: from its stored head)
+        self.config = found = read_config(path)
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         common: dict[str, Entry] = {}
@@ -113,13 +115,15 @@ class Grok2Source:
         if missing:  # before a model is built for the config
             raise CheckpointError(f"{path}: tensors missing for this config ({found.num_layers} layers, "
                                   f"{found.num_experts} experts): {missing[:5]}{' and more' if len(missing) > 5 else ''}")  # fmt: skip
-        with torch.device("meta"):
-            self.head_from_table = False  # untied: its head is stored (int8 as it is read, if asked)
-            self.model = with_int8_head(quantize_layout(Grok(found, dtype), bits), quantize_head)
+        self.common, self.shards, self.files, self.ranks = common, shards, files, ranks
+        self.wanted = wanted
+
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None:
+        path, ranks, common, shards, files = self.path, self.ranks, self.common, self.shards, self.files
         self.table: list[tuple[str, str, int | None, int | None, list[Entry]]] = []
         missing: list[str] = []
-        for ours, theirs, expert, dim in wanted:
-            expected = dense_shape(self.model, ours)
+        for ours, theirs, expert, dim in self.wanted:
+            expected = dense(ours)
             if dim is None:
                 entry = common.get(theirs)
                 if entry is None:
@@ -157,17 +161,12 @@ class Grok2Source:
             self.table.append((ours, theirs, expert, dim, parts))
         if missing:
             raise CheckpointError(f"{path}: tensors missing: {missing[:5]}{' and more' if len(missing) > 5 else ''}")
-        self.ranks = ranks
 
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
-        allocate(self.model, part, device)
+    def tensors(self, part: str) -> Iterator[Item]:
         for ours, theirs, expert, dim, parts in self.table:
-            if part_of(ours) != part:
-                continue
-            value = read_tensor(parts[0]) if dim is None else torch.cat([read_tensor(e) for e in parts], dim=dim)
-            place(self.model, ours, value, expert, f"{parts[0].file}: tensor {theirs}")
-            if bar is not None:
-                bar.update(1)
+            if part_of(ours) == part:
+                value = read_tensor(parts[0]) if dim is None else torch.cat([read_tensor(e) for e in parts], dim=dim)
+                yield ours, expert, value, f"{parts[0].file}: tensor {theirs}"
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.wanted)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,21 +34,8 @@ from torch import Tensor
 
 from groklm.config import GrokConfig, need_ints, need_numbers
 from groklm.files import CheckpointError, progress_bar, read_json
-from groklm.formats.layout import (
-    Source,
-    allocate,
-    dense_shape,
-    embedding_rows,
-    free,
-    part_of,
-    parts,
-    place,
-    quantize_layout,
-    with_int8_head,
-)
+from groklm.formats.common import Item, Tensors, check_shape, part_of, parts
 from groklm.formats.safetensors_io import Entry, read_header, read_tensor, write_file
-from groklm.model import Grok
-from groklm.quant import dense_weight
 
 INDEX = "model.safetensors.index.json"
 _LAYER = {
@@ -206,13 +194,15 @@ def read_config(path: Path) -> GrokConfig:
 
 
 class HFSource:
-    """A Hugging Face Grok-1 directory opened for streaming (see `layout.Source`). Every expected tensor
+    """A Hugging Face Grok-1 directory opened for streaming (see `common.Source`). Every expected tensor
     is found, by name, and its shape checked against the config before any is read."""
 
-    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16,
-                 bits: int | None = None, quantize_head: bool = False) -> None:  # fmt: skip
+    quantized = None  # float weights only
+
+    def __init__(self, path: str | Path, config: GrokConfig | None = None, int8_head: bool = False) -> None:
         self.path = path = Path(path)
-        found = read_config(path)
+        self.int8_head = int8_head
+        self.config = found = read_config(path)
         if config is not None and config != found:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
         self.entries: dict[str, Entry] = {}
@@ -238,28 +228,22 @@ class HFSource:
                 f"layers, {found.num_experts} experts): missing {missing[:5]}{' and more' if len(missing) > 5 else ''}"
                 f", unexpected {unexpected[:5]}"
             )
-        with torch.device("meta"):
-            self.head_from_table = quantize_head
-            self.model = with_int8_head(quantize_layout(Grok(found, dtype), bits), quantize_head)
-        self.table: list[tuple[Name, Entry]] = []
-        for n, entry in found_names:
-            expected = dense_shape(self.model, n.ours)
-            if entry.shape != expected:
-                raise CheckpointError(f"{entry.where()}: shape {entry.shape}, expected {expected}")
+        for _, entry in found_names:
             if not entry.dtype.is_floating_point:
                 raise CheckpointError(f"{entry.where()}: stored as {entry.dtype_name}, expected a float dtype")
-            self.table.append((n, entry))
+        self.table = found_names
         head = self.entries.get("lm_head.weight")
         if head is not None and head.shape != (found.vocab_size, found.emb_size):
             raise CheckpointError(f"{head.where()}: shape {head.shape}, expected {(found.vocab_size, found.emb_size)}")
 
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
-        allocate(self.model, part, device)
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None:
+        for n, entry in self.table:
+            check_shape(entry.where(), entry.shape, dense(n.ours))
+
+    def tensors(self, part: str) -> Iterator[Item]:
         for n, entry in self.table:
             if part_of(n.ours) == part:
-                place(self.model, n.ours, read_tensor(entry), n.expert, entry.where())
-                if bar is not None:
-                    bar.update(1)
+                yield n.ours, n.expert, read_tensor(entry), entry.where()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -268,48 +252,39 @@ class HFSource:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def _tensor(model: Grok, n: Name, dtype: torch.dtype) -> Tensor:
-    module_name, _, leaf = n.ours.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf == "weight" and hasattr(module, "scales"):
-        return dense_weight(module, n.expert).to(dtype)
-    value = getattr(module, leaf)
-    return (value if n.expert is None else value[n.expert]).detach().to(dtype)
-
-
 def _counted(bar: Any, tensors: Any) -> Any:
     for t in tensors:
         bar.update(t.numel() * t.element_size())
         yield t
 
 
-def write(source: Source, out: Path, dtype: torch.dtype = torch.bfloat16, tokenizer: Path | None = None,
+def write(model: Tensors, out: Path, dtype: torch.dtype = torch.bfloat16, tokenizer: Path | None = None,
           progress: bool = True) -> None:  # fmt: skip
-    """Write the source's model into directory `out` (made already) in the hpcai layout: one shard per
-    part, each tensor dequantized and written as it is made, so memory holds one part and one tensor."""
-    model = source.model
+    """Write the model the layer above gives, a part at a time (see `common.Tensors`), into directory `out`
+    (made already) in the hpcai layout: one shard per part, each tensor dense and written as it is made,
+    so memory holds one part and one tensor."""
     config = model.config
     table = names(config, "hpcai")
-    all_parts = parts(model)
+    all_parts = parts(config)
     shard_of = {p: f"model-{i + 1:05d}-of-{len(all_parts):05d}.safetensors" for i, p in enumerate(all_parts)}
-    total = sum(math.prod(dense_shape(model, n.ours)) * dtype.itemsize for n in table)
+    total = sum(math.prod(model.shape(n.ours)) * dtype.itemsize for n in table)
     bar = progress_bar(total, "writing hf", progress, unit="B")
     for p in all_parts:
         mine = [n for n in table if part_of(n.ours) == p]
-        source.fill(p)
+        model.read(p)
 
         def made(mine: list[Name] = mine) -> Any:
             for k, n in enumerate(mine):
                 if n.ours == "embed.weight":
-                    yield _counted(bar, (rows.to(dtype) for rows in embedding_rows(source)))
+                    yield _counted(bar, (rows.to(dtype) for rows in model.table_rows()))
                     continue
-                yield next(_counted(bar, iter([_tensor(model, n, dtype)])))
+                yield next(_counted(bar, iter([model.dense(n.ours, n.expert).to(dtype)])))
                 if k + 1 == len(mine) or mine[k + 1].ours != n.ours:  # its last expert: its memory goes now
-                    model.get_submodule(n.ours.rpartition(".")[0]).to("meta")
+                    model.done(n.ours)
 
-        layout = [(n.theirs, dtype, dense_shape(model, n.ours)) for n in mine]
+        layout = [(n.theirs, dtype, model.shape(n.ours)) for n in mine]
         write_file(out / shard_of[p], layout, made(), metadata={"format": "pt"})
-        free(model, p)
+        model.drop(p)
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": {n.theirs: shard_of[part_of(n.ours)] for n in table}}
     (out / INDEX).write_text(json.dumps(index, indent=1))

@@ -8,39 +8,27 @@
 int8 tensors are [out, in] with bf16 scales [out, G]; the layers' row-blocked ones (G > 1) are
 block-major, [G, out, in/G] (see `quant`; files written row-major before that are re-laid out as they
 load), the output head is not. int4 tensors are packed uint8 [out, in/2] with scales [out, in/group]
-(see `quant.quantize_weight_int4`). The loader infers each module's kind from the stored dtypes and
-checks every name and shape against the model it builds.
+(see `quant.quantize_weight_int4`). The reader infers each linear's kind from the stored dtypes; every
+name and shape is checked against the model laid out for it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.files import CheckpointError, advise_huge_pages
-from groklm.formats.common import BlockMajorArray, DiskArray
-from groklm.formats.layout import allocate, part_of
-from groklm.formats.released import MappedEmbedding
+from groklm.files import CheckpointError
+from groklm.formats.common import BlockMajorArray, DiskArray, Item, part_of
 from groklm.formats.safetensors_io import NAMES, Entry, MappedFile, read_header, read_into, read_tensor, write_file
-from groklm.model import Grok
-from groklm.quant import (
-    Int4ExpertLinear,
-    Int4Linear,
-    Int8ExpertLinear,
-    Int8Linear,
-    block_major,
-    from_panels,
-    is_panels,
-    quantize_int8,
-    scales_from_panels,
-)
 
 SHARD = "model-{:05d}.safetensors"
 
@@ -49,34 +37,14 @@ def is_native(path: str | Path) -> bool:
     return (Path(path) / SHARD.format(0)).is_file()
 
 
-def _shard_of(name: str) -> int:
+def shard_of(name: str) -> int:
+    """The shard a tensor goes in: 0 outside the decoder layers, N + 1 for layer N."""
     m = re.match(r"layers\.(\d+)\.", name)
     return int(m.group(1)) + 1 if m else 0
 
 
-def save_native(model: Grok, out: str | Path, progress: bool = True) -> Path:
-    """Write `model` (float, int8 or int4 modules) as safetensors shards plus config.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    shards: dict[int, dict[str, Tensor]] = {}
-    for name, t in as_stored(model).items():
-        shards.setdefault(_shard_of(name), {})[name] = t
-    for index in range(model.config.num_layers + 1):
-        save_shard(out, index, shards.get(index, {}))
-    return out
-
-
-def as_stored(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
-    state = {prefix + name: t for name, t in module.state_dict().items()}
-    for name, t in list(state.items()):  # int4 weights in the CPU kernel's panels are written in rows
-        scales_name = name.removesuffix("weight") + "scales"
-        scales = state.get(scales_name)
-        if t.dtype == torch.uint8 and name.endswith("weight") and scales is not None and is_panels(t, scales):
-            state[name], state[scales_name] = from_panels(t), scales_from_panels(scales)
-    if isinstance(getattr(module, "embed", None), MappedEmbedding):  # the table lives in the source file
-        state[prefix + "embed.weight"] = module.embed.table.to(module.dtype)  # type: ignore[union-attr, operator]
-    return state
+def write_config(out: Path, config: GrokConfig) -> None:
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
 
 def save_shard(out: Path, index: int, tensors: dict[str, Tensor], streamed: dict[str, Any] | None = None) -> None:
@@ -125,135 +93,82 @@ def _check_dtype(entry: Entry, expected: torch.dtype) -> None:
         raise CheckpointError(f"{entry.where()}: stored as {entry.dtype_name}, expected {NAMES[expected]}")
 
 
-def _layout(path: Path, dtype: torch.dtype) -> tuple[Grok, dict[str, Entry], set[str]]:
-    """The model on the meta device, laid out as the checkpoint stores it (int8 where I8 weights have
-    scales, int4 where U8 ones do), every tensor's entry, and the names stored row-major that are held
-    block-major (files written before int8 row blocks were): names, shapes and dtypes all checked."""
-    config = GrokConfig.from_json(path / "config.json")
-    stored = _stored(path, config.num_layers)
-    shape_of = {n: e.shape for n, e in stored.items()}
-    with torch.device("meta"):
-        model = Grok(config, dtype)
-        # Lay out each quantized module as stored: int8 (I8 weight) or int4 (U8 packed weight).
-        # (A tensor without its scales is left alone here; the name check below reports it.)
-        quantized = {
-            n[: -len(".weight")]: e.dtype
-            for n, e in stored.items()
-            if n.endswith(".weight") and n[: -len("weight")] + "scales" in stored
-        }
-        int8_groups = {
-            m: shape_of[m + ".scales"][-1] for m, dt in quantized.items() if dt == torch.int8 and m != "head"
-        }
-        quantize_int8(model, lambda name: int8_groups.get(name))
-        for module_name, dt in quantized.items():
-            if dt != torch.uint8:
-                continue
-            shape, scales = shape_of[module_name + ".weight"], shape_of[module_name + ".scales"]
-            in_features = shape[-1] * 2
-            if not scales or not scales[-1] or in_features % scales[-1]:
-                raise CheckpointError(
-                    f"{stored[module_name + '.scales'].where()}: shape {scales} does not fit weight {shape}"
-                )
-            group = in_features // scales[-1]
-            new: nn.Module = (
-                Int4ExpertLinear(shape[0], in_features, shape[1], group, dtype)
-                if len(shape) == 3
-                else Int4Linear(in_features, shape[0], group, dtype)
-            )
-            _set(model, module_name, new)
-        if "head.weight" in stored and stored["head.weight"].dtype == torch.int8:
-            _set(model, "head", Int8Linear(config.emb_size, config.vocab_size, shape_of["head.scales"][-1], dtype))
-    expected = dict(model.state_dict())
-    if set(expected) != set(stored):
-        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        raise CheckpointError(
-            f"{path}: tensor names do not match the model: missing {missing[:5]}, unexpected "
-            f"{[f'{n} (in {stored[n].file.name})' for n in extra[:5]]}"
-        )
-    relayout = {
-        name
-        for name, t in expected.items()
-        if t.dim() == len(shape_of[name]) + 1
-        and shape_of[name] == (*t.shape[:-3], t.shape[-2], t.shape[-3] * t.shape[-1])
-    }
-    for name, t in expected.items():
-        if tuple(t.shape) != shape_of[name] and name not in relayout:
-            raise CheckpointError(f"{stored[name].where()}: shape {shape_of[name]}, expected {tuple(t.shape)}")
-        _check_dtype(stored[name], t.dtype)
-    return model, stored, relayout
-
-
-def _read(target: Tensor, entry: Entry, relayout: bool) -> None:
-    """Read a stored tensor into the model's (re-laid out block-major, or converted, where it must be)."""
-    if relayout:
-        target.copy_(block_major(read_tensor(entry), target.shape[-3]))
-    elif entry.dtype != target.dtype:
-        target.copy_(read_tensor(entry))
-    else:
-        read_into(entry, target)
-
-
-def load_native(
-    path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", mmap: bool = False
-) -> Grok:
-    """Load groklm's layout. With `mmap`, tensors stay in the files' (copy-on-write) memory maps and
-    are paged in as they are first used: start-up is immediate and a model larger than RAM still
-    runs, at the speed of the disk. Otherwise they are read into freshly allocated memory.
-
-    Every shard's header is checked, and every tensor's name, shape and dtype against the model,
-    before any weight is read."""
-    path = Path(path)
-    if mmap and torch.device(device).type != "cpu":
-        raise ValueError("mmap loading is for the CPU")
-    model, stored, relayout = _layout(path, dtype)
-    expected = dict(model.state_dict())
-    if mmap:
-        files = {e.file: MappedFile(e.file) for e in stored.values()}
-        kernels.guard_mapped_files(f"the shards of {path}")
-        mapped = {}
-        for name, entry in stored.items():
-            t = files[entry.file].tensor(entry)
-            if name in relayout:
-                t = block_major(t, expected[name].shape[-3])
-            mapped[name] = t if t.dtype == expected[name].dtype else t.to(expected[name].dtype)  # a float table: copied
-        model.load_state_dict(mapped, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
-    model.to_empty(device=device)
-    advise_huge_pages([*model.parameters(), *model.buffers()])
-    targets = dict(model.state_dict(keep_vars=True))
-    with torch.no_grad():
-        for name, entry in sorted(stored.items(), key=lambda item: (str(item[1].file), item[1].offset)):
-            _read(targets[name], entry, name in relayout)
-    return model.eval().requires_grad_(False)
+def _quantized(stored: dict[str, Entry]) -> dict[str, tuple[int, int]]:
+    """How the linears are stored: int8 where I8 weights have scales (their groups), int4 where U8 ones do
+    (their group size). A weight without its scales is left float here; the name check reports it."""
+    out = {}
+    for name, entry in stored.items():
+        module = name.removesuffix(".weight")
+        scales = stored.get(module + ".scales")
+        if not name.endswith(".weight") or scales is None:
+            continue
+        if entry.dtype == torch.int8:
+            out[module] = (8, scales.shape[-1])
+        elif entry.dtype == torch.uint8:
+            in_features = entry.shape[-1] * 2
+            if not scales.shape or not scales.shape[-1] or in_features % scales.shape[-1]:
+                raise CheckpointError(f"{scales.where()}: shape {scales.shape} does not fit weight {entry.shape}")
+            out[module] = (4, in_features // scales.shape[-1])
+    return out
 
 
 class NativeSource:
-    """groklm's layout opened for streaming (see `layout.Source`): laid out on the meta device, a part's
-    tensors read when it is filled; `lazy` reads a slice of one (a tensor-parallel rank's share)."""
+    """groklm's layout opened for reading (see `common.Source`): every shard's header read, the linears'
+    kinds taken from the stored dtypes; each tensor is read straight into its place. `lazy` reads a slice
+    of one (a tensor-parallel rank's share); `mapped` gives every tensor in the files' memory maps."""
 
-    def __init__(self, path: str | Path, config: GrokConfig | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.path = Path(path)
-        self.head_from_table = False  # a quantized head is stored
-        self.model, self.stored, self.relayout = _layout(self.path, dtype)
-        if config is not None and config != self.model.config:
+    int8_head = False  # a quantized head is stored as it is
+
+    def __init__(self, path: str | Path, config: GrokConfig | None = None) -> None:
+        self.path = path = Path(path)
+        self.config = GrokConfig.from_json(path / "config.json")
+        self.stored = _stored(path, self.config.num_layers)
+        if config is not None and config != self.config:
             raise CheckpointError(f"{path}: its config.json differs from the config given")
+        self.quantized = _quantized(self.stored)
+        self.relayout: set[str] = set()
 
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
-        allocate(self.model, part, device)
-        targets = dict(self.model.state_dict(keep_vars=True))
-        with torch.no_grad():
-            for name, entry in self.stored.items():
-                if part_of(name) == part:
-                    _read(targets[name], entry, name in self.relayout)
-                    if bar is not None:
-                        bar.update(1)
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None:
+        """Names, shapes and dtypes against the model laid out as stored; finds the int8 weights stored
+        row-major that are held block-major (files written before int8 row blocks were)."""
+        stored = self.stored
+        shape_of = {n: e.shape for n, e in stored.items()}
+        if set(held) != set(stored):
+            missing, extra = sorted(set(held) - set(stored)), sorted(set(stored) - set(held))
+            raise CheckpointError(
+                f"{self.path}: tensor names do not match the model: missing {missing[:5]}, unexpected "
+                f"{[f'{n} (in {stored[n].file.name})' for n in extra[:5]]}"
+            )
+        self.relayout = {
+            name
+            for name, t in held.items()
+            if t.dim() == len(shape_of[name]) + 1
+            and shape_of[name] == (*t.shape[:-3], t.shape[-2], t.shape[-3] * t.shape[-1])
+        }
+        for name, t in held.items():
+            if tuple(t.shape) != shape_of[name] and name not in self.relayout:
+                raise CheckpointError(f"{stored[name].where()}: shape {shape_of[name]}, expected {tuple(t.shape)}")
+            _check_dtype(stored[name], t.dtype)
+
+    def tensors(self, part: str) -> Iterator[Item]:
+        for name, entry in self.stored.items():
+            if part_of(name) == part:
+                # row-major int8 is re-laid by the caller; the rest is read straight into place
+                value = read_tensor(entry) if name in self.relayout else functools.partial(_read, entry=entry)
+                yield name, None, value, entry.where()
+
+    def mapped(self) -> dict[str, Tensor]:
+        """Every tensor in the files' (copy-on-write) memory maps: paged in as first used."""
+        files = {e.file: MappedFile(e.file) for e in self.stored.values()}
+        kernels.guard_mapped_files(f"the shards of {self.path}")
+        return {name: files[entry.file].tensor(entry) for name, entry in self.stored.items()}
 
     def lazy(self, name: str) -> Any:
         """Tensor `name` on disk, read slice by slice in our logical layout ([.., out, in] row-major)."""
         entry = self.stored[name]
-        module = self.model.get_submodule(name.rpartition(".")[0])
-        if name.endswith(".weight") and name not in self.relayout and isinstance(module, (Int8Linear, Int8ExpertLinear)) \
-                and entry.dtype == torch.int8 and len(entry.shape) == module.scales.dim() + 1:  # fmt: skip
+        scales = self.stored.get(name.removesuffix("weight") + "scales")
+        if name.endswith(".weight") and name not in self.relayout and entry.dtype == torch.int8 \
+                and scales is not None and len(entry.shape) == len(scales.shape) + 1:  # fmt: skip
             return BlockMajorArray(DiskArray(entry.file, entry.offset, entry.shape, entry.dtype))
         return DiskArray(entry.file, entry.offset, entry.shape, entry.dtype)
 
@@ -261,6 +176,9 @@ class NativeSource:
         return len(self.stored)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def _read(target: Tensor, entry: Entry) -> None:
+    """Read a stored tensor into the model's (converted to its float dtype where it must be)."""
+    if entry.dtype != target.dtype:
+        target.copy_(read_tensor(entry))
+    else:
+        read_into(entry, target)

@@ -19,10 +19,11 @@ from groklm.formats import gguf, grok2, hf, native, released
 @dataclass(frozen=True)
 class Format:
     """One on-disk format. `read_config(path, given)` gives (config, where it comes from) without reading any
-    weights, `given` checked against what the files hold. `open(path, config, dtype, bits, quantize_head,
-    stream_table)` opens it for streaming (see `layout.Source`), laid out on the meta device as stored:
-    `bits` quantizes its float linears as they are read, `quantize_head` makes the output head int8 from
-    the table as read, `stream_table` leaves the released fp32 table in its file for `embedding_rows`."""
+    weights, `given` checked against what the files hold. `open(path, config, int8_head, stream_table)`
+    opens it for reading as a `common.Source` of (our name, tensor): `int8_head` asks for the output head
+    int8 as it is read (from the table, where tied), `stream_table` leaves the released fp32 table in its
+    file (`table_rows`). `write(tensors, out, qtype, tokenizer, progress)` writes what the layer above
+    gives (`common.Tensors`)."""
 
     name: str
     title: str  # what it is, for messages
@@ -75,31 +76,29 @@ def _gguf_config(path: Path, given: GrokConfig | None) -> tuple[GrokConfig, str]
     return gguf.read_config(file, given)[0], str(file)
 
 
-def _open_released(path: Path, config: GrokConfig | None, dtype: torch.dtype, bits: int | None = None,
-                   quantize_head: bool = False, stream_table: bool = False) -> released.Released:  # fmt: skip
-    if bits not in (None, 8):
-        raise ValueError(f"{path}: the released checkpoint is int8; write an int4 copy with `groklm quantize`")
-    return released.open_released(path, config, dtype, quantize_head, lazy_embedding=stream_table)
+def _open_released(path: Path, config: GrokConfig | None, int8_head: bool = False,
+                   stream_table: bool = False) -> released.Released:  # fmt: skip
+    return released.open_released(path, config, int8_head, stream_table)
 
 
-def _open_native(path: Path, config: GrokConfig | None, dtype: torch.dtype, bits: int | None = None,
-                 quantize_head: bool = False, stream_table: bool = False) -> native.NativeSource:  # fmt: skip
-    return native.NativeSource(path, config, dtype)  # as stored: int8 or int4 where it was written so
+def _open_native(path: Path, config: GrokConfig | None, int8_head: bool = False,
+                 stream_table: bool = False) -> native.NativeSource:  # fmt: skip
+    return native.NativeSource(path, config)  # as stored: a quantized head is stored so
 
 
-def _open_grok2(path: Path, config: GrokConfig | None, dtype: torch.dtype, bits: int | None = None,
-                quantize_head: bool = False, stream_table: bool = False) -> grok2.Grok2Source:  # fmt: skip
-    return grok2.Grok2Source(path, config, dtype, bits, quantize_head)
+def _open_grok2(path: Path, config: GrokConfig | None, int8_head: bool = False,
+                stream_table: bool = False) -> grok2.Grok2Source:  # fmt: skip
+    return grok2.Grok2Source(path, config, int8_head)
 
 
-def _open_hf(path: Path, config: GrokConfig | None, dtype: torch.dtype, bits: int | None = None,
-             quantize_head: bool = False, stream_table: bool = False) -> hf.HFSource:  # fmt: skip
-    return hf.HFSource(path, config, dtype, bits, quantize_head)
+def _open_hf(path: Path, config: GrokConfig | None, int8_head: bool = False,
+             stream_table: bool = False) -> hf.HFSource:  # fmt: skip
+    return hf.HFSource(path, config, int8_head)
 
 
-def _open_gguf(path: Path, config: GrokConfig | None, dtype: torch.dtype, bits: int | None = None,
-               quantize_head: bool = False, stream_table: bool = False) -> gguf.GGUFSource:  # fmt: skip
-    return gguf.GGUFSource(gguf.find_gguf(path) or path, config, dtype, bits, quantize_head)
+def _open_gguf(path: Path, config: GrokConfig | None, int8_head: bool = False,
+               stream_table: bool = False) -> gguf.GGUFSource:  # fmt: skip
+    return gguf.GGUFSource(gguf.find_gguf(path) or path, config, int8_head)
 
 
 def _is_released(path: Path) -> bool:

@@ -12,7 +12,7 @@ File order is the flattened parameter tree, dict keys sorted as strings (so laye
 
 from __future__ import annotations
 
-import json
+import functools
 import mmap
 import pickle
 import struct
@@ -20,18 +20,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 from torch import Tensor, nn
 
 from groklm import kernels
 from groklm.config import GrokConfig
-from groklm.files import CheckpointError, advise_huge_pages, output_dir, progress_bar
-from groklm.formats.common import DiskArray, TensorArray
+from groklm.files import CheckpointError
+from groklm.formats.common import DiskArray, Item, TensorArray, part_of
 from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
-from groklm.model import Grok
-from groklm.quant import Int8ExpertLinear, Int8Linear, fill_int8_head, int8_head, quantize_int8, quantize_weight
 
 # ---------------------------------------------------------------------------------------------
 # The parameter table of the released format.
@@ -262,68 +260,60 @@ class MappedEmbedding(nn.Module):
 
 @dataclass
 class Released:
-    """A released checkpoint, parsed and checked, its model laid out on the meta device; `fill` gives
-    one part of it storage and copies that part's tensors in. A part is a decoder layer
-    ("layers.3") or everything else (""): loading fills them all, a conversion one at a time."""
+    """A released checkpoint, parsed and checked against its config's table (see `common.Source`): each
+    file's tensor is read straight into place, the [in, out] weights transposed a bounded chunk at a time.
+    The embedding table is `table`: "held" (read into the model), "mapped" (looked up from its file, see
+    `MappedEmbedding`; with an int8 head made from it) or "streamed" (left in its file, `table_rows`)."""
 
     ckpt: Path
-    model: Grok
+    config: GrokConfig
     params: list[RefParam]
     records: list[Record]
-    quantize_head: bool
-    map_embedding: bool
-    lazy_embedding: bool = False  # the table is not filled: `embedding_rows` streams it from the file
+    quantized: dict[str, tuple[int, int]]
+    int8_head: bool
+    table: str
 
-    def embedding_rows(self, rows: int = 4096) -> Iterator[Tensor]:
+    def check(self, held: dict[str, Tensor], dense: Callable[[str], tuple[int, ...]]) -> None:
+        pass  # every file was checked against the config's table when opened
+
+    def table_rows(self, rows: int = 4096) -> Iterator[Tensor]:
         """The embedding table [V, D] as stored (fp32), `rows` rows at a time, read through one bounded
         buffer: each chunk is valid until the next is asked for."""
         for _, chunk in _Reader(self.ckpt / self.params[0].file, self.records[0]).rows(rows):  # type: ignore[arg-type]
             yield chunk
 
+    def map_table(self, dtype: torch.dtype) -> MappedEmbedding:
+        return MappedEmbedding(self.ckpt / self.params[0].file, self.records[0], dtype)  # type: ignore[arg-type]
+
+    def _reads_table(self) -> bool:
+        return self.table == "held" or self.int8_head
+
     def __len__(self) -> int:
-        return len(self.params)
+        table = _Reader(self.ckpt / self.params[0].file, self.records[0])  # type: ignore[arg-type]
+        rows = self.records[0].shape[0]  # type: ignore[union-attr]
+        chunks = -(-rows // max(1, table.CHUNK_BYTES // table.row_bytes)) if self._reads_table() else 0
+        return chunks + sum(2 if isinstance(r, QuantizedWeight8bit) else 1 for r in self.records[1:])
 
-    @property
-    def head_from_table(self) -> bool:
-        return self.quantize_head
-
-    def fill(self, part: str, device: str | torch.device = "cpu", bar: Any = None) -> None:
-        model = self.model
-        for module in [model.get_submodule(part)] if part else [c for n, c in model.named_children() if n != "layers"]:
-            module.to_empty(device=device)
-            advise_huge_pages([*module.parameters(), *module.buffers()])
-        with torch.no_grad():
-            for p, rec in zip(self.params, self.records, strict=True):
-                if _part_of(p.module) == part:
-                    self._fill_param(p, rec)
-                    if bar is not None:
-                        bar.update(1)
-
-    def _fill_param(self, p: RefParam, rec: Record) -> None:
-        file = self.ckpt / p.file
-        model = self.model
-        module = model.get_submodule(p.module)
-        try:
-            if isinstance(rec, QuantizedWeight8bit):
-                assert isinstance(module, (Int8Linear, Int8ExpertLinear))
-                _fill_transposed(file, rec.weight, module.weight)  # [*L, in, out] -> [*L, out, in]
-                _fill_transposed(file, rec.scales, module.scales)  # [*L, G, out] -> [*L, out, G]
+    def tensors(self, part: str) -> Iterator[Item]:
+        for p, rec in zip(self.params, self.records, strict=True):
+            if part_of(p.module) != part:
+                continue
+            file = self.ckpt / p.file
+            where = f"{file}: {p.name}"
+            if isinstance(rec, QuantizedWeight8bit):  # [*L, in, out] -> [*L, out, in]; scales [*L, G, out] -> [*L, out, G]
+                yield f"{p.module}.weight", None, _named(p, functools.partial(_fill_transposed, file, rec.weight)), where
+                yield f"{p.module}.scales", None, _named(p, functools.partial(_fill_transposed, file, rec.scales)), where
             elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
-                _fill_transposed(file, rec, module.weight)
-            elif p.kind == "embed" and self.lazy_embedding and not self.quantize_head:
-                pass  # streamed by `embedding_rows` when it is wanted
-            elif p.kind == "embed" and self.quantize_head:
-                assert isinstance(rec, _ArrayStub) and isinstance(model.head, Int8Linear)
-                for r0, rows in _Reader(file, rec).rows():
-                    fill_int8_head(model.head, r0, rows.float())
-                    if not self.map_embedding and not self.lazy_embedding:
-                        model.embed.weight[r0 : r0 + rows.shape[0]] = rows
-                if self.map_embedding:
-                    model.embed = MappedEmbedding(file, rec, model.dtype)
-            else:  # embed, norm: same layout
-                _fill_rows(file, rec, module.weight)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} [parameter {p.name}]") from None
+                yield f"{p.module}.weight", None, _named(p, functools.partial(_fill_transposed, file, rec)), where
+            elif p.kind == "embed":
+                if self._reads_table():
+                    try:
+                        for r0, rows in _Reader(file, rec).rows():  # type: ignore[arg-type]
+                            yield "embed.weight", slice(r0, r0 + rows.shape[0]), rows, where
+                    except CheckpointError as e:
+                        raise CheckpointError(f"{e} [parameter {p.name}]") from None
+            else:  # norm: same layout
+                yield f"{p.module}.weight", None, _named(p, functools.partial(_fill_rows, file, rec)), where
 
     def lazy(self, name: str) -> DiskArray | TensorArray:
         """Tensor `name` (ours) in our layout, read slice by slice from its file: the [.., in, out]
@@ -346,10 +336,16 @@ class Released:
         return TensorArray(whole.clone(), transposed)
 
 
-def _part_of(module: str) -> str:
-    """The part (see `Released`) a module belongs to: "layers.N" or ""."""
-    head, _, rest = module.partition(".")
-    return f"layers.{rest.partition('.')[0]}" if head == "layers" else ""
+def _named(p: RefParam, read: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    """`read` with its errors naming the parameter."""
+
+    def named(target: Tensor) -> None:
+        try:
+            read(target)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} [parameter {p.name}]") from None
+
+    return named
 
 
 def read_param(ckpt: Path, p: RefParam) -> tuple[Record, int | None]:
@@ -371,16 +367,12 @@ def read_param(ckpt: Path, p: RefParam) -> tuple[Record, int | None]:
     return rec, None
 
 
-def open_released(
-    path: str | Path,
-    config: GrokConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    quantize_head: bool = True,
-    lazy_embedding: bool = False,
-) -> Released:
-    """Parse every pickle of a released checkpoint (no tensor data is read), check names, kinds and
-    shapes against the config (default: config.json beside it, else Grok-1), and lay out the model
-    on the meta device, int8 where the files are."""
+def open_released(path: str | Path, config: GrokConfig | None = None, int8_head: bool = False,
+                  stream_table: bool = False) -> Released:  # fmt: skip
+    """Parse every pickle of a released checkpoint (no tensor data is read) and check names, kinds and
+    shapes against the config (default: config.json beside it, else Grok-1). `int8_head`: the output head
+    int8, made from the table as it is read (the table then mapped from its file, where it has its own
+    place there); `stream_table`: the table left in its file (`table_rows`)."""
     ckpt = find_ckpt_dir(path)
     config = checkpoint_config(ckpt, config)
     params = reference_params(config)
@@ -395,30 +387,21 @@ def open_released(
             problems.append(f"unexpected {', '.join(unexpected[:5])}")
         raise CheckpointError(f"{ckpt}: {'; '.join(problems)}: wrong config or incomplete download")
     records: list[Record] = []
-    groups: dict[str, int] = {}
+    quantized: dict[str, tuple[int, int]] = {}
     for p in params:
         rec, g = read_param(ckpt, p)
         if g is not None:
-            groups[p.module] = g
+            quantized[p.module] = (8, g)
         records.append(rec)
-
-    with torch.device("meta"):
-        model = Grok(config, dtype)
-    quantize_int8(model, groups.get)
     embed_rec = records[0]
     assert params[0].kind == "embed" and isinstance(embed_rec, _ArrayStub)
     # With an int8 head the table is only looked up: read it from the file if it has its own place there.
-    map_embedding = quantize_head and isinstance(embed_rec.data, FileSlice) and not lazy_embedding
-    if quantize_head:
-        with torch.device("meta"):
-            model.head = int8_head(config, dtype)
-    if map_embedding or lazy_embedding:
-        del model.embed.weight  # replaced by MappedEmbedding when filled, or streamed: never allocated
-    return Released(ckpt, model, params, records, quantize_head, map_embedding, lazy_embedding)
+    table = "streamed" if stream_table else "mapped" if int8_head and isinstance(embed_rec.data, FileSlice) else "held"
+    return Released(ckpt, config, params, records, quantized, int8_head, table)
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing the same format (random weights for tests, benchmarks and the demo).
+# Writing the same format, from the tensors the layer above gives (`convert.write_random_checkpoint`).
 
 
 def _op_str(s: str) -> bytes:
@@ -506,60 +489,3 @@ def write_tensor_file(
             _write_array(f, tuple(s.shape), torch.bfloat16, iter([s]))
             f.write(pickle.SETITEMS + pickle.BUILD)
         f.write(pickle.STOP)
-
-
-def _random_param(p: RefParam, config: GrokConfig, gen: torch.Generator) -> tuple[Iterator[Tensor], list[Tensor]]:
-    """Chunks of a random parameter in reference layout, and (filled as the chunks are consumed) the
-    per-slab bf16 scales if it is an int8 linear."""
-    if p.kind == "embed":
-        # With a tied unembedding, a random model whose residual stream is mostly the input token's
-        # embedding just repeats its last token. Post-norm scales 4x the embedding scale make the
-        # layers' outputs dominate; these sizes give logits of std ~1 with clear top-1 gaps.
-        std = 8.0 / config.embedding_multiplier_scale
-        return (torch.randn(rows, p.shape[1], generator=gen) * std for rows in _splits(p.shape[0], 4096)), []
-    if p.kind == "norm":
-        gain = 32.0 if p.module.endswith("out_norm") else 1.0
-        return iter([(torch.rand(p.shape, generator=gen) + 0.5) * gain]), []
-    if p.kind == "router":
-        return iter([torch.randn(p.shape, generator=gen) * 2.0 / p.shape[0] ** 0.5]), []
-    scales: list[Tensor] = []
-    in_features, out_features = p.shape[-2], p.shape[-1]
-    assert p.groups is not None
-    lead = p.shape[0] if len(p.shape) == 3 else 1
-
-    def slabs() -> Iterator[Tensor]:
-        for _ in range(lead):
-            w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5  # [out, in]
-            q, s = quantize_weight(w, p.groups, torch.bfloat16)  # [out, in], [out, G]
-            scales.append(s.T)  # released layout [G, out]
-            yield q.T  # released layout [in, out]
-
-    return slabs(), scales
-
-
-def _splits(n: int, step: int) -> Iterator[int]:
-    for start in range(0, n, step):
-        yield min(step, n - start)
-
-
-def write_random_checkpoint(
-    out: str | Path, config: GrokConfig, seed: int = 0, progress: bool = True, force: bool = False
-) -> Path:
-    """Write a random-weight checkpoint in the released format, with `config.json`; returns ckpt-0/.
-    `out` must be empty or new (or `force`, to replace it); nothing is left half-written."""
-    with output_dir(out, force) as tmp:
-        ckpt = tmp / "ckpt-0"
-        ckpt.mkdir()
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        gen = torch.Generator().manual_seed(seed)
-        params = reference_params(config)
-        bar = progress_bar(len(params), f"writing {Path(out) / 'ckpt-0'}", progress)
-        for p in params:
-            chunks, scales = _random_param(p, config, gen)
-            stacked = None
-            if p.kind == "linear":
-                stacked = (lambda s=scales: torch.stack(s)) if len(p.shape) == 3 else (lambda s=scales: s[0])
-            write_tensor_file(ckpt / p.file, p.shape, chunks, stacked)
-            bar.update(1)
-        bar.close()
-    return Path(out) / "ckpt-0"

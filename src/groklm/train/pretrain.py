@@ -378,7 +378,7 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 def _write_model(state: dict[str, Tensor], config: GrokConfig, tokenizer: Path, out: Path) -> None:
     """The trained weights as a groklm checkpoint (bf16, groklm's layout) with its tokenizer."""
-    from groklm.formats.native import save_native
+    from groklm.convert import save_native
 
     with torch.device("meta"):
         model = Grok(config, torch.bfloat16)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from groklm import place
 from groklm.config import GrokConfig
 from groklm.files import CheckpointError, progress_bar
 from groklm.formats import registry
@@ -135,7 +136,7 @@ def _released(root: Path, config: GrokConfig | None) -> list[Problem]:
 def _by_loader(root: Path, fmt: registry.Format, config: GrokConfig | None) -> list[Problem]:
     """Open the checkpoint as its loader does before reading weights; the first problem is reported."""
     try:
-        fmt.open(root, config, torch.bfloat16, stream_table=True)
+        place.laid_out(fmt.open(root, config, stream_table=True), torch.bfloat16)
     except (CheckpointError, ValueError) as e:
         where, _, what = str(e).partition(": ")
         return [Problem(where, None, what or str(e))]
