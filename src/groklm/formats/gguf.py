@@ -437,7 +437,9 @@ class GGUFSource:
 
     def __len__(self) -> int:
         per = {ours: 2 if ours in self.raw else 1 for ours, *_ in self.table}
-        return sum(per[ours] * (shape[0] if name.endswith("_exps.weight") else 1) for ours, name, _, shape in self.table)
+        return sum(
+            per[ours] * (shape[0] if name.endswith("_exps.weight") else 1) for ours, name, _, shape in self.table
+        )
 
 
 def _decode(data: np.ndarray, qtype: T) -> np.ndarray:
