@@ -300,21 +300,9 @@ class Released:
                 continue
             file = self.ckpt / p.file
             where = f"{file}: {p.name}"
-            if isinstance(
-                rec, QuantizedWeight8bit
-            ):  # [*L, in, out] -> [*L, out, in]; scales [*L, G, out] -> [*L, out, G]
-                yield (
-                    f"{p.module}.weight",
-                    None,
-                    _named(p, functools.partial(_fill_transposed, file, rec.weight)),
-                    where,
-                )
-                yield (
-                    f"{p.module}.scales",
-                    None,
-                    _named(p, functools.partial(_fill_transposed, file, rec.scales)),
-                    where,
-                )
+            if isinstance(rec, QuantizedWeight8bit):  # weight [*L, in, out], scales [*L, G, out]: ours transposed
+                for leaf, array in (("weight", rec.weight), ("scales", rec.scales)):
+                    yield f"{p.module}.{leaf}", None, _named(p, functools.partial(_fill_transposed, file, array)), where
             elif p.kind in ("linear", "router"):  # unquantized [.., in, out]
                 yield f"{p.module}.weight", None, _named(p, functools.partial(_fill_transposed, file, rec)), where
             elif p.kind == "embed":
