@@ -103,8 +103,9 @@ def load(
         raise ValueError("mmap loading is for the CPU")
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-    fmt = registry.detect(path)
     sharded = (tp, ep) != (1, 1)
+    mesh = parallel.make_mesh(config, tp, ep, device) if sharded else None  # the process group, before any file
+    fmt = registry.detect(path)
     source = fmt.open(Path(path), config, int8_head=quantize_head, stream_table=sharded)
     model = place.build(source, dtype)  # on the meta device
     model = place.lay_out(model, source.quantized)  # int8 and int4 as stored
@@ -115,7 +116,7 @@ def load(
     if mmap:
         return place.mapped(model, source)
     if sharded:
-        model = load_sharded(model, source, tp, ep, device, progress, f"loading {path}")
+        model = load_sharded(model, source, mesh, device, progress, f"loading {path}")
     else:
         bar = progress_bar(len(source), f"loading {path}", progress)
         model = place.fill(model, source, device, bar)
@@ -132,14 +133,13 @@ def for_kernels(model: Grok, dtype: torch.dtype, device: str | torch.device) -> 
     return model
 
 
-def load_sharded(whole: Grok, source: Source, tp: int, ep: int, device: str | torch.device = "cpu",
-                 progress: bool = True, what: str = "loading") -> Grok:  # fmt: skip
-    """This rank's share of a checkpoint on a tp x ep mesh (see `parallel`): the whole model as laid out
+def load_sharded(whole: Grok, source: Source, mesh: Any, device: str | torch.device = "cpu", progress: bool = True,
+                 what: str = "loading") -> Grok:  # fmt: skip
+    """This rank's share of a checkpoint on `mesh` (`parallel.make_mesh`): the whole model as laid out
     for the source (on meta), sharded, and filled with its slices only. The released pickles and groklm's
     layout are read slice by slice (each rank reads its bytes, seeking within the files); the other formats
     a part (a layer) at a time, sliced, the part then dropped. An int8 output head made from the table is
-    filled from the table's rows (the rank's vocabulary). Every call into `parallel` is here."""
-    mesh = parallel.make_mesh(whole.config, tp, ep, device)  # the process group checked before any weight is read
+    filled from the table's rows (the rank's vocabulary). Every call into `parallel` but `make_mesh` is here."""
     p, groups = parallel.plan_of(whole.config, mesh)
     model = parallel.apply_plan(whole, p, groups)  # laid out on meta
     model.to_empty(device=device)
