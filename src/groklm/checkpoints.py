@@ -24,7 +24,7 @@ def copy_tokenizer(src: Path, out: Path) -> None:
 def init_random(*, out: str, config: GrokConfig | None = None, seed: int = 0, tokenizer: str | None = None,
                 force: bool = False, progress: bool = True) -> Path:  # fmt: skip
     """A random-weight checkpoint in the released format (default: the mini preset); its ckpt-0/ directory."""
-    from groklm.formats.released import write_random_checkpoint
+    from groklm.convert import write_random_checkpoint
 
     ckpt = write_random_checkpoint(out, config or get_preset("mini"), seed=seed, progress=progress, force=force)
     if tokenizer:
@@ -35,7 +35,7 @@ def init_random(*, out: str, config: GrokConfig | None = None, seed: int = 0, to
 def quantize(*, checkpoint: str, out: str, bits: int = 4, group_size: int = 64, config: GrokConfig | None = None,
              force: bool = False, progress: bool = True) -> Path:  # fmt: skip
     """The checkpoint in groklm's safetensors layout, int8 or int4, with its tokenizer."""
-    from groklm.formats.native import convert as write_native
+    from groklm.convert import to_native as write_native
 
     if bits == 8 and group_size != 64:
         raise UsageError("--group-size is for --bits 4 (int8 keeps the released scale groups)")
@@ -47,32 +47,30 @@ def quantize(*, checkpoint: str, out: str, bits: int = 4, group_size: int = 64, 
 def convert(*, checkpoint: str, out: str, to: str, type: str | None = None, bits: int = 8, group_size: int = 64,
             config: GrokConfig | None = None, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
     """The checkpoint in another format (`to`: hf, gguf or native), streamed; the file or directory written."""
-    from groklm.formats.convert import convert as write
+    from groklm.convert import convert as write
+    from groklm.formats import registry
 
-    if to != "native" and (bits != 8 or group_size != 64):
+    target = registry.by_name(to)
+    if target.write_types and (bits != 8 or group_size != 64):
         raise UsageError("--bits and --group-size are for --to native (hf and gguf take --type)")
-    if to == "native" and type:
+    if not target.write_types and type:
         raise UsageError("--type is for --to hf or gguf (native takes --bits)")
-    if type:
-        from groklm.formats.gguf import TYPES
-
-        types = {"hf": ("bf16", "f32"), "gguf": TYPES}[to]
-        if type not in types:
-            raise UsageError(f"--type for --to {to} must be one of {', '.join(types)}, not {type!r}")
+    if type and type not in target.write_types:
+        raise UsageError(f"--type for --to {to} must be one of {', '.join(target.write_types)}, not {type!r}")
     return Path(write(checkpoint, out, to, type, bits, group_size, config, progress=progress, force=force))
 
 
 def verify(*, checkpoint: str, config: GrokConfig | None = None, sha256: str | None = None,
            progress: bool = True) -> Any:  # fmt: skip
     """The checkpoint's files checked (and against a `sha256sum` manifest): a `verify.Report`."""
-    from groklm.formats.verify import verify as check
+    from groklm.verify import verify as check
 
     return check(checkpoint, config, Path(sha256) if sha256 else None, progress=progress)
 
 
 def write_manifest(*, checkpoint: str, out: str, progress: bool = True) -> int:
     """`sha256sum` lines for every file of the checkpoint, written to `out`; how many files."""
-    from groklm.formats.verify import write_manifest as write
+    from groklm.verify import write_manifest as write
 
     return int(write(Path(checkpoint), Path(out), progress=progress))
 

@@ -140,15 +140,14 @@ def check_placement(checkpoint: str, config: GrokConfig | None, *, device: str, 
 
 
 def check_format_options(checkpoint: str, *, mmap: bool = False, bits: int | None = None) -> None:
-    """The options the checkpoint's format must allow: --mmap (groklm's own layout) and --bits (float
-    weights to quantize as they load). Every command checks them here, and only here."""
-    from groklm.load import detect_format
+    """The options the checkpoint's format must allow (`load.checkpoint_config`, the one check `load` makes
+    too): --mmap (groklm's own layout) and --bits (float weights to quantize as they load)."""
+    from groklm.load import OptionError, checkpoint_config
 
-    if mmap and detect_format(checkpoint) != "native":
-        raise UsageError("--mmap needs groklm's own layout (the released files store [in, out]): write it once "
-                         "with `groklm quantize --bits 8 --checkpoint IN --out OUT`")  # fmt: skip
-    if bits and detect_format(checkpoint) not in ("hf", "gguf", "grok2"):
-        raise UsageError("--bits is for Grok-2, Hugging Face and GGUF checkpoints (write int4 with `groklm quantize`)")
+    try:
+        checkpoint_config(checkpoint, mmap=mmap, bits=bits)
+    except OptionError as e:
+        raise UsageError(f"{e.flag} {e.reason}") from None
 
 
 def check_holding(checkpoint: str, config: GrokConfig, *, parallel: bool, mmap: bool, bits: int | None,

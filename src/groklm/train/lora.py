@@ -392,8 +392,8 @@ def merge_checkpoint(*, checkpoint: str, adapter: str, out: str, config: GrokCon
     the base was) with the base's tokenizer. The adapter is checked against the base's config before the base
     is read."""
     from groklm.checkpoints import copy_tokenizer
+    from groklm.convert import save_native
     from groklm.files import output_dir
-    from groklm.formats.native import save_native
     from groklm.load import checkpoint_config, load
 
     config, _ = checkpoint_config(checkpoint, config)
