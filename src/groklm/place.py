@@ -45,7 +45,7 @@ def lay_out(model: Grok, quantized: dict[str, tuple[int, int]] | None) -> Grok:
         return model
     int8 = {m: g for m, (bits, g) in quantized.items() if bits == 8 and m != "head"}
     with torch.device("meta"):
-        quantize_int8(model, int8.get)
+        model = quantize_int8(model, int8.get)
         for name, (bits, group) in quantized.items():
             if bits != 4:
                 continue
@@ -66,9 +66,9 @@ def quantize_on_load(model: Grok, bits: int | None, group_size: int = 64) -> Gro
     """Lay out (on meta) the float linears to be quantized as they are read: int8 with the released
     grouping, or int4 with `group_size`; None leaves them float."""
     if bits == 8:
-        quantize_int8(model, released_groups)
+        model = quantize_int8(model, released_groups)
     elif bits == 4:
-        quantize_int4(model, group_size)
+        model = quantize_int4(model, group_size)
     elif bits is not None:
         raise ValueError(f"bits must be 4, 8 or None, not {bits}")
     return model
