@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checkpoint(c, "a checkpoint groklm reads (released, groklm's layout, Hugging Face, GGUF)")
     out(c, "output directory (hf, native) or file (gguf); must be new or empty")
-    c.add_argument("--to", required=True, choices=["hf", "gguf", "native"], help="the format to write")
+    from groklm.formats.registry import WRITABLE
+
+    c.add_argument("--to", required=True, choices=WRITABLE, help="the format to write")
     c.add_argument("--type", help="hf: bf16 or f32; gguf: q8_0, f16, bf16 or q4_0 (default: the first)")
     c.add_argument("--bits", type=int, choices=[4, 8], default=8, help="native: int8 as released, or int4")
     c.add_argument("--group-size", type=int, default=64, help="native int4: input columns per scale")

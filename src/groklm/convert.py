@@ -34,7 +34,7 @@ from groklm.quant import (
 )
 from groklm.tokenizer import find_tokenizer
 
-WRITERS = tuple(f.name for f in registry.FORMATS if f.write_types or f.mappable)  # groklm's own: `to_native`
+WRITERS = registry.WRITABLE
 
 
 def convert(src: str | Path, out: str | Path, to: str, qtype: str | None = None, bits: int = 8, group_size: int = 64,

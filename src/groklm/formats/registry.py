@@ -118,6 +118,7 @@ HF = Format("hf", "Hugging Face directory", hf.is_hf, _hf_config, _open_hf, quan
 GGUF = Format("gguf", "GGUF file", lambda p: gguf.find_gguf(p) is not None, _gguf_config, _open_gguf,
               quantizes_on_load=True, write=gguf.write, write_types=gguf.TYPES, writes_file=True)  # fmt: skip
 FORMATS = (NATIVE, RELEASED, GROK2, HF, GGUF)  # in the order they are tried
+WRITABLE = (HF.name, GGUF.name, NATIVE.name)  # what `groklm convert --to` writes (groklm's own: `convert.to_native`)
 
 
 def by_name(name: str) -> Format:

@@ -29,7 +29,7 @@ from groklm import kernels
 from groklm.config import GrokConfig
 from groklm.files import CheckpointError
 from groklm.formats.common import DiskArray, Item, TensorArray, part_of
-from groklm.formats.safe_pickle import FileSlice, QuantizedWeight8bit, Record, _ArrayStub, read_record
+from groklm.formats.safe_pickle import ArrayStub, FileSlice, QuantizedWeight8bit, Record, read_record
 
 # ---------------------------------------------------------------------------------------------
 # The parameter table of the released format.
@@ -115,7 +115,7 @@ class _Reader:
 
     CHUNK_BYTES = 64 << 20
 
-    def __init__(self, path: Path, array: _ArrayStub) -> None:
+    def __init__(self, path: Path, array: ArrayStub) -> None:
         self.path, self.array = path, array
         self.row_shape = array.shape[1:]
         self.row_bytes = (
@@ -206,7 +206,7 @@ def _scale_groups(path: Path, param: RefParam, rec: QuantizedWeight8bit) -> int:
     return groups
 
 
-def _fill_transposed(path: Path, array: _ArrayStub, dst: Tensor) -> None:
+def _fill_transposed(path: Path, array: ArrayStub, dst: Tensor) -> None:
     """Source [*L, in, out] -> dst [*L, out, in]; chunks of source rows land transposed in place."""
     in_features = dst.shape[-1]
     flat_dst = dst.view(-1, dst.shape[-2], in_features)  # [prod(L), out, in]
@@ -220,15 +220,15 @@ def _fill_transposed(path: Path, array: _ArrayStub, dst: Tensor) -> None:
             part.copy_(rows.T)
 
 
-def _as_rows(array: _ArrayStub) -> _ArrayStub:
+def _as_rows(array: ArrayStub) -> ArrayStub:
     """View [*L, rows, cols] (or [cols]) as a 2-D [prod(L) * rows, cols]."""
-    view = _ArrayStub()
+    view = ArrayStub()
     view.shape = (array.numel // array.shape[-1], array.shape[-1]) if len(array.shape) > 1 else (1, array.shape[0])
     view.dtype, view.data = array.dtype, array.data
     return view
 
 
-def _fill_rows(path: Path, array: _ArrayStub, dst: Tensor) -> None:
+def _fill_rows(path: Path, array: ArrayStub, dst: Tensor) -> None:
     flat = dst.view(dst.shape[0], -1) if dst.dim() > 1 else dst.view(1, -1)
     arr = array if len(array.shape) > 1 else _as_rows(array)
     for r0, rows in _Reader(path, arr).rows():
@@ -242,7 +242,7 @@ class MappedEmbedding(nn.Module):
     in RSS) only for the rows used. Rows are cast to the compute dtype, as the reference does.
     """
 
-    def __init__(self, path: Path, array: _ArrayStub, dtype: torch.dtype) -> None:
+    def __init__(self, path: Path, array: ArrayStub, dtype: torch.dtype) -> None:
         super().__init__()
         if not isinstance(array.data, FileSlice):
             raise CheckpointError(f"{path}: embedding table is not stored outside the pickle frames")
@@ -394,7 +394,7 @@ def open_released(path: str | Path, config: GrokConfig | None = None, int8_head:
             quantized[p.module] = (8, g)
         records.append(rec)
     embed_rec = records[0]
-    assert params[0].kind == "embed" and isinstance(embed_rec, _ArrayStub)
+    assert params[0].kind == "embed" and isinstance(embed_rec, ArrayStub)
     # With an int8 head the table is only looked up: read it from the file if it has its own place there.
     table = "streamed" if stream_table else "mapped" if int8_head and isinstance(embed_rec.data, FileSlice) else "held"
     return Released(ckpt, config, params, records, quantized, int8_head, table)

@@ -107,7 +107,7 @@ class _DType(_Stub):
             raise pickle.UnpicklingError("big-endian arrays are not supported")
 
 
-class _ArrayStub(_Stub):
+class ArrayStub(_Stub):
     """Stands in for `numpy.ndarray`; records shape, dtype and the data's location."""
 
     shape: tuple[int, ...]
@@ -147,21 +147,21 @@ class _ArrayStub(_Stub):
         return n
 
 
-def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayStub:
-    if cls is not _ArrayStub:
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> ArrayStub:
+    if cls is not ArrayStub:
         raise pickle.UnpicklingError("numpy _reconstruct called on something other than ndarray")
-    return _ArrayStub()
+    return ArrayStub()
 
 
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> _ArrayStub:
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> ArrayStub:
     """numpy's protocol-5 array: `_frombuffer(data, dtype, shape, order)`."""
-    arr = _ArrayStub()
+    arr = ArrayStub()
     arr._fill(buffer, dtype, shape, order)
     arr._built = True
     return arr
 
 
-def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any = None) -> _ArrayStub:
+def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any = None) -> ArrayStub:
     # jax pickles an Array as (_reconstruct_array, (numpy's reconstruct, its args, ndarray state, aval)).
     if fun is not _reconstruct or not isinstance(args, tuple) or len(args) != 3:
         raise pickle.UnpicklingError("jax array reconstruction with an unexpected function")
@@ -173,15 +173,15 @@ def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any 
 class QuantizedWeight8bit(_Stub):
     """Stands in for the reference's dataclass: int8 `weight` and its `scales`."""
 
-    weight: _ArrayStub
-    scales: _ArrayStub
+    weight: ArrayStub
+    scales: ArrayStub
 
     def _build(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
             state = state[0]
         if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
             raise pickle.UnpicklingError("QuantizedWeight8bit without exactly weight and scales")
-        if not all(isinstance(v, _ArrayStub) and v._built for v in state.values()):
+        if not all(isinstance(v, ArrayStub) and v._built for v in state.values()):
             raise pickle.UnpicklingError("QuantizedWeight8bit fields must be arrays")
         self.weight, self.scales = state["weight"], state["scales"]
 
@@ -191,7 +191,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): _ArrayStub,
+    ("numpy", "ndarray"): ArrayStub,
     ("numpy", "dtype"): _DType,
     ("ml_dtypes", "bfloat16"): _BFloat16,
     ("__main__", "QuantizedWeight8bit"): QuantizedWeight8bit,
@@ -438,7 +438,7 @@ for _name in [*_OPCODES, "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"
     SafeUnpickler.dispatch[_code] = SafeUnpickler._counted(_handler)
 
 
-Record = _ArrayStub | QuantizedWeight8bit
+Record = ArrayStub | QuantizedWeight8bit
 
 
 def read_record(path: Path) -> Record:
@@ -458,6 +458,6 @@ def read_record(path: Path) -> Record:
     except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error, OverflowError,
             RecursionError, MemoryError, UnicodeDecodeError) as e:  # fmt: skip
         raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {short(str(e))})") from None
-    if not isinstance(obj, (_ArrayStub, QuantizedWeight8bit)) or not obj._built:
+    if not isinstance(obj, (ArrayStub, QuantizedWeight8bit)) or not obj._built:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not an array or QuantizedWeight8bit")
     return obj
