@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import resource
 import statistics
@@ -265,7 +266,11 @@ def main() -> None:
     if not args.checkpoint and not (ckpt / "ckpt-0").is_dir():
         groklm.write_random_checkpoint(ckpt, get_preset(args.preset), seed=0, progress=False)
     checkpoints = {"int8": ckpt} if args.bits == 8 else {"int8": ckpt, "int4": int4_checkpoint(ckpt, args.group_size)}
-    report: dict[str, object] = {"threads": torch.get_num_threads()}
+    # the build: `kernels` (its ISA) in each model's report, and any extra flags it was built with
+    report: dict[str, object] = {
+        "threads": torch.get_num_threads(),
+        "kernel_cflags": os.environ.get("GROKLM_CFLAGS", ""),
+    }
     bandwidths: list[float] = []
     for name, path in checkpoints.items():
         disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "tokenizer.model")
