@@ -1,12 +1,11 @@
-/* Activations quantized once a call, per row: int16 for int8 weights (int8 in blocks of Q8_BLOCK where
- * INT8_ACTS), int8 for int4 ones, each chunk (segment) of columns with its own step; the chunk rule
- * decides how many columns share a step. */
+/* Activations quantized once a call, per row: int16 for int8 weights, int8 for int4 ones, each chunk
+ * (segment) of columns with its own step; the chunk rule decides how many columns share a step. */
 
 /* The activation chunk (columns under one activation step) for K columns in scale groups of Kg, 0 if
  * none fits (the caller must then use another kernel).
- * int8 weights: with INT8_ACTS, Q8_BLOCK (every scale group is a multiple of 64 columns); else the largest
- * multiple of 64 (the inner loop's step) <= CHUNK_MAX that divides Kg or is a multiple of Kg dividing K,
- * so that every segment of min(Kg, chunk) columns has one scale and one step.
+ * int8 weights: the largest multiple of 64 (the inner loop's step) <= CHUNK_MAX that divides Kg or is
+ * a multiple of Kg dividing K, so that every segment of min(Kg, chunk) columns has one scale and one
+ * step.
  * int4 weights (Kg % 32 == 0): Kg itself up to 256 columns, else the largest of 256, 128, 64, 32
  * dividing it: a segment of int8 activations then lies within one scale group, and its int16 sums on
  * AVX2 (at most 8 blocks of 32 columns, each pair of products < 2 * 15 * 127) cannot overflow. */
@@ -17,7 +16,6 @@ int groklm_chunk(int bits, int K, int kg) {
         for (int c = 256; c >= 32; c /= 2)
             if (kg % c == 0) return c;
     }
-    if (INT8_ACTS && kg % Q8_BLOCK == 0) return Q8_BLOCK;
     for (int c = CHUNK_MAX; c >= 64; c -= 64)
         if (kg % c == 0 || (c % kg == 0 && K % c == 0)) return c;
     return 0;
@@ -46,23 +44,6 @@ static void quantize_row(const uint16_t *x, int K, int chunk, int16_t *xq, float
             const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(xc + k), inv));
             _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
         }
-    }
-}
-
-/* For int8 weights with INT8_ACTS: x [K] bf16 -> xq [K] int8 and xs [K / Q8_BLOCK], each block's step
- * max|x| / 127 of its columns (a relative step of 2^-7 of the block's largest); rounds to nearest even. */
-static void quantize_row8(const uint16_t *x, int K, int8_t *xq, float *xs) {
-    for (int c = 0; c < K / Q8_BLOCK; c++) {
-        const uint16_t *xc = x + (size_t)c * Q8_BLOCK;
-        const float amax = abs_max(xc, Q8_BLOCK);
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        xs[c] = amax / 127.f;
-        __m256i v[4];
-        for (int t = 0; t < 4; t++) v[t] = _mm256_cvtps_epi32(_mm256_mul_ps(load_bf16x8(xc + 8 * t), inv));
-        const __m256i w16 = _mm256_packs_epi32(v[0], v[1]), v16 = _mm256_packs_epi32(v[2], v[3]);
-        /* the packs work within 128-bit lanes: dword k of the columns in order is dword 0 4 1 5 2 6 3 7 [k] */
-        const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, v16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + (size_t)c * Q8_BLOCK), b);
     }
 }
 
@@ -98,7 +79,7 @@ static void quantize_row4(const uint16_t *x, int K, int seg, int8_t *xq, float *
     }
 }
 
-/* Quantized activations: K columns (xq: acts_bytes each) with their steps
+/* Quantized activations: K columns (xq: int16 for int8 weights, int8 for int4 ones) with their steps
  * (xs, one per chunk of columns; for int4 also xc, 8 * each chunk's sum) in rows ldq and lds elements
  * apart. Row i of a call is row rows[i] of these, or base + i when rows is NULL. K is the columns a
  * call reads: a block-major weight's panel reads only its own. */
@@ -110,14 +91,11 @@ typedef struct {
     size_t ldq, lds;
 } acts;
 
-/* Bytes an activation column takes: int16 for int8 weights, except in blocks of Q8_BLOCK (int8). */
-static inline int acts_bytes(int bits, int chunk) { return bits == 8 && chunk != Q8_BLOCK ? 2 : 1; }
-
 /* Buffers for M rows of K columns quantized for `bits`-bit weights, in chunks of `chunk`; 0, or -1 if
  * memory ran out (nothing then allocated). */
 static int acts_alloc(acts *a, int bits, int M, int K, int chunk) {
     const size_t n = (size_t)M * K, nc = (size_t)M * (K / chunk);
-    *a = (acts){malloc(n * acts_bytes(bits, chunk)), malloc(sizeof(float) * nc), bits == 4 ? malloc(sizeof(int) * nc) : NULL,
+    *a = (acts){malloc(n * (bits == 8 ? 2 : 1)), malloc(sizeof(float) * nc), bits == 4 ? malloc(sizeof(int) * nc) : NULL,
                 K, chunk, (size_t)K, (size_t)(K / chunk)};
     if (a->xq && a->xs && (bits == 8 || a->xc)) return 0;
     free(a->xq), free(a->xs), free(a->xc);
@@ -128,9 +106,7 @@ static void acts_free(acts a) { free(a.xq), free(a.xs), free(a.xc); }
 
 /* Row r of a from x [K] bf16. */
 static void acts_quantize(acts a, int bits, size_t r, const uint16_t *x) {
-    if (bits == 8 && a.chunk == Q8_BLOCK)
-        quantize_row8(x, a.K, (int8_t *)a.xq + r * a.ldq, a.xs + r * a.lds);
-    else if (bits == 8)
+    if (bits == 8)
         quantize_row(x, a.K, a.chunk, (int16_t *)a.xq + r * a.ldq, a.xs + r * a.lds);
     else
         quantize_row4(x, a.K, a.chunk, (int8_t *)a.xq + r * a.ldq, a.xs + r * a.lds, a.xc + r * a.lds);

@@ -10,16 +10,13 @@
  * bf16 (rounded to nearest even, as a torch cast does) or fp32.
  *
  * int8 weights: activations are quantized to int16 per row and chunk of columns (step max|x| / 32767,
- * a 2^-15 relative step, far finer than bf16's 2^-8), so products sum exactly in int32 (see dot8); built
- * with INT8_ACTS, to int8 per block of 32 columns instead (step max|x| / 127 of the block, as llama.cpp's
- * Q8_0), each block folded on its own (see dot8q).
+ * a 2^-15 relative step, far finer than bf16's 2^-8), so products sum exactly in int32 (see dot8).
  * int4 weights: activations are int8 per segment of at most 256 columns within a scale group (step
  * max|x| / 127), the nibbles multiply them as unsigned bytes and their +8 offset is taken off with the
  * segment's activation sum (see dot4, panel_dot).
  *
  * Every kernel sums a segment (one weight scale, one activation step) exactly in integers and folds it
- * into fp32 with scale * step; the VNNI and AVX2 builds fold alike, so both give the same bits (an
- * INT8_ACTS build computes int8 weights differently: within a stated bound, tests/test_kernels.py).
+ * into fp32 with scale * step; the VNNI and AVX2 builds fold alike, so both give the same bits.
  * reference.c holds the plain scalar twin of each exported kernel, the definition the SIMD ones are
  * tested against. Threading (OpenMP, torch's own libgomp) lives in the exported entry points and
  * worksharing.c, not in the kernels. Measurements behind the constants: benchmarks/NOTES.md.
@@ -46,14 +43,6 @@
 #define VNNI 1
 #else
 #define VNNI 0
-#endif
-#define Q8_BLOCK 32 /* columns under one step of int8 activations for int8 weights (Q8_0's block) */
-/* int8 weights against int8 activations in blocks of Q8_BLOCK (dot8q) where 1, against int16 ones in
- * chunks (dot8) where 0, the default: on AVX2 the int8 path was no faster, its maddubs needing a widening
- * madd as int16's one madd does, and it is the coarser (benchmarks/NOTES.md, "int8 activations").
- * GROKLM_CFLAGS=-DINT8_ACTS=1 builds it, for either ISA. */
-#ifndef INT8_ACTS
-#define INT8_ACTS 0
 #endif
 
 static inline float bf16_to_f32(uint16_t v) {

@@ -6,7 +6,6 @@
  *   worksharing.c   how rows and panels are shared between threads, and the tile sizes
  *   linear_int8.c   dot8: int8 weight rows against int16 activations
  *   linear_int4.c   dot4: int4 weight rows against int8 activations
- *   linear_int8_maddubs.c  dot8q: int8 weight rows against int8 activations in blocks (INT8_ACTS)
  *   int4_panels.c   panel_dot: int4 weights in 16-row panels
  *   linear.c        groklm_linear: x @ W.T for one or several weights, threaded
  *   moe.c           groklm_route, groklm_moe: one MoE layer, routing included
@@ -29,7 +28,6 @@
 #include "worksharing.c"
 #include "linear_int8.c"
 #include "linear_int4.c"
-#include "linear_int8_maddubs.c"
 #include "int4_panels.c"
 #include "linear.c"
 #include "moe.c"

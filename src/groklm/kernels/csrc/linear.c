@@ -16,21 +16,12 @@ static void rows_dot(int bits, acts a, const int *rows, int base, int M, int nt,
         const int mt = M - m0 < 4 ? M - m0 : 4;
         for (int i = 0; i < mt; i++) {
             const size_t r = (size_t)(rows ? rows[m0 + i] : base + m0 + i);
-            xr[i] = (const char *)a.xq + r * a.ldq * acts_bytes(bits, a.chunk);
+            xr[i] = bits == 8 ? (const void *)((const int16_t *)a.xq + r * a.ldq) : (const void *)((const int8_t *)a.xq + r * a.ldq);
             xsr[i] = a.xs + r * a.lds;
             xcr[i] = bits == 8 ? NULL : a.xc + r * a.lds;
         }
         float *rs[STREAMS];
         for (int j = 0; j < nt; j++) rs[j] = res[j] + m0;
-        if (bits == 8 && a.chunk == Q8_BLOCK) { /* dot8q: all nt weight rows against all mt activation rows */
-#define DOTQ(NT, MT)                                                                                                \
-    case MT: dot8q((const int8_t *const *)xr, xsr, a.K, (const int8_t *const *)w, gstride, s, G, rs, NT, MT); break;
-#define DOTQ_NT(NT) switch (mt) { DOTQ(NT, 1) DOTQ(NT, 2) DOTQ(NT, 3) DOTQ(NT, 4) }
-            if (nt == STREAMS) DOTQ_NT(STREAMS) else if (nt == 2) DOTQ_NT(2) else DOTQ_NT(1)
-#undef DOTQ_NT
-#undef DOTQ
-            continue;
-        }
 #define DOT(J, NT, MT)                                                                                              \
     if (bits == 8)                                                                                                  \
         dot8((const int16_t *const *)xr, xsr, a.K, (const int8_t *const *)w + (J), gstride, s + (J), G, a.chunk,    \
@@ -80,7 +71,7 @@ static void span_dot(int bits, acts a, const int *rows, int base, int M, const c
                      size_t gstride, const uint16_t *s, int G, size_t ls, int count, float *res) {
     if (bits == 4 && M >= PANEL_MIN_M && !panels_dot(a, rows, base, M, (const uint8_t *)w, wrow, 0, s, G, ls, count, res))
         return;
-    const int ns = streams_for(bits, acts_bytes(bits, a.chunk), a.K, M), q = count / ns;
+    const int ns = streams_for(bits, a.K, M), q = count / ns;
     for (int r = 0; r < q; r++) {
         const void *wp[STREAMS];
         const uint16_t *sp[STREAMS];
@@ -122,7 +113,7 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
     }
     for (int g = 0; g < G; g++) {
         acts p = a;
-        p.xq = (char *)a.xq + (size_t)g * kg * acts_bytes(bits, a.chunk); /* int8 weights only */
+        p.xq = (int16_t *)a.xq + (size_t)g * kg; /* int8 weights only */
         p.xs += (size_t)g * kg / a.chunk;
         p.K = kg;
         span_dot(bits, p, rows, base, M, w + g * panel, kg, kg, s + g, 1, G, count, g ? part : res);

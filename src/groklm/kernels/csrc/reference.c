@@ -4,10 +4,8 @@
  *
  *   - activations are quantized alike (the same steps and the same integers), and integer sums are exact
  *     in both, so int4 (one fused multiply-add a segment in the kernels too) gives the kernels' bits;
- *   - int8 against int16 activations (dot8): the kernels fold a segment in 8 lanes, summed at the end
- *     (block-major: a sum a block), where the twin folds it whole: the two differ by fp32 rounding only;
- *   - int8 against int8 activations in blocks of Q8_BLOCK (dot8q, chunk == Q8_BLOCK): one fused
- *     multiply-add a block, as in the twin: the kernels' bits;
+ *   - int8: the kernels fold a segment in 8 lanes, summed at the end (block-major: a sum a block), where
+ *     the twin folds it whole: the two differ by fp32 rounding only;
  *   - route, MoE and attention: libm's tanh, exp and erf where the kernels take torch's 8-lane ones, and
  *     sums in plain order: the same roundings to bf16, the last fp32 bits apart;
  *   - the transpose moves bytes: equal.
@@ -48,10 +46,10 @@ static float ref_s(const ref_weight *m, int n, int g) {
 }
 
 /* One activation row [K] quantized for `bits`-bit weights with `chunk` (groklm_chunk's): int16 with a
- * step max|x| / 32767 a chunk (int8 weights), or int8 with a step max|x| / 127 a chunk (int4 weights,
- * and int8 ones in blocks of Q8_BLOCK); each value rounded to nearest even. xq holds K ints. */
+ * step max|x| / 32767 a chunk (int8 weights), or int8 with a step max|x| / 127 a chunk (int4); each
+ * value rounded to nearest even. xq holds K ints. */
 static void ref_quantize(int bits, const uint16_t *x, int K, int chunk, int *xq, float *xs) {
-    const float top = acts_bytes(bits, chunk) == 2 ? 32767.f : 127.f;
+    const float top = bits == 8 ? 32767.f : 127.f;
     for (int c = 0; c < K / chunk; c++) {
         float amax = 0.f;
         for (int k = c * chunk; k < (c + 1) * chunk; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[k])));

@@ -91,11 +91,11 @@ static inline int block_rows(int m) { return m <= 16 ? 4096 : 256; }
  * flight than one stream can. */
 #define STREAMS 4
 
-/* Weight streams per thread for int8 rows of K columns against M activation rows (`abytes` bytes a
- * column): STREAMS, unless that many rows and the activations overflow the L1 cache while two would
- * not; then two. With more activation rows nothing fits, and four streams share each activation load. */
-static inline int streams_for(int bits, int abytes, int K, int M) {
+/* Weight streams per thread for int8 rows of K columns against M activation rows: STREAMS, unless
+ * that many rows and the int16 activations (2K bytes a row) overflow the L1 cache while two would not;
+ * then two. With more activation rows nothing fits, and four streams share each activation load. */
+static inline int streams_for(int bits, int K, int M) {
     const long l1 = 28 * 1024;
-    return bits == 8 && (long)(STREAMS + abytes * M) * K > l1 && (long)(2 + abytes * M) * K <= l1 ? 2 : STREAMS;
+    return bits == 8 && (long)(STREAMS + 2 * M) * K > l1 && (long)(2 + 2 * M) * K <= l1 ? 2 : STREAMS;
 }
 
