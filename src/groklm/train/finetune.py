@@ -5,8 +5,10 @@ Each step runs a packed batch through the model with gradient checkpointing per 
 layer are recomputed in the backward pass) and the output head a chunk of positions at a time, takes
 the next-token loss over the counted targets (completions only for prompt/completion data), and steps
 AdamW on the adapters alone (fp32), the learning rate warmed up linearly and decayed on a cosine. The
-base computes in its own dtype (bf16 by default: the native int8/int4 kernels forward, dequantized
-blocks backward); the adapters' products are fp32.
+base computes in `dtype`: fp32 by default, since training-sized batches run faster on CPUs in fp32
+than in bf16 (emulated where the CPU lacks native bf16 arithmetic); quantized weights stay quantized
+either way (bf16 runs the native int8/int4 kernels forward; both dequantize blocks backward). The
+adapters' products are fp32.
 
 `out/` receives the adapter (PEFT's format, see `lora`), `state.pt` (adapters, optimizer, schedule,
 step, random state: `resume` continues exactly where it stopped), `log.jsonl` and `loss.png`.
@@ -61,7 +63,7 @@ class FinetuneConfig:
     resume: bool = shared_option("resume", False)
     stop_after: int | None = shared_option("stop_after", None)  # stop (saved) after this step, to resume later
     bits: int | None = None
-    dtype: torch.dtype = torch.bfloat16
+    dtype: torch.dtype = torch.float32  # the base's compute dtype (see the module docstring)
     grad_checkpoint: bool = shared_option("grad_checkpoint", True)
     tokenizer: str | None = None
     config: Any = None

@@ -304,7 +304,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        unit="step", initial=start)  # fmt: skip
     micro = cfg.batch // (world * cfg.grad_accum)
     t_run = time.perf_counter()
-    step = start
+    step, step_seconds = start, 0.0
     model.train()
     for step in range(start, cfg.steps):
         t = time.perf_counter()
@@ -330,6 +330,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.all_reduce(stats)
             stats /= world
         dt = time.perf_counter() - t
+        step_seconds += dt
         record: dict[str, Any] = {"step": step + 1, "loss": round(stats[0].item(), 5),
                                   "aux_loss": round(stats[1].item() / config.num_layers, 5),
                                   "z_loss": round(stats[2].item() / config.num_layers, 4),
@@ -364,6 +365,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    "train_tokens": len(shard), "unigram_entropy": round(baseline, 4),
                    **ends, "eval_loss": evals[-1] if evals else None,
                    "seconds": round(time.perf_counter() - t_run, 1),
+                   "tokens_per_s": round((steps_done - start) * cfg.batch * cfg.seq_len / max(1e-9, step_seconds), 1),
                    "loss_nats_per_token_vs_unigram": round(ends["last_loss"] - baseline, 4)}  # fmt: skip
     if sharded:
         dist.barrier()  # every rank leaves together: tearing the group down under a peer's pending work aborts it
