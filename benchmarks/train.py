@@ -1,7 +1,7 @@
 """Tokens/s of `groklm train` and of `groklm finetune` (its default dtype, and each dtype named) on the
 same model, alternating in one run, as JSON with the CPU named.
 
-    .venv/bin/python benchmarks/train.py [--preset tiny] [--reps 3] [--steps 6] [--dtypes bf16]
+    .venv/bin/python -m benchmarks.train [--preset tiny] [--reps 3] [--steps 6] [--dtypes bf16]
 
 The model is the README's: a preset (`tiny` by default) trained from scratch on the Python standard
 library's docstrings with a tokenizer trained on them, as `scripts/demo.sh` does. Its first training
