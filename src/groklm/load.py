@@ -45,6 +45,12 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None, *, mmap: bool
     """The config a checkpoint will be loaded with, and where it comes from, without reading any weights,
     after checking `load`'s options against it (OptionError): the one check `load` and the commands make
     before the expensive part."""
+    _, found, where = _checked(path, config, mmap, bits, tp, ep)
+    return found, where
+
+
+def _checked(path: str | Path, config: ConfigLike, mmap: bool, bits: int | None, tp: int,
+             ep: int) -> tuple[registry.Format, GrokConfig, str]:  # fmt: skip
     fmt = registry.detect(path)
     found, where = fmt.read_config(Path(path), as_config(config))
     if bits not in (None, 8, 4):
@@ -61,7 +67,7 @@ def checkpoint_config(path: str | Path, config: ConfigLike = None, *, mmap: bool
         raise OptionError("--mmap", reason, f"{path}: mmap loading {reason}")
     if (tp, ep) != (1, 1):
         parallel.plan(found, tp, ep)  # the layout splits this model (ParallelError)
-    return found, where
+    return fmt, found, where
 
 
 def load(
@@ -98,14 +104,13 @@ def load(
     In bf16 on the CPU (not memory-mapped), int4 weights are then laid out in the native kernel's
     panels (`quant.pack_int4`); `convert.save_native` writes them back in rows.
     """
-    config, _ = checkpoint_config(path, config, mmap=mmap, bits=bits, tp=tp, ep=ep)  # before any weight is read
+    fmt, config, _ = _checked(path, config, mmap, bits, tp, ep)  # before any weight is read
     if mmap and torch.device(device).type != "cpu":
         raise ValueError("mmap loading is for the CPU")
     if quantize_head is None:
         quantize_head = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     sharded = (tp, ep) != (1, 1)
     mesh = parallel.make_mesh(config, tp, ep, device) if sharded else None  # the process group, before any file
-    fmt = registry.detect(path)
     source = fmt.open(Path(path), config, int8_head=quantize_head, stream_table=sharded)
     model = place.build(source, dtype)  # on the meta device
     model = place.lay_out(model, source.quantized)  # int8 and int4 as stored
