@@ -44,9 +44,11 @@ def quantize(*, checkpoint: str, out: str, bits: int = 4, group_size: int = 64, 
     return Path(out)
 
 
-def convert(*, checkpoint: str, out: str, to: str, type: str | None = None, bits: int = 8, group_size: int = 64,
-            config: GrokConfig | None = None, force: bool = False, progress: bool = True) -> Path:  # fmt: skip
-    """The checkpoint in another format (`to`: hf, gguf or native), streamed; the file or directory written."""
+def convert(*, checkpoint: str, out: str, to: str, type: str | None = None, embedding_type: str | None = None,
+            bits: int = 8, group_size: int = 64, config: GrokConfig | None = None, force: bool = False,
+            progress: bool = True) -> Path:  # fmt: skip
+    """The checkpoint in another format (`to`: hf, gguf or native), streamed; the file or directory written.
+    `embedding_type` (gguf: f32, f16, bf16 or q8_0) is the embedding's, the tied head llama.cpp reads."""
     from groklm.convert import convert as write
     from groklm.formats import registry
 
@@ -57,7 +59,10 @@ def convert(*, checkpoint: str, out: str, to: str, type: str | None = None, bits
         raise UsageError("--type is for --to hf or gguf (native takes --bits)")
     if type and type not in target.write_types:
         raise UsageError(f"--type for --to {to} must be one of {', '.join(target.write_types)}, not {type!r}")
-    return Path(write(checkpoint, out, to, type, bits, group_size, config, progress=progress, force=force))
+    if embedding_type and to != "gguf":
+        raise UsageError("--embedding-type is for --to gguf")
+    return Path(write(checkpoint, out, to, type, bits, group_size, config, progress=progress, force=force,
+                      embedding_type=embedding_type or "f32"))  # fmt: skip
 
 
 def verify(*, checkpoint: str, config: GrokConfig | None = None, sha256: str | None = None,

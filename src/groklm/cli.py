@@ -80,7 +80,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from groklm.checkpoints import convert
 
-    out = convert(**_options(args, "checkpoint", "out", "to", "type", "bits", "group_size", "force"),
+    out = convert(**_options(args, "checkpoint", "out", "to", "type", "embedding_type", "bits", "group_size",
+                           "force"),
                   config=_config_arg(args), progress=not args.quiet)  # fmt: skip
     size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.to}{' ' + args.type if args.type else ''})")

@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c.add_argument("--to", required=True, choices=WRITABLE, help="the format to write")
     c.add_argument("--type", help="hf: bf16 or f32; gguf: q8_0, f16, bf16 or q4_0 (default: the first)")
+    from groklm.formats.gguf import EMBEDDING_TYPES
+
+    c.add_argument("--embedding-type", choices=EMBEDDING_TYPES,
+                   help="gguf: the embedding's type (also the tied head llama.cpp reads every token; "
+                        "default f32, as released)")  # fmt: skip
     c.add_argument("--bits", type=int, choices=[4, 8], default=8, help="native: int8 as released, or int4")
     c.add_argument("--group-size", type=int, default=64, help="native int4: input columns per scale")
     config(c, "if the input has none")

@@ -38,13 +38,16 @@ WRITERS = registry.WRITABLE
 
 
 def convert(src: str | Path, out: str | Path, to: str, qtype: str | None = None, bits: int = 8, group_size: int = 64,
-            config: GrokConfig | None = None, progress: bool = True, force: bool = False) -> Path:  # fmt: skip
+            config: GrokConfig | None = None, progress: bool = True, force: bool = False,
+            embedding_type: str = "f32") -> Path:  # fmt: skip
     """Write checkpoint `src` (any format) as `to`: "hf" (safetensors shards, `qtype` bf16 or f32),
-    "gguf" (one file `out`, `qtype` q8_0, f16, bf16 or q4_0) or "native" (groklm's layout, int8 as
-    released or int4 with `bits` 4). Everything is checked before anything is written; the output
-    appears only once complete."""
+    "gguf" (one file `out`, `qtype` q8_0, f16, bf16 or q4_0, the embedding `embedding_type`: f32, f16,
+    bf16 or q8_0) or "native" (groklm's layout, int8 as released or int4 with `bits` 4). Everything is
+    checked before anything is written; the output appears only once complete."""
     if to not in WRITERS:
         raise ValueError(f"--to must be one of {WRITERS}, not {to!r}")
+    if embedding_type != "f32" and to != "gguf":
+        raise ValueError("--embedding-type is for --to gguf")
     target = registry.by_name(to)
     if not target.write_types:  # groklm's own layout, written from the model as it runs (int8 or int4)
         return to_native(src, out, bits, group_size, config, progress=progress, force=force)
@@ -72,7 +75,7 @@ def convert(src: str | Path, out: str | Path, to: str, qtype: str | None = None,
         raise FileExistsError(f"{out}: exists (--force, or force=True, replaces it)")
     tmp_file = out.with_name(f".{out.name}.partial")
     try:
-        target.write(tensors, tmp_file, qtype, tokenizer, progress)  # type: ignore[misc]
+        target.write(tensors, tmp_file, qtype, tokenizer, progress, embedding_type)  # type: ignore[misc]
         tmp_file.replace(out)
     except BaseException:
         tmp_file.unlink(missing_ok=True)

@@ -14,15 +14,17 @@ Types (`--type`):
   int8 are quantized to Q8_0 by the `gguf` package.
 - f16 / bf16: every weight dequantized to that type.
 - q4_0: every weight quantized to Q4_0 by the `gguf` package (from the dequantized int8).
-The embedding, fp32 as released, stays F32 in every type: rounding it to bf16 alone moved the golden
-case's fp32 logits from 0.005 to 0.044 mean |diff| (a router choice flips), and to f16 then bf16 (a
-bf16 run of an f16 file) to 0.07; it is 0.5% of Grok-1. Norms and routers are F32 (as llama.cpp's
-converter keeps them).
+The embedding, fp32 as released, stays F32 in every type unless `--embedding-type` (f16, bf16 or q8_0)
+asks otherwise: rounding it to bf16 alone moved the golden case's fp32 logits from 0.005 to 0.044 mean
+|diff| (a router choice flips), and to f16 then bf16 (a bf16 run of an f16 file) to 0.07; it is 0.5% of
+Grok-1, but the head is tied, so llama.cpp reads it whole every token. Norms and routers are F32 (as
+llama.cpp's converter keeps them).
 
 Reading maps each tensor back by name and shape. Q8_0 weights become int8 with the grouping recorded in
 `groklm.int8_groups` (written here), else with 32-column groups; their f16 scales are rounded to bf16
 (exact for files written here). Other types are dequantized by the `gguf` package, then kept in the
-compute dtype or, with `bits`, quantized with the released grouping.
+compute dtype or, with `bits`, quantized with the released grouping; the embedding table is read (and
+dequantized) a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ from groklm.formats.gguf_scan import Scan, scan
 
 ARCH = "grok"
 TYPES = ("q8_0", "f16", "bf16", "q4_0")
+EMBEDDING_TYPES = ("f32", "f16", "bf16", "q8_0")  # `--embedding-type`, as llama-quantize's --token-embedding-type
+_EMBEDDING_T = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+_READABLE = {T.F32, T.F16, *gguf.quants._type_traits}  # the types the gguf package dequantizes
+_TABLE_ROWS = 4096  # the embedding table is read this many rows at a time
 _TOP = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
 _LAYER = {
     "attn_norm.weight": "blk.{i}.attn_norm.weight",
@@ -104,10 +110,14 @@ class Planned:
     shape: tuple[int, ...]  # logical, numpy order
 
 
-def plan(model: Tensors, qtype: str) -> list[Planned]:
-    """The GGUF type of every tensor for `--type qtype` (see the module docstring)."""
+def plan(model: Tensors, qtype: str, embedding_type: str = "f32") -> list[Planned]:
+    """The GGUF type of every tensor for `--type qtype` and `--embedding-type` (see the module docstring)."""
     if qtype not in TYPES:
         raise ValueError(f"GGUF type must be one of {TYPES}, not {qtype!r}")
+    if embedding_type not in EMBEDDING_TYPES:
+        raise ValueError(f"--embedding-type must be one of {EMBEDDING_TYPES}, not {embedding_type!r}")
+    if embedding_type == "q8_0" and model.config.emb_size % 32:
+        raise ValueError(f"--embedding-type q8_0 needs a width that is a multiple of 32, not {model.config.emb_size}")
     out = []
     for ours, name in names(model.config):
         groups = model.int8_groups(ours)
@@ -117,7 +127,7 @@ def plan(model: Tensors, qtype: str) -> list[Planned]:
         if ours.endswith("norm.weight") or ours.endswith("router.weight"):
             t = T.F32
         elif ours == "embed.weight":
-            t = T.F32
+            t = _EMBEDDING_T[embedding_type]
         elif qtype in ("f16", "bf16"):
             t = T.F16 if qtype == "f16" else T.BF16
         elif k % 32:
@@ -220,12 +230,12 @@ def _vocabulary(writer: gguf.GGUFWriter, tokenizer: Path | None, config: GrokCon
 
 
 def write(model: Tensors, out: Path, qtype: str = "q8_0", tokenizer: Path | None = None,
-          progress: bool = True) -> None:  # fmt: skip
+          progress: bool = True, embedding_type: str = "f32") -> None:  # fmt: skip
     """Write the model the layer above gives, a part at a time (see `common.Tensors`), as one GGUF file.
     Every tensor's name, type and size is declared first (from the layout alone), then the data is
     written part by part: memory holds one part and one tensor's encoding."""
     config = model.config
-    planned = plan(model, qtype)
+    planned = plan(model, qtype, embedding_type)
     writer = gguf.GGUFWriter(out, ARCH)
     writer.add_name("Grok-1")
     writer.add_context_length(config.sequence_len)
@@ -386,6 +396,11 @@ class GGUFSource:
         self.quantized: dict[str, tuple[int, int]] = {}  # Q8_0 weights stay int8
         for ours, name in names(found):
             t = scanned.tensors[name]
+            if t.qtype not in _READABLE:
+                raise CheckpointError(f"{path}: tensor {name}: type {t.qtype.name}, not a float or quantized "
+                                      f"type groklm reads")  # fmt: skip
+            if t.qtype == T.Q8_0 and ours == "embed.weight":
+                continue  # a float table: dequantized as read
             if t.qtype == T.Q8_0:
                 g = groups.get(name, t.shape[-1] // 32)
                 if type(g) is not int or g <= 0 or (t.shape[-1] // 32) % g:
@@ -414,6 +429,12 @@ class GGUFSource:
             if part_of(ours) != part:
                 continue
             where = f"{self.path}: tensor {name}"
+            if ours == "embed.weight":  # a block of rows at a time: no second copy of the table
+                for r0 in range(0, shape[0], _TABLE_ROWS):
+                    rows = slice(r0, min(r0 + _TABLE_ROWS, shape[0]))
+                    table = _decode(np.asarray(t.data[rows]), t.tensor_type)
+                    yield ours, rows, torch.from_numpy(np.array(table)), where
+                continue
             stacked = name.endswith("_exps.weight")
             for e in range(shape[0]) if stacked else [None]:
                 data = np.asarray(t.data[e] if stacked else t.data)
@@ -437,6 +458,7 @@ class GGUFSource:
 
     def __len__(self) -> int:
         per = {ours: 2 if ours in self.raw else 1 for ours, *_ in self.table}
+        per["embed.weight"] = -(-self.config.vocab_size // _TABLE_ROWS)
         return sum(
             per[ours] * (shape[0] if name.endswith("_exps.weight") else 1) for ours, name, _, shape in self.table
         )
