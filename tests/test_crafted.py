@@ -148,6 +148,9 @@ def _gguf_cases(d: Path, base: dict[str, Path]) -> dict[str, Path]:
     def bad_type(rows: list[list[Any]]) -> None:
         rows[1][2] = 99
 
+    def embd_i32(rows: list[list[Any]]) -> None:
+        rows[0][2] = 26  # token_embd as ggml's I32: its F32 bytes, a type no table is dequantized from
+
     edits: dict[str, dict[str, Any]] = {
         "head-count-0": {"drop": llama_keys, "fields": {"grok.attention.head_count": 0}},
         "block-count-1e9": {"drop": llama_keys, "fields": {"grok.block_count": 10**9}},
@@ -160,6 +163,7 @@ def _gguf_cases(d: Path, base: dict[str, Path]) -> dict[str, Path]:
         "overlap": {"tensors": overlap},
         "past-end": {"tensors": past_end},
         "bad-type": {"tensors": bad_type},
+        "embd-i32": {"tensors": embd_i32},
     }
     for name, how in edits.items():
         paths[name] = _rewrite_gguf(g, d / f"{name}.gguf", how.get("fields"), how.get("drop", ()), how.get("tensors"))
@@ -322,6 +326,7 @@ CASES: list[tuple[str, str, str]] = [
     ("gguf:overlap", "info --checkpoint {gguf:overlap}", "overlap"),
     ("gguf:past-end", "info --checkpoint {gguf:past-end}", "needs"),
     ("gguf:bad-type", "info --checkpoint {gguf:bad-type}", "unknown ggml type 99"),
+    ("gguf:embd-i32", f"{GENERATE} {{gguf:embd-i32}}", "tensor token_embd.weight: type I32, not a float or"),
     ("hf:config-string", "info --checkpoint {hf:config-string}", "config.json: must hold a JSON object, not str"),
     ("hf:config-deep", "info --checkpoint {hf:config-deep}", "config.json: JSON nested more than 64 deep"),
     ("hf:layers-1e9", "info --checkpoint {hf:layers-1e9}", "num_layers = 1000000000 is over the limit of 1024"),
