@@ -7,18 +7,19 @@ llama.cpp is built once from llama-cpp-python's sdist on PyPI (it vendors the wh
 VERSION pins it), CPU only and for this CPU (`GGML_NATIVE`), into benchmarks/.cache/llamacpp: the
 first run needs PyPI (or the sdist already there), cmake and a C++ compiler; later runs need neither.
 The checkpoint is a random one of the preset (as decode.py makes it) unless --checkpoint names one;
-its GGUFs are written by `groklm convert --to gguf --type q8_0 / q4_0`, and groklm's int4 side is an
+its GGUFs are written by `groklm convert --to gguf --type q8_0 / q4_0 --embedding-type q8_0`, and groklm's
+int4 side is an
 int4 copy with 32-column groups (Q4_0's blocks, so both read the same bytes). groklm runs the code
 decode.py measures (eager decode after a 64-token context, one prompt's prefill) in this process;
 llama.cpp runs `llama-bench -p 512 -n 0` and `-p 0 -n STEPS`, one repetition a call, with the same
 threads.
 
-The head: groklm's GGUF keeps the embedding F32 (see formats/gguf.py), and with a tied head llama.cpp
-then reads the whole F32 table every token, where groklm reads its own int8 copy. Where the file's
-token_embd is not quantized, `llama-quantize --token-embedding-type q8_0` requantizes it (every other
-tensor is copied as it is), so that both systems read the same bytes; the report says so
-(`gguf.head`). A file without a vocabulary (a random checkpoint has no tokenizer) gets llama.cpp's
-`none` tokenizer with the model's vocabulary size in the same pass, which llama-bench needs.
+The head: groklm's GGUF keeps the embedding F32 by default (see formats/gguf.py), and with a tied head
+llama.cpp would then read the whole F32 table every token, where groklm reads its own int8 copy; the
+GGUFs are written with a Q8_0 embedding so that both systems read the same bytes (the report names the
+head's type: `as_written.head`, `as_run.head`). A file without a vocabulary (a random checkpoint has no
+tokenizer) gets llama.cpp's `none` tokenizer with the model's vocabulary size from llama-quantize,
+which llama-bench needs (every tensor copied as it is, the Q8_0 head too).
 """
 
 from __future__ import annotations
@@ -89,29 +90,28 @@ def gguf_summary(path: Path) -> dict[str, object]:
 
 
 def llama_gguf(bin_dir: Path, ckpt: Path, qtype: str, vocab: int, threads: int) -> tuple[Path, dict[str, object]]:
-    """The GGUF llama.cpp runs for `qtype` (written by `groklm convert`, then given a Q8_0 head and a
-    vocabulary by llama-quantize where it lacks them) and what was done to it."""
-    written = CACHE / "gguf" / f"{ckpt.name}-{qtype}.gguf"
+    """The GGUF llama.cpp runs for `qtype` (written by `groklm convert` with a Q8_0 head, then given a
+    vocabulary by llama-quantize where it lacks one) and what was done to it."""
+    written = CACHE / "gguf" / f"{ckpt.name}-{qtype}-q8head.gguf"
     if not written.is_file():
         written.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "groklm", "convert", "--checkpoint", str(ckpt), "--out", str(written),
-                        "--to", "gguf", "--type", qtype, "--quiet", "--force"], check=True)  # fmt: skip
+                        "--to", "gguf", "--type", qtype, "--embedding-type", "q8_0", "--quiet", "--force"],
+                       check=True)  # fmt: skip
     found = gguf_summary(written)
     report: dict[str, object] = {"written": str(written), "as_written": found}
-    extra = []
-    if found["head"] not in ("Q8_0", "Q4_0"):
-        extra += ["--token-embedding-type", "q8_0"]
-    if not found["vocabulary"]:
-        extra += ["--override-kv", "tokenizer.ggml.model=str:none", "--override-kv", f"grok.vocab_size=int:{vocab}"]
-    if not extra:
+    if found["vocabulary"]:
         return written, report
+    # (--token-embedding-type names the type the head has, so that llama-quantize copies it as it is.)
+    extra = ["--token-embedding-type", "q8_0", "--override-kv", "tokenizer.ggml.model=str:none",
+             "--override-kv", f"grok.vocab_size=int:{vocab}"]  # fmt: skip
     ran = written.with_name(written.stem + "-llamacpp.gguf")
     if not ran.is_file():
         tmp = ran.with_suffix(".tmp")
         subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", "--pure", *extra, str(written), str(tmp),
                         qtype.upper(), str(threads)], check=True, capture_output=True)  # fmt: skip
         tmp.rename(ran)
-    report |= {"ran": str(ran), "requantized_by": "llama-quantize " + " ".join(extra), "as_run": gguf_summary(ran)}
+    report |= {"ran": str(ran), "vocabulary_by": "llama-quantize " + " ".join(extra), "as_run": gguf_summary(ran)}
     return ran, report
 
 
