@@ -51,7 +51,8 @@ ARCH = "grok"
 TYPES = ("q8_0", "f16", "bf16", "q4_0")
 EMBEDDING_TYPES = ("f32", "f16", "bf16", "q8_0")  # `--embedding-type`, as llama-quantize's --token-embedding-type
 _EMBEDDING_T = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
-_READABLE = {T.F32, T.F16, *gguf.quants._type_traits}  # the types the gguf package dequantizes
+# Float and the block types that `gguf.quants.dequantize` reads (named here: the package keeps its own list private).
+_READABLE = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 _TABLE_ROWS = 4096  # the embedding table is read this many rows at a time
 _TOP = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
 _LAYER = {
