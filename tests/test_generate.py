@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,12 @@ import pytest
 import torch
 
 import groklm
+from groklm import kernels
+from groklm.config import get_preset
 from groklm.generate import compile_decode, decode_one, generate, prefill, sample, top_k_filter, top_p_filter
-from groklm.model import KVCache
-from groklm.quant import QuantizedMoE
+from groklm.model import Block, KVCache, recast
+from groklm.quant import QuantizedMoE, quantize_int4, quantize_int8
+from groklm.quant.fused import QuantizedBlock
 from tests.conftest import not_under_lowered_capability
 
 
@@ -154,6 +158,74 @@ def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert generate(model, prompts, 9, decode=compiled) == generate(model, prompts, 9)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def _decode_twice(model: groklm.Grok) -> tuple[torch.Tensor, torch.Tensor, KVCache, KVCache]:
+    """One decode step of two prompts at different positions, fused, then with every block as plain
+    Block (same weights, same cache before the step): (fused logits, plain logits, their caches)."""
+    prompts = [[422, 3033, 356, 1180, 333], [7, 8, 9]]
+    with torch.inference_mode():
+        cache = KVCache.allocate(model.config, 2, 11, model.dtype, model.device)
+        tokens = prefill(model, prompts, cache).argmax(-1)
+        positions = torch.tensor([5, 3])
+        plain_cache = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.key_ok.clone())
+        fused = decode_one(model, tokens, positions, cache.prefix(6))
+        blocks = list(model.layers)
+        for i, layer in enumerate(blocks):
+            model.layers[i] = recast(layer, Block)
+        try:
+            plain = decode_one(model, tokens, positions, plain_cache.prefix(6))
+        finally:
+            for i, layer in enumerate(blocks):
+                model.layers[i] = layer
+    return fused, plain, cache, plain_cache
+
+
+def _int4_mini(mini_ckpt: Path) -> groklm.Grok:
+    return quantize_int4(groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False), group_size=32)  # type: ignore[return-value]
+
+
+def _int8_mini(**changes: object) -> groklm.Grok:
+    """A random mini (with `changes` to its config), int8 with one scale a row (the router left fp32): the
+    released checkpoints' attention output projection has 8 scale groups, which mini's 256 columns make
+    too narrow for the native kernel."""
+    torch.manual_seed(0)
+    model = groklm.Grok(dataclasses.replace(get_preset("mini"), **changes), dtype=torch.bfloat16)
+    return quantize_int8(model, lambda name: None if name.endswith("router") else 1)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("make", ["int8", "int4", "grok2-like"])
+def test_fused_decode_block_gives_the_blocks_bits(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch, make: str) -> None:
+    """Eager decode runs each layer as one native call (kernels.block): norms, RoPE, the cache write
+    and the residuals between the kernels give exactly the logits and cache of the plain block."""
+    if not kernels.supports_block():
+        pytest.skip("the C++ ops are not built here")
+    # Grok-2's attention temperature (from position 2 on), router soft-cap and erf GELU
+    grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf"}
+    model = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}[make]()
+    assert all(type(layer) is QuantizedBlock for layer in model.layers)
+    calls = []
+    block = kernels.block
+    monkeypatch.setattr(kernels, "block", lambda *a, **k: calls.append(1) or block(*a, **k))
+    fused, plain, cache, plain_cache = _decode_twice(model)
+    assert len(calls) == model.config.num_layers  # the fused path ran, once a layer
+    assert torch.equal(fused, plain)
+    assert torch.equal(torch.stack(cache.k), torch.stack(plain_cache.k))
+    assert torch.equal(torch.stack(cache.v), torch.stack(plain_cache.v))
+
+
+def test_fused_decode_block_runs_the_parts_hooks() -> None:
+    """A hook on a part of a block (the routing analysis', a benchmark's) runs: that block decodes as
+    plain Block, and gives the same logits."""
+    model = _int8_mini()
+    seen = []
+    handle = model.layers[1].moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    try:
+        fused, plain, _, _ = _decode_twice(model)
+    finally:
+        handle.remove()
+    assert seen == [(2, 5, 256), (2, 1, 256), (2, 1, 256)]  # prefill, fused decode, plain decode
+    assert torch.equal(fused, plain)
 
 
 def test_commands_that_do_not_compile_never_import_dynamo(mini_ckpt: Path) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "Weight",
     "attend",
     "available",
+    "block",
     "busy_cores",
     "choose_threads",
     "guard_mapped_files",
@@ -52,6 +53,7 @@ __all__ = [
     "select",
     "supports",
     "supports_attend",
+    "supports_block",
     "supports_int4",
     "supports_linear",
     "supports_moe",
@@ -84,6 +86,11 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
     """Whether `moe` takes these experts: each fits its matmul kernel, and W1 and V share a scale layout."""
     fits = supports if bits == 8 else supports_int4
     return bits in (4, 8) and all(fits(w, s) for w, s in (w1, v, w2)) and layout.pair_up(w1, v)
+
+
+def supports_block() -> bool:
+    """Whether `block` is there: it is C++ only (the ops' C++ implementations built and loaded)."""
+    return available() and ops.NATIVE_OPS
 
 
 def supports_attend(q: Tensor, k: Tensor) -> bool:
@@ -147,3 +154,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, sof
     if not reference and (ops.NATIVE_OPS or torch.compiler.is_compiling()):
         return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked, scale)
     return native.attend(q, k, v, mask, multiplier, softcap, masked, scale, reference)
+
+
+def block(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
+          norms: Sequence[Tensor], weights: Sequence[Tensor], router: Tensor, bits: int, *, eps: float,
+          multiplier: float, softcap: float, masked: float, scale: Tensor | None, topk: int, router_cap: float,
+          gelu_erf: bool) -> Tensor:  # fmt: skip
+    """One decoder layer's decode step in one native call (`Block` for one new token a row, as
+    `quant.fused.QuantizedBlock` hands it over): h [B, D] bf16 -> [B, D]; the new keys and values written
+    into cache_k, cache_v [B, S, K, Dh] at `positions` [B]. `norms`: the block's four RMSNorm weights in
+    the order it applies them; `weights`: wq, wk, wv, wo, w1, v, w2, each weight then its scales. The
+    norms, RoPE, cache write and residual adds between the kernels give model.py's bits (see ops.cpp)."""
+    return torch.ops.groklm.block(h, cos, sin, mask, cache_k, cache_v, positions, list(norms), list(weights), router,
+                                  bits, eps, multiplier, softcap, masked, scale, topk, router_cap, int(gelu_erf))  # fmt: skip

@@ -53,6 +53,11 @@ def compile_kernels(compiler: str, flags: list[str]) -> Path | None:
     return lib
 
 
+CPP_FLAGS = ["-O2", "-ffp-contract=off"]
+"""Without contraction a product and a sum round apart, as torch's one-op-a-tensor code rounds them
+(the decode block's glue in ops.cpp matches model.py bit for bit)."""
+
+
 def build_cpp_ops() -> ctypes.CDLL | None:
     """`csrc/ops.cpp` built with torch's extension builder (needs ninja and a C++ compiler) into
     `$GROKLM_CACHE`, and loaded; None if it does not build.
@@ -66,6 +71,7 @@ def build_cpp_ops() -> ctypes.CDLL | None:
     ours, any such file is stale and is removed."""
     source = CSRC / "ops.cpp"
     key = source.read_bytes() + torch.__version__.encode() + str(Path(torch.__file__).parent).encode()
+    key += " ".join(CPP_FLAGS).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     build, name = cache_dir() / f"ops-{digest}", f"groklm_ops_{digest}"
     built = build / f"{name}.so"
@@ -79,7 +85,7 @@ def build_cpp_ops() -> ctypes.CDLL | None:
                     print(f"groklm: building the C++ kernel ops, once (~20 s), into {build}", file=sys.stderr)
                     (build / "lock").unlink(missing_ok=True)  # torch's, stale: we hold the only build lock
                     cpp_extension.load(
-                        name, [str(source)], extra_cflags=["-O2"], build_directory=str(build),
+                        name, [str(source)], extra_cflags=CPP_FLAGS, build_directory=str(build),
                         is_python_module=False, verbose=False,
                     )  # fmt: skip
         lib = ctypes.CDLL(str(built))

@@ -1,5 +1,6 @@
 """Fused native paths for quantized blocks: attention whose q, k and v projections run as one native call
-(and a decode step's attention over the cache), and an MoE whose routing and chosen experts run as one.
+(and a decode step's attention over the cache), an MoE whose routing and chosen experts run as one, and
+a block whose whole decode step runs as one.
 `fuse(model)` swaps them in where the blocks' linears are int8 or int4; they fall back to the plain
 paths wherever the kernels do not apply.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 from groklm import kernels
-from groklm.model import MASK_VALUE, Attention, MoE, recast
+from groklm.model import MASK_VALUE, Attention, Block, MoE, RMSNorm, recast
 from groklm.quant.linear import Int4ExpertLinear, Int4Linear, Int8ExpertLinear, Int8Linear
 
 _EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
@@ -109,7 +111,101 @@ class QuantizedMoE(MoE):
         ).view(x.shape)
 
 
-FUSED: dict[type[nn.Module], type[nn.Module]] = {MoE: QuantizedMoE, Attention: QuantizedAttention}
+class QuantizedBlock(Block):
+    """A block of the fused attention and MoE above: a decode step (one new token a row, through the
+    cache) runs as one native call, `kernels.block`: the kernels and the norms, RoPE, cache write and
+    residual adds between them, with model.py's bits. Eager decode otherwise makes ~150 torch calls a
+    layer between the kernels, milliseconds a step (compiled decode fuses them itself and keeps this
+    path off). It falls back to Block where the C++ ops are not built, wherever a part is another kind
+    (Grok-2's dense MLP, LoRA, parallel or float modules) and wherever a part has hooks to run."""
+
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        kv: tuple[Tensor, Tensor] | None,
+        where: tuple[Tensor, Tensor],
+        temp: Tensor | None = None,
+    ) -> Tensor:
+        plan = self._decode_plan(h, kv)
+        if plan is None:
+            return super().forward(h, cos, sin, mask, kv, where, temp)
+        bits, weights = plan
+        assert kv is not None
+        b, c = h.shape[0], self.attn.config
+        out = kernels.block(
+            h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), *kv, where[1].reshape(b),
+            self._norms, weights, self.moe.router.weight, bits, eps=self.attn_norm.eps,
+            multiplier=c.attn_output_multiplier, softcap=c.attn_softcap, masked=MASK_VALUE,
+            scale=None if temp is None else temp.reshape(b).contiguous(), topk=self.moe.top_k,
+            router_cap=self.moe.router_softcap or 0.0, gelu_erf=self.moe.approximate == "none",
+        )  # fmt: skip
+        return out.view(h.shape)
+
+    @property
+    def _norms(self) -> list[Tensor]:
+        return [n.weight for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm)]
+
+    def _parts(self) -> tuple[nn.Module, ...]:
+        a, m = self.attn, self.moe
+        return (self.attn_norm, a, a.wq, a.wk, a.wv, a.wo, self.attn_out_norm, self.moe_norm, m, m.router, m.w1, m.v,
+                m.w2, self.moe_out_norm)  # fmt: skip
+
+    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> tuple[int, list[Tensor]] | None:
+        """(bits, the flat weights) for `kernels.block`, or None: run as Block. The weights' fit is worked
+        out once for the tensors at hand (the rest is a few attribute reads a step)."""
+        if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling():
+            return None
+        if type(self.attn) is not QuantizedAttention or type(self.moe) is not QuantizedMoE or self.mlp is not None:
+            return None
+        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self._parts()):
+            return None
+        k = kv[0]
+        if k.dtype != torch.bfloat16 or k.shape[3] % 8 or k.stride()[1:] != (k.shape[2] * k.shape[3], k.shape[3], 1):
+            return None
+        a, m = self.attn, self.moe
+        linears, experts = (a.wq, a.wk, a.wv, a.wo), (m.w1, m.v, m.w2)
+        bits = _LINEAR_BITS.get(type(a.wq))
+        if bits is None or any(type(x) is not type(a.wq) for x in linears) or _EXPERT_BITS.get(type(m.w1)) != bits:
+            return None
+        if any(type(x) is not type(m.w1) for x in experts):
+            return None
+        tensors = [t for mod in (*linears, *experts) for t in (mod.weight, mod.scales)]
+        key = [*tensors, *self._norms, m.router.weight]
+        cached = self.__dict__.get("_plan")
+        if cached is None or len(cached[0]) != len(key) or any(x is not y for x, y in zip(cached[0], key, strict=True)):
+            cached = (key, self._fits(bits))
+            self.__dict__["_plan"] = cached
+        if not cached[1] or _native_bits(h, linears, _LINEAR_BITS) != bits:
+            return None
+        return bits, tensors
+
+    def _fits(self, bits: int) -> bool:
+        """Whether the native calls take this block's norms, router and weights (as `QuantizedMoE.native`
+        and `QuantizedAttention.qkv` ask of them)."""
+        a, m = self.attn, self.moe
+        linears = (a.wq, a.wk, a.wv, a.wo)
+        router = type(m.router) is nn.Linear and m.router.weight.dtype == torch.float32
+        norms_fit = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.eps == self.attn_norm.eps
+                        for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm))  # fmt: skip
+        fits = kernels.supports_block() and kernels.supports_linear(bits, [(x.weight, x.scales) for x in linears[:3]])
+        fits = fits and kernels.supports_linear(bits, [(a.wo.weight, a.wo.scales)])
+        fits = fits and kernels.supports_moe(bits, *[(e.weight, e.scales) for e in (m.w1, m.v, m.w2)])
+        return norms_fit and router and fits
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module are there (they would have to run on each part)."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+FUSED: dict[type[nn.Module], type[nn.Module]] = {
+    MoE: QuantizedMoE,
+    Attention: QuantizedAttention,
+    Block: QuantizedBlock,
+}
 """The blocks `fuse` swaps, by exact class: a block another transform has swapped already (an expert-
 parallel MoE, which holds a share of the experts the fused MoE kernel cannot route over) keeps its own."""
 
@@ -117,8 +213,8 @@ parallel MoE, which holds a share of the experts the fused MoE kernel cannot rou
 def fuse(model: nn.Module) -> nn.Module:
     """Give attention and MoE blocks their fused native paths, in place (each swapped for a module
     holding the same parameters, settings and hooks: state-dict names unchanged); returns the model,
-    or, where `model` is itself such a block, the new block. Only `qkv`, `attend` and the MoE's
-    `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float
+    or, where `model` is itself such a block, the new block. Only `qkv`, `attend`, the MoE's and
+    the block's `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float
     weights included)."""
     if type(model) in FUSED:
         return recast(model, FUSED[type(model)])

@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -166,6 +168,123 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     return o;
 }
 
+// What lies between the kernels in a decoder layer, as plain loops that round where torch does: the
+// arithmetic (fp32 products and sums, each rounded; bf16 by torch's own conversion) is that of RMSNorm,
+// apply_rope and the residual adds in model.py, which compute one operation a tensor, so the results
+// are theirs bit for bit (ops.cpp is built without contracting a product and a sum into one FMA).
+
+// The fp32 reciprocal root of a row's mean square as RMSNorm takes it: squares summed in fp64 (exact,
+// so the order of summing them is immaterial to the fp32 mean), the mean rounded once.
+float rms_scale(const at::BFloat16 *x, int64_t d, double eps) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int u = 0; u < 8; u++) {
+            const double v = static_cast<float>(x[i + u]);
+            acc[u] += v * v;
+        }
+    for (; i < d; i++) {
+        const double v = static_cast<float>(x[i]);
+        acc[0] += v * v;
+    }
+    double total = 0;
+    for (double a : acc) total += a;
+    const float mean = static_cast<float>(total / static_cast<double>(d));
+    return 1.0f / std::sqrt(mean + static_cast<float>(eps));
+}
+
+// y = RMSNorm(x) (weight w, fp32), or, with `residual`, y = residual + RMSNorm(x): rows [B, D] bf16.
+at::Tensor normed(const at::Tensor &x, const at::Tensor &w, double eps, const at::Tensor *residual = nullptr) {
+    const int64_t b = x.size(0), d = x.size(1);
+    at::Tensor y = at::empty_like(x);
+    const at::BFloat16 *xp = x.data_ptr<at::BFloat16>();
+    const at::BFloat16 *hp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
+    const float *wp = w.data_ptr<float>();
+    at::BFloat16 *yp = y.data_ptr<at::BFloat16>();
+    for (int64_t r = 0; r < b; r++, xp += d, yp += d) {
+        const float scale = rms_scale(xp, d, eps);
+        for (int64_t i = 0; i < d; i++) {
+            const float n = wp[i] * (static_cast<float>(xp[i]) * scale);
+            yp[i] = hp ? at::BFloat16(static_cast<float>(hp[r * d + i]) + static_cast<float>(at::BFloat16(n)))
+                       : at::BFloat16(n);
+        }
+    }
+    return y;
+}
+
+// One head of Dh rotated as apply_rope rotates it (rotate-half): out = x * cos + rotate_half(x) * sin.
+void rope_head(const at::BFloat16 *x, const float *cos, const float *sin, int64_t dh, at::BFloat16 *out) {
+    const int64_t half = dh / 2;
+    for (int64_t j = 0; j < dh; j++) {
+        const float rotated = j < half ? -static_cast<float>(x[j + half]) : static_cast<float>(x[j - half]);
+        const float a = static_cast<float>(x[j]) * cos[j], c = rotated * sin[j];
+        out[j] = at::BFloat16(a + c);
+    }
+}
+
+// One decoder layer (model.py's Block) for one new token per row, as decode runs it: h [B, D] bf16 ->
+// [B, D]. The layer's q, k and v projections, its output projection and its MoE are the native int8 or
+// int4 kernels (`weights`: wq, wk, wv, wo, w1, v, w2, each weight then scales; norms: the four RMSNorm
+// weights in the order the block applies them); the new keys and values are written into the cache
+// (cache_k, cache_v [B, S, K, Dh], a prefix of the layer's cache) at `positions` [B] (int64), then the
+// token attends over the slots `mask` [B, S] allows; cos, sin [B, Dh] fp32 are the rows' RoPE tables;
+// `scale` [B] fp32 (Grok-2's temperature) or none. Everything between the kernels runs here, in one
+// call from Python instead of ~150 torch calls a layer.
+at::Tensor block(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &sin, const at::Tensor &mask,
+                 at::Tensor &cache_k, at::Tensor &cache_v, const at::Tensor &positions, at::TensorList norms,
+                 at::TensorList weights, const at::Tensor &router, int64_t bits, double eps, double multiplier,
+                 double softcap, double masked, const c10::optional<at::Tensor> &scale, int64_t topk,
+                 double router_cap, int64_t gelu_erf) {
+    TORCH_CHECK_VALUE(norms.size() == 4 && weights.size() == 14,
+                      "groklm: block takes 4 norm weights and 7 (weight, scales) pairs");
+    TORCH_CHECK_VALUE(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(),
+                      "groklm: block takes a contiguous bf16 h [B, D], not ", h.scalar_type(), " ", h.sizes());
+    const int64_t b = h.size(0), d = h.size(1);
+    for (const at::Tensor &w : norms)
+        TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == d,
+                          "groklm: block: a norm weight must be a contiguous fp32 [", d, "], not ", w.sizes());
+    TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == b && cache_k.scalar_type() == at::kBFloat16,
+                      "groklm: block: the cache must be bf16 [", b, ", S, K, Dh], not ", cache_k.sizes());
+    const int64_t slots = cache_k.size(1), kh = cache_k.size(2), dh = cache_k.size(3), kv = kh * dh;
+    TORCH_CHECK_VALUE(cache_k.sizes() == cache_v.sizes() && cache_k.strides() == cache_v.strides() &&
+                          cache_k.stride(3) == 1 && cache_k.stride(2) == dh && cache_k.stride(1) == kv &&
+                          dh % 2 == 0,
+                      "groklm: block: cache k ", cache_k.sizes(), " and v ", cache_v.sizes(), " do not fit");
+    for (const at::Tensor *t : {&cos, &sin})
+        TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == b &&
+                              t->size(1) == dh,
+                          "groklm: block: the RoPE tables must be contiguous fp32 [", b, ", ", dh, "], not ",
+                          t->sizes());
+    TORCH_CHECK_VALUE(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == b,
+                      "groklm: block: positions must be a contiguous int64 [", b, "]");
+    const int64_t *pos = positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; r++)
+        TORCH_CHECK_INDEX(pos[r] >= 0 && pos[r] < slots, "groklm: block: position ", pos[r], " outside the ", slots,
+                          " cache slots");
+
+    const at::Tensor x = normed(h, norms[0], eps);
+    const at::Tensor qkv = linear(bits, x, weights.slice(0, 6), false);  // [B, Q + 2 KV]
+    const int64_t q_size = qkv.size(1) - 2 * kv;
+    TORCH_CHECK_VALUE(q_size > 0 && q_size % kv == 0, "groklm: block: q, k and v give ", qkv.size(1),
+                      " columns, not Q + 2 * ", kv, " with Q a multiple of ", kv);
+    at::Tensor q = at::empty({b, kh, q_size / kv, dh}, h.options());
+    const at::BFloat16 *row = qkv.data_ptr<at::BFloat16>();
+    at::BFloat16 *qp = q.data_ptr<at::BFloat16>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    for (int64_t r = 0; r < b; r++, row += qkv.size(1), cp += dh, sp += dh) {
+        for (int64_t j = 0; j < q_size; j += dh) rope_head(row + j, cp, sp, dh, qp + r * q_size + j);
+        const int64_t at_slot = r * cache_k.stride(0) + pos[r] * kv;
+        at::BFloat16 *kp = cache_k.data_ptr<at::BFloat16>() + at_slot, *vp = cache_v.data_ptr<at::BFloat16>() + at_slot;
+        for (int64_t j = 0; j < kv; j += dh) rope_head(row + q_size + j, cp, sp, dh, kp + j);
+        std::copy(row + q_size + kv, row + q_size + 2 * kv, vp);
+    }
+    const at::Tensor o = attend(q, cache_k, cache_v, mask, multiplier, softcap, masked, scale);
+    const at::Tensor a = linear(bits, o.view({b, q_size}), weights.slice(6, 2), false);
+    const at::Tensor h1 = normed(a, norms[1], eps, &h);
+    const at::Tensor f = moe(normed(h1, norms[2], eps), router, topk, bits, weights.slice(8, 6), router_cap, gelu_erf);
+    return normed(f, norms[3], eps, &h1);
+}
+
 }  // namespace
 
 extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
@@ -180,4 +299,5 @@ TORCH_LIBRARY_IMPL(groklm, CPU, m) {
     m.impl("linear", &linear);
     m.impl("moe", &moe);
     m.impl("attend", &attend);
+    m.impl("block", &block);
 }
