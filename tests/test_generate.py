@@ -202,7 +202,8 @@ def test_fused_decode_block_gives_the_blocks_bits(mini_ckpt: Path, monkeypatch: 
         pytest.skip("the C++ ops are not built here")
     # Grok-2's attention temperature (from position 2 on), router soft-cap and erf GELU
     grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf"}
-    model = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}[make]()
+    makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}
+    model = makers[make]()
     assert all(type(layer) is QuantizedBlock for layer in model.layers)
     calls = []
     block = kernels.block
