@@ -301,11 +301,28 @@ def test_native_decode_attention_matches_the_torch_path(build: str, batch: int, 
     assert (native != reference).float().mean() < 0.05  # almost everything bit-identical
 
 
-def test_native_attention_declines_prefill_and_refuses_bad_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_attention_takes_prefill_row_by_row_and_refuses_bad_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several new tokens a row (a prompt): each query position is a row of its own for the kernel, so
+    its output is exactly what one query alone, under its own mask, gets. Grok-2, whose scores are not
+    rounded to bf16, keeps the torch path."""
     attn, q, k, v, mask = _decode_attention_case(2, 16, 32, seed=0)
-    monkeypatch.setattr(kernels, "attend", lambda *a: pytest.fail("prefill must not take the decode kernel"))
-    q2 = torch.cat([q, q], dim=1)  # two new tokens per row: torch's batched matmuls
-    attn.attend(q2, k, v, torch.cat([mask, mask], dim=3))
+    later = mask.clone()
+    later[:, ..., 3] = ~later[:, ..., 3]  # the second query sees other slots
+    q2 = torch.cat([q, (q.float() * -0.5).bfloat16()], dim=1)
+    both = attn.attend(q2, k, v, torch.cat([mask, later], dim=3))
+    assert torch.equal(both[:, :1], attn.attend(q, k, v, mask))
+    assert torch.equal(both[:, 1:], attn.attend(q2[:, 1:], k, v, later))
+    assert not torch.equal(both[:, :1], both[:, 1:])
+    # without a cache, k and v are the prompt's own (v a view of the projection: other strides than k's)
+    wide = torch.randn(2, 16, 3, 4, 32).bfloat16()
+    kp, vp = wide[:, :, 0], wide[:, :, 1]
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None, None, None].expand(2, 1, 1, 16, 16)
+    qp = torch.randn(2, 16, 4, 2, 32).bfloat16()
+    _assert_bf16_near(attn.attend(qp, kp, vp, causal), Attention.attend(attn, qp, kp, vp, causal))  # as decode's
+    attn.config = replace(attn.config, jax_rounding=False)
+    monkeypatch.setattr(kernels, "attend", lambda *a: pytest.fail("Grok-2's attention must not take the kernel"))
+    attn.attend(q2, k, v, torch.cat([mask, later], dim=3))
+    attn.attend(q, k, v, mask)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="mask"):
         kernels.attend(q[:, 0], k, v, mask[:, 0, 0, 0, :8], 1.0, 30.0, -1e30)
