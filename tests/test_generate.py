@@ -182,7 +182,8 @@ def _decode_twice(model: groklm.Grok) -> tuple[torch.Tensor, torch.Tensor, KVCac
 
 
 def _int4_mini(mini_ckpt: Path) -> groklm.Grok:
-    return quantize_int4(groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False), group_size=32)  # type: ignore[return-value]
+    model = groklm.load(mini_ckpt, dtype=torch.bfloat16, progress=False)
+    return quantize_int4(model, group_size=32)  # type: ignore[return-value]
 
 
 def _int8_mini(**changes: object) -> groklm.Grok:
@@ -200,8 +201,8 @@ def test_fused_decode_block_gives_the_blocks_bits(mini_ckpt: Path, monkeypatch: 
     and the residuals between the kernels give exactly the logits and cache of the plain block."""
     if not kernels.supports_block():
         pytest.skip("the C++ ops are not built here")
-    # Grok-2's attention temperature (from position 2 on), router soft-cap and erf GELU
-    grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf"}
+    # Grok-2's attention temperature (from position 2 on), router soft-cap, erf GELU and unrounded scores
+    grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf", "jax_rounding": False}
     makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}
     model = makers[make]()
     assert all(type(layer) is QuantizedBlock for layer in model.layers)

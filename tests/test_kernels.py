@@ -301,10 +301,10 @@ def test_native_decode_attention_matches_the_torch_path(build: str, batch: int, 
     assert (native != reference).float().mean() < 0.05  # almost everything bit-identical
 
 
-def test_native_attention_takes_prefill_row_by_row_and_refuses_bad_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_attention_takes_prefill_row_by_row_and_refuses_bad_masks() -> None:
     """Several new tokens a row (a prompt): each query position is a row of its own for the kernel, so
-    its output is exactly what one query alone, under its own mask, gets. Grok-2, whose scores are not
-    rounded to bf16, keeps the torch path."""
+    its output is exactly what one query alone, under its own mask, gets; with and without the
+    rounding of the scores to bf16 (Grok-1's reference rounds, Grok-2's does not), as the torch path."""
     attn, q, k, v, mask = _decode_attention_case(2, 16, 32, seed=0)
     later = mask.clone()
     later[:, ..., 3] = ~later[:, ..., 3]  # the second query sees other slots
@@ -319,11 +319,11 @@ def test_native_attention_takes_prefill_row_by_row_and_refuses_bad_masks(monkeyp
     causal = torch.ones(16, 16, dtype=torch.bool).tril()[None, None, None].expand(2, 1, 1, 16, 16)
     qp = torch.randn(2, 16, 4, 2, 32).bfloat16()
     _assert_bf16_near(attn.attend(qp, kp, vp, causal), Attention.attend(attn, qp, kp, vp, causal))  # as decode's
+    rounded = attn.attend(qp, kp, vp, causal)
     attn.config = replace(attn.config, jax_rounding=False)
-    monkeypatch.setattr(kernels, "attend", lambda *a: pytest.fail("Grok-2's attention must not take the kernel"))
-    attn.attend(q2, k, v, torch.cat([mask, later], dim=3))
-    attn.attend(q, k, v, mask)
-    monkeypatch.undo()
+    unrounded = attn.attend(qp, kp, vp, causal)
+    _assert_bf16_near(unrounded, Attention.attend(attn, qp, kp, vp, causal))
+    assert not torch.equal(rounded, unrounded)
     with pytest.raises(ValueError, match="mask"):
         kernels.attend(q[:, 0], k, v, mask[:, 0, 0, 0, :8], 1.0, 30.0, -1e30)
     with pytest.raises(ValueError, match="mask"):
@@ -514,16 +514,20 @@ def test_moe_and_route_equal_their_scalar_twins(
 
 @pytest.mark.parametrize(("batch", "slots", "dh", "temperature"), [(1, 1, 32, False), (1, 77, 128, True),
                                                                    (3, 64, 32, False), (2, 1000, 128, True)])  # fmt: skip
-def test_attend_equals_its_scalar_twin(build: str, batch: int, slots: int, dh: int, temperature: bool) -> None:
-    """Decode attention (soft-capped scores, masked softmax, weighted values; Grok-2's per-row
-    temperature) within `_assert_bf16_near` of its twin. Every row sees a slot, as a decoded token sees
+@pytest.mark.parametrize("round_scores", [True, False])
+def test_attend_equals_its_scalar_twin(
+    build: str, batch: int, slots: int, dh: int, temperature: bool, round_scores: bool
+) -> None:
+    """Decode attention (soft-capped scores, rounded to bf16 or not; masked softmax, weighted values;
+    Grok-2's per-row temperature) within `_assert_bf16_near` of its twin. Every row sees a slot, as a decoded token sees
     itself (with none, the kernel's softmax spreads over the slots rounded up to 8)."""
     _, q, k, v, mask = _decode_attention_case(batch, slots, dh, seed=slots)
     mask = mask[:, 0, 0, 0].clone()
     mask[:, -1] = True
     scale = torch.rand(batch) + 0.5 if temperature else None
     args = (q[:, 0].contiguous(), k, v, mask, 0.125, 30.0, -1e30, scale)
-    _assert_bf16_near(kernels.attend(*args), kernels.attend(*args, reference=True))
+    got = kernels.attend(*args, round_scores=round_scores)
+    _assert_bf16_near(got, kernels.attend(*args, round_scores=round_scores, reference=True))
 
 
 def test_transpose_equals_its_scalar_twin(build: str) -> None:

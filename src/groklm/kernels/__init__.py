@@ -145,25 +145,28 @@ def moe(x: Tensor, router: Tensor, topk: int, bits: int, w1: Expert, v: Expert, 
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
-           scale: Tensor | None = None, *, reference: bool = False) -> Tensor:  # fmt: skip
+           scale: Tensor | None = None, *, round_scores: bool = True, reference: bool = False) -> Tensor:  # fmt: skip
     """The attention of one new token per row over its cache, in one native call: q [B, H, G, Dh] (G
     query heads per kv head, rotated), k and v [B, S, H, Dh] (a prefix of the cache), mask [B, S]
     bool -> [B, H, G, Dh], all bf16 but the mask (see `groklm_attend`); `scale` [B] fp32 multiplies
-    each row's capped scores (Grok-2's temperature). Nothing is copied: the torch path turns the whole
-    cache into fp32 for two matmuls every step. With `reference`, the kernel's scalar twin computes it."""
+    each row's capped scores (Grok-2's temperature). q . k is rounded to bf16 before the multiplier
+    with `round_scores` (Grok-1's reference), kept in fp32 without (Grok-2's). Nothing is copied: the
+    torch path turns the whole cache into fp32 for two matmuls every step. With `reference`, the
+    kernel's scalar twin computes it."""
     if not reference and (ops.NATIVE_OPS or torch.compiler.is_compiling()):
-        return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked, scale)
-    return native.attend(q, k, v, mask, multiplier, softcap, masked, scale, reference)
+        return torch.ops.groklm.attend(q, k, v, mask, multiplier, softcap, masked, scale, round_scores)
+    return native.attend(q, k, v, mask, multiplier, softcap, masked, scale, round_scores, reference)
 
 
 def block(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
           norms: Sequence[Tensor], weights: Sequence[Tensor], router: Tensor, bits: int, *, eps: float,
-          multiplier: float, softcap: float, masked: float, scale: Tensor | None, topk: int, router_cap: float,
-          gelu_erf: bool) -> Tensor:  # fmt: skip
+          multiplier: float, softcap: float, masked: float, scale: Tensor | None, round_scores: bool, topk: int,
+          router_cap: float, gelu_erf: bool) -> Tensor:  # fmt: skip
     """One decoder layer's decode step in one native call (`Block` for one new token a row, as
     `quant.fused.QuantizedBlock` hands it over): h [B, D] bf16 -> [B, D]; the new keys and values written
     into cache_k, cache_v [B, S, K, Dh] at `positions` [B]. `norms`: the block's four RMSNorm weights in
     the order it applies them; `weights`: wq, wk, wv, wo, w1, v, w2, each weight then its scales. The
     norms, RoPE, cache write and residual adds between the kernels give model.py's bits (see ops.cpp)."""
     return torch.ops.groklm.block(h, cos, sin, mask, cache_k, cache_v, positions, list(norms), list(weights), router,
-                                  bits, eps, multiplier, softcap, masked, scale, topk, router_cap, int(gelu_erf))  # fmt: skip
+                                  bits, eps, multiplier, softcap, masked, scale, round_scores, topk, router_cap,
+                                  int(gelu_erf))  # fmt: skip

@@ -56,7 +56,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
         linear.argtypes, linear.restype = [i, p, i, i, i, i, p, p, i, p, p, i, i], i
         moe.argtypes, moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, fl, i, p], i
         route.argtypes, route.restype = [p, i, i, p, i, i, fl, p, p], None
-        attend.argtypes, attend.restype = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, p, p], i
+        attend.argtypes, attend.restype = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, i, p, p], i
         transpose.argtypes = [p, ctypes.c_long, ctypes.c_long, p, ctypes.c_long]
     cdll.groklm_set_tanh8.argtypes = cdll.groklm_set_exp8.argtypes = cdll.groklm_set_erf8.argtypes = [p]
     cdll.groklm_guard_sigbus.argtypes = [ctypes.c_char_p]
@@ -215,7 +215,7 @@ def route(
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
-           scale: Tensor | None = None, reference: bool = False) -> Tensor:  # fmt: skip
+           scale: Tensor | None = None, round_scores: bool = True, reference: bool = False) -> Tensor:  # fmt: skip
     """groklm::attend in Python (see `groklm.kernels.attend`); with `reference`, the scalar twin computes it."""
     if not available() or not layout.fits_attend(q, k) or k.shape != v.shape or k.stride() != v.stride():
         raise ValueError(
@@ -233,7 +233,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, sof
     o = torch.empty_like(qc)
     rc = _kernel("attend", reference)(
         qc.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), mc.data_ptr(), b, k.shape[1], h, g, dh,
-        multiplier, softcap, masked, None if sc is None else sc.data_ptr(), o.data_ptr(),
+        multiplier, softcap, masked, int(round_scores), None if sc is None else sc.data_ptr(), o.data_ptr(),
     )  # fmt: skip
     if rc:
         raise MemoryError(f"the native attention could not allocate its scores for {k.shape[1]} slots")

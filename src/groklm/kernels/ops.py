@@ -1,8 +1,8 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
-(meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else the
-Python ones `native` hands over; and groklm::block, a decoder layer's decode step around them, C++ only
-(eager decode: compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the C++ ones too
-(`NATIVE_OPS`), or else the Python functions directly.
+(meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
+the Python ones `native` hands over; and groklm::block, a decoder layer's decode step around them, C++
+only (eager decode: compiled decode fuses the same glue itself). torch.compile always calls the ops;
+eager mode calls the C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
 The kernels are ops, opaque to torch.compile (which fuses what lies between them). Decode calls them ~25
 times a token, each time with caches its weights have just swept, where every Python and torch call
@@ -31,13 +31,13 @@ _OPS.define(
 )
 _OPS.define(
     "attend(Tensor q, Tensor k, Tensor v, Tensor mask, float multiplier, float softcap, float masked, "
-    "Tensor? scale) -> Tensor"
+    "Tensor? scale, bool round_scores=True) -> Tensor"
 )
 
 _OPS.define(
     "block(Tensor h, Tensor cos, Tensor sin, Tensor mask, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor positions, "
     "Tensor[] norms, Tensor[] weights, Tensor router, int bits, float eps, float multiplier, float softcap, "
-    "float masked, Tensor? scale, int topk, float router_cap, int gelu_erf) -> Tensor"
+    "float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
 )
 
 
@@ -56,7 +56,7 @@ def _(
 
 @torch.library.register_fake("groklm::attend")
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
-      scale: Tensor | None) -> Tensor:  # fmt: skip
+      scale: Tensor | None, round_scores: bool = True) -> Tensor:  # fmt: skip
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -71,7 +71,7 @@ def cpp_ops() -> ctypes.CDLL | None:
 
 LinearFn = Callable[[int, Tensor, Sequence[Weight], torch.dtype], Tensor]
 MoEFn = Callable[[Tensor, Tensor, int, int, Expert, Expert, Expert, float, bool], Tensor]
-AttendFn = Callable[[Tensor, Tensor, Tensor, Tensor, float, float, float, "Tensor | None"], Tensor]
+AttendFn = Callable[[Tensor, Tensor, Tensor, Tensor, float, float, float, "Tensor | None", bool], Tensor]
 
 
 def use_python(linear: LinearFn, moe: MoEFn, attend: AttendFn) -> None:

@@ -39,8 +39,8 @@ def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[n
 class QuantizedAttention(Attention):
     """Attention whose q, k and v projections are int8 or int4: on CPU in bf16 they run as one native
     call (`kernels.linear`: one activation quantization, one pass over the three weights), and so does
-    the attention over the cache or the prompt (`kernels.attend`), where the model rounds its scores as
-    Grok-1's reference does (`jax_rounding`). The torch path, in fp64 (see `Attention.attend`), cost a
+    the attention over the cache or the prompt (`kernels.attend`, rounding the scores where the
+    model's reference does: `jax_rounding`). The torch path, in fp64 (see `Attention.attend`), cost a
     quarter of a 512-token bench-mid prefill."""
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,14 +60,13 @@ class QuantizedAttention(Attention):
 
             return gpu.attention(q, k, v, mask, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, temp,
                                  round_scores=c.jax_rounding)  # fmt: skip
-        # The kernel rounds q . k to bf16 as Grok-1's reference does; Grok-2's (SGLang's) keeps it in fp32.
-        if not c.jax_rounding or kernels.needs_grad(q) or not kernels.supports_attend(q[:, 0], k):
+        if kernels.needs_grad(q) or not kernels.supports_attend(q[:, 0], k):
             return super().attend(q, k, v, mask, temp)
         args = (c.attn_output_multiplier, c.attn_softcap, MASK_VALUE)
         if t == 1:
             q1, mask1 = q[:, 0].contiguous(), mask[:, 0, 0, 0].contiguous()  # [B, K, G, Dh], [B, S]
             scale = None if temp is None else temp.reshape(b).contiguous()
-            return kernels.attend(q1, k, v, mask1, *args, scale).view(b, 1, c.q_size)
+            return kernels.attend(q1, k, v, mask1, *args, scale, round_scores=c.jax_rounding).view(b, 1, c.q_size)
         # Prefill: each query position a row of its own, over the same keys (rows 0 apart) under its own
         # mask. A row's result depends on nothing else (not T, nor S: see groklm_attend), so a prompt
         # prefilled in chunks gets the bits it gets whole, and those a decode step gives its position.
@@ -77,7 +76,8 @@ class QuantizedAttention(Attention):
         for i in range(b):
             ki, vi = k[i : i + 1].expand(t, *k.shape[1:]), v[i : i + 1].expand(t, *v.shape[1:])
             scale = None if temp is None else temp[i].reshape(t).contiguous()
-            outs.append(kernels.attend(q[i].contiguous(), ki, vi, mask[i, 0, 0].contiguous(), *args, scale))
+            mi = mask[i, 0, 0].contiguous()
+            outs.append(kernels.attend(q[i].contiguous(), ki, vi, mi, *args, scale, round_scores=c.jax_rounding))
         return torch.stack(outs).view(b, t, c.q_size)
 
 
@@ -154,8 +154,8 @@ class QuantizedBlock(Block):
             h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), *kv, where[1].reshape(b),
             self._norms, weights, self.moe.router.weight, bits, eps=self.attn_norm.eps,
             multiplier=c.attn_output_multiplier, softcap=c.attn_softcap, masked=MASK_VALUE,
-            scale=None if temp is None else temp.reshape(b).contiguous(), topk=self.moe.top_k,
-            router_cap=self.moe.router_softcap or 0.0, gelu_erf=self.moe.approximate == "none",
+            scale=None if temp is None else temp.reshape(b).contiguous(), round_scores=c.jax_rounding,
+            topk=self.moe.top_k, router_cap=self.moe.router_softcap or 0.0, gelu_erf=self.moe.approximate == "none",
         )  # fmt: skip
         return out.view(h.shape)
 
@@ -203,8 +203,6 @@ class QuantizedBlock(Block):
         a, m = self.attn, self.moe
         linears = (a.wq, a.wk, a.wv, a.wo)
         router = type(m.router) is nn.Linear and m.router.weight.dtype == torch.float32
-        if not a.config.jax_rounding:  # as QuantizedAttention.attend
-            return False
         norms_fit = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.eps == self.attn_norm.eps
                         for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm))  # fmt: skip
         fits = kernels.supports_block() and kernels.supports_linear(bits, [(x.weight, x.scales) for x in linears[:3]])

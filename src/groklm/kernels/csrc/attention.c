@@ -2,6 +2,7 @@
  *
  * For row b, kv head h and each of its G query heads (q [B, H, G, Dh], rotated, bf16):
  *   s_j = cap * tanh(bf16(q . k_j) * mult / cap) for cache slots j < S where mask[b, j], else `masked`
+ *   (q . k_j not rounded to bf16 without `round_scores`: Grok-2's reference keeps it in fp32)
  *   o   = bf16( sum_j bf16(softmax_j(s)) * v_j )
  * in fp32 with the reference's bf16 roundings, as the torch path computes it (the same function, not
  * the same bits: sums run in another order). k, v are [B, S, H, Dh] bf16 whose rows lie `stride`
@@ -39,8 +40,8 @@ static void softmax_bf16(float *s, int n) {
 }
 
 int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long stride, const uint8_t *mask, int B,
-                  int S, int H, int G, int Dh, float mult, float cap, float masked, const float *row_scale,
-                  uint16_t *o) {
+                  int S, int H, int G, int Dh, float mult, float cap, float masked, int round_scores,
+                  const float *row_scale, uint16_t *o) {
     int failed = 0;
     /* Scores run over S rounded up to 8, the extra slots masked: each slot then always takes the same
      * lane of the 8-wide tanh, exp and sum, so a row's result does not depend on how many slots the
@@ -63,7 +64,10 @@ int groklm_attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, long 
                         const uint16_t *kb = k + (size_t)b * stride + (size_t)h * Dh, *vb = v + (size_t)b * stride + (size_t)h * Dh;
                         const uint8_t *mb = mask + (size_t)b * S;
                         const size_t row = (size_t)H * Dh; /* between slots */
-                        for (int j = 0; j < S8; j++) s[j] = j < S && mb[j] ? bf16_round(dot_with(qr, kb + j * row, 0, Dh)) * mult : 0.f;
+                        for (int j = 0; j < S8; j++) {
+                            const float d = j < S && mb[j] ? dot_with(qr, kb + j * row, 0, Dh) : 0.f;
+                            s[j] = (round_scores ? bf16_round(d) : d) * mult;
+                        }
                         soft_cap(s, S8, cap);
                         if (row_scale) /* Grok-2's temperature: the capped scores of this row's query, scaled */
                             for (int j = 0; j < S8; j++) s[j] *= row_scale[b];

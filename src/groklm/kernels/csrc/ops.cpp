@@ -24,7 +24,7 @@ using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int
                        void *);
 using chunk_fn = int (*)(int, int, int);
 using attend_fn = int (*)(const void *, const void *, const void *, long, const void *, int, int, int, int, int, float,
-                          float, float, const float *, void *);
+                          float, float, int, const float *, void *);
 
 linear_fn kernel_linear = nullptr;
 moe_fn kernel_moe = nullptr;
@@ -139,7 +139,8 @@ at::Tensor moe(const at::Tensor &x, const at::Tensor &router, int64_t topk, int6
 // q [B, H, G, Dh] (one new token per row), k and v [B, S, H, Dh] (a cache prefix: rows may lie further
 // apart than S * H * Dh), mask [B, S] bool -> [B, H, G, Dh]; all bf16 but the mask. See groklm_attend.
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
-                  double multiplier, double softcap, double masked, const c10::optional<at::Tensor> &scale) {
+                  double multiplier, double softcap, double masked, const c10::optional<at::Tensor> &scale,
+                  bool round_scores) {
     TORCH_CHECK_VALUE(kernel_attend, "groklm: the native kernels are not loaded");
     for (const at::Tensor *t : {&q, &k, &v})
         TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4,
@@ -163,7 +164,7 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     at::Tensor o = at::empty_like(q);
     const int rc = kernel_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), (long)k.stride(0), mask.data_ptr(), (int)b,
                                  (int)s, (int)h, (int)g, (int)dh, (float)multiplier, (float)softcap, (float)masked,
-                                 row_scale, o.data_ptr());
+                                 round_scores ? 1 : 0, row_scale, o.data_ptr());
     TORCH_CHECK(rc == 0, "groklm: the native attention could not allocate its scores for ", s, " slots");
     return o;
 }
@@ -233,8 +234,8 @@ void rope_head(const at::BFloat16 *x, const float *cos, const float *sin, int64_
 at::Tensor block(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &sin, const at::Tensor &mask,
                  at::Tensor &cache_k, at::Tensor &cache_v, const at::Tensor &positions, at::TensorList norms,
                  at::TensorList weights, const at::Tensor &router, int64_t bits, double eps, double multiplier,
-                 double softcap, double masked, const c10::optional<at::Tensor> &scale, int64_t topk,
-                 double router_cap, int64_t gelu_erf) {
+                 double softcap, double masked, const c10::optional<at::Tensor> &scale, bool round_scores,
+                 int64_t topk, double router_cap, int64_t gelu_erf) {
     TORCH_CHECK_VALUE(norms.size() == 4 && weights.size() == 14,
                       "groklm: block takes 4 norm weights and 7 (weight, scales) pairs");
     TORCH_CHECK_VALUE(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(),
@@ -278,7 +279,7 @@ at::Tensor block(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &s
         for (int64_t j = 0; j < kv; j += dh) rope_head(row + q_size + j, cp, sp, dh, kp + j);
         std::copy(row + q_size + kv, row + q_size + 2 * kv, vp);
     }
-    const at::Tensor o = attend(q, cache_k, cache_v, mask, multiplier, softcap, masked, scale);
+    const at::Tensor o = attend(q, cache_k, cache_v, mask, multiplier, softcap, masked, scale, round_scores);
     const at::Tensor a = linear(bits, o.view({b, q_size}), weights.slice(6, 2), false);
     const at::Tensor h1 = normed(a, norms[1], eps, &h);
     const at::Tensor f = moe(normed(h1, norms[2], eps), router, topk, bits, weights.slice(8, 6), router_cap, gelu_erf);

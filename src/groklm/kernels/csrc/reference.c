@@ -169,8 +169,8 @@ int groklm_moe_ref(int bits, const uint16_t *x, int N, int D, const float *route
 /* A row with every slot masked takes a uniform softmax over its S slots here; the kernel spreads it over S
  * rounded up to 8. Decode never meets one: a new token always sees itself. */
 int groklm_attend_ref(const uint16_t *q, const uint16_t *k, const uint16_t *v, long stride, const uint8_t *mask, int B,
-                      int S, int H, int G, int Dh, float mult, float cap, float masked, const float *row_scale,
-                      uint16_t *o) {
+                      int S, int H, int G, int Dh, float mult, float cap, float masked, int round_scores,
+                      const float *row_scale, uint16_t *o) {
     float *s = malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
     if (!s) return -1;
     const size_t row = (size_t)H * Dh; /* between slots */
@@ -183,7 +183,7 @@ int groklm_attend_ref(const uint16_t *q, const uint16_t *k, const uint16_t *v, l
                 for (int j = 0; j < S; j++) {
                     float dot = 0.f;
                     for (int d = 0; d < Dh; d++) dot = fmaf(bf16_to_f32(qr[d]), bf16_to_f32(kb[j * row + d]), dot);
-                    s[j] = cap * tanhf((mb[j] ? bf16_round(dot) * mult : 0.f) / cap);
+                    s[j] = cap * tanhf((mb[j] ? (round_scores ? bf16_round(dot) : dot) * mult : 0.f) / cap);
                     if (row_scale) s[j] *= row_scale[b];
                     if (!mb[j]) s[j] = masked;
                 }
