@@ -159,14 +159,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, sof
 
 
 def block(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-          norms: Sequence[Tensor], weights: Sequence[Tensor], router: Tensor, bits: int, *, eps: float,
-          multiplier: float, softcap: float, masked: float, scale: Tensor | None, round_scores: bool, topk: int,
-          router_cap: float, gelu_erf: bool) -> Tensor:  # fmt: skip
+          norms: Sequence[Tensor], weights: Sequence[Tensor], router: Tensor, bits: int, eps: float,
+          multiplier: float, softcap: float, masked: float, round_scores: bool, topk: int, router_cap: float,
+          gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
     """One decoder layer's decode step in one native call (`Block` for one new token a row, as
     `quant.fused.QuantizedBlock` hands it over): h [B, D] bf16 -> [B, D]; the new keys and values written
     into cache_k, cache_v [B, S, K, Dh] at `positions` [B]. `norms`: the block's four RMSNorm weights in
     the order it applies them; `weights`: wq, wk, wv, wo, w1, v, w2, each weight then its scales. The
     norms, RoPE, cache write and residual adds between the kernels give model.py's bits (see ops.cpp)."""
-    return torch.ops.groklm.block(h, cos, sin, mask, cache_k, cache_v, positions, list(norms), list(weights), router,
+    return torch.ops.groklm.block(h, cos, sin, mask, cache_k, cache_v, positions, norms, weights, router,
                                   bits, eps, multiplier, softcap, masked, scale, round_scores, topk, router_cap,
                                   int(gelu_erf))  # fmt: skip

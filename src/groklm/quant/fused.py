@@ -7,6 +7,8 @@ paths wherever the kernels do not apply.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
@@ -147,55 +149,52 @@ class QuantizedBlock(Block):
         plan = self._decode_plan(h, kv)
         if plan is None:
             return super().forward(h, cos, sin, mask, kv, where, temp)
-        bits, weights = plan
         assert kv is not None
-        b, c = h.shape[0], self.attn.config
-        out = kernels.block(
-            h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), *kv, where[1].reshape(b),
-            self._norms, weights, self.moe.router.weight, bits, eps=self.attn_norm.eps,
-            multiplier=c.attn_output_multiplier, softcap=c.attn_softcap, masked=MASK_VALUE,
-            scale=None if temp is None else temp.reshape(b).contiguous(), round_scores=c.jax_rounding,
-            topk=self.moe.top_k, router_cap=self.moe.router_softcap or 0.0, gelu_erf=self.moe.approximate == "none",
-        )  # fmt: skip
+        b = h.shape[0]
+        scale = None if temp is None else temp.reshape(b).contiguous()
+        out = kernels.block(h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), *kv,
+                            where[1].reshape(b), *plan, scale=scale)  # fmt: skip
         return out.view(h.shape)
 
-    @property
-    def _norms(self) -> list[Tensor]:
-        return [n.weight for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm)]
-
-    def _parts(self) -> tuple[nn.Module, ...]:
-        a, m = self.attn, self.moe
-        return (self.attn_norm, a, a.wq, a.wk, a.wv, a.wo, self.attn_out_norm, self.moe_norm, m, m.router, m.w1, m.v,
-                m.w2, self.moe_out_norm)  # fmt: skip
-
-    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> tuple[int, list[Tensor]] | None:
-        """(bits, the flat weights) for `kernels.block`, or None: run as Block. The weights' fit is worked
-        out once for the tensors at hand (the rest is a few attribute reads a step)."""
-        if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling():
+    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> tuple[Any, ...] | None:
+        """`kernels.block`'s arguments from `norms` to `gelu_erf`, or None: run as Block. Called every
+        layer every step, after the weights have swept the caches: parts are read from the module dicts,
+        not through nn.Module's attribute lookup, and the arguments (whether the kernels take the
+        weights, first) are worked out once for the tensors at hand."""
+        if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling() or self.mlp is not None:
             return None
-        if type(self.attn) is not QuantizedAttention or type(self.moe) is not QuantizedMoE or self.mlp is not None:
+        if h.dtype != torch.bfloat16 or h.device.type != "cpu" or kernels.needs_grad(h) or kernels.use_triton(h):
             return None
-        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self._parts()):
+        mods = self._modules
+        a, m = mods["attn"], mods["moe"]
+        if type(a) is not QuantizedAttention or type(m) is not QuantizedMoE:
+            return None
+        am, mm = a._modules, m._modules
+        linears, experts = (am["wq"], am["wk"], am["wv"], am["wo"]), (mm["w1"], mm["v"], mm["w2"])
+        norms = (mods["attn_norm"], mods["attn_out_norm"], mods["moe_norm"], mods["moe_out_norm"])
+        bits = _LINEAR_BITS.get(type(linears[0]))
+        if bits is None or _EXPERT_BITS.get(type(experts[0])) != bits:
+            return None
+        if any(type(x) is not type(linears[0]) for x in linears):
+            return None
+        if any(type(x) is not type(experts[0]) for x in experts):
+            return None
+        parts = (a, m, mm["router"], *linears, *experts, *norms)
+        if _global_hooks() or any(p._forward_hooks or p._forward_pre_hooks for p in parts):
             return None
         k = kv[0]
         if k.dtype != torch.bfloat16 or k.shape[3] % 8 or k.stride()[1:] != (k.shape[2] * k.shape[3], k.shape[3], 1):
             return None
-        a, m = self.attn, self.moe
-        linears, experts = (a.wq, a.wk, a.wv, a.wo), (m.w1, m.v, m.w2)
-        bits = _LINEAR_BITS.get(type(a.wq))
-        if bits is None or any(type(x) is not type(a.wq) for x in linears) or _EXPERT_BITS.get(type(m.w1)) != bits:
-            return None
-        if any(type(x) is not type(m.w1) for x in experts):
-            return None
-        tensors = [t for mod in (*linears, *experts) for t in (mod.weight, mod.scales)]
-        key = [*tensors, *self._norms, m.router.weight]
+        tensors = [t for mod in (*linears, *experts) for t in (mod._buffers["weight"], mod._buffers["scales"])]
+        key = [*tensors, *(n._parameters["weight"] for n in norms), mm["router"]._parameters.get("weight")]
         cached = self.__dict__.get("_plan")
-        if cached is None or len(cached[0]) != len(key) or any(x is not y for x, y in zip(cached[0], key, strict=True)):
-            cached = (key, self._fits(bits))
+        if cached is None or any(x is not y for x, y in zip(cached[0], key, strict=True)):
+            c = a.config
+            args = (key[14:18], tensors, key[18], bits, self.attn_norm.eps, c.attn_output_multiplier, c.attn_softcap,
+                    MASK_VALUE, c.jax_rounding, m.top_k, m.router_softcap or 0.0, m.approximate == "none")  # fmt: skip
+            cached = (key, args if self._fits(bits) else None)
             self.__dict__["_plan"] = cached
-        if not cached[1] or _native_bits(h, linears, _LINEAR_BITS) != bits:
-            return None
-        return bits, tensors
+        return cached[1]
 
     def _fits(self, bits: int) -> bool:
         """Whether the native calls take this block's norms, router and weights (as `QuantizedMoE.native`
