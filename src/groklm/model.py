@@ -109,10 +109,11 @@ def recast(module: nn.Module, kind: type[M], **settings: Any) -> M:
 
 class RMSNorm(nn.Module):
     """`scale * x * rsqrt(mean(x^2) + eps)` in fp32; the stored scale multiplies directly (not 1 + scale).
-    For inference on the CPU the squares are summed in fp64 and the mean rounded to fp32 once: the squares
-    of fp32 numbers are exact in fp64, so any order of summing them (torch's, or the fused decode block's
-    loop, `quant.fused.QuantizedBlock`) rounds to the same fp32 mean, and the two paths agree bit for bit.
-    (Training keeps fp32: autograd would save the fp64 copy.)"""
+    For bf16 on the CPU (where the native kernels run) the squares are summed in fp64 and the mean rounded
+    to fp32 once: the squares of fp32 numbers are exact in fp64, so any order of summing them (torch's, or
+    the fused decode block's loop, `quant.fused.QuantizedBlock`) rounds to the same fp32 mean, and the two
+    paths agree bit for bit. The choice depends on the dtype only, never on autograd's mode, so a model
+    gives the same bits under `no_grad` and without."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -121,8 +122,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        exact = x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
-        acc = torch.float64 if exact else torch.float32
+        acc = torch.float64 if x.device.type == "cpu" and x.dtype == torch.bfloat16 else torch.float32
         normed = xf * torch.rsqrt(xf.to(acc).square().mean(-1, keepdim=True).float() + self.eps)
         return (self.weight.float() * normed).to(x.dtype)
 
