@@ -21,21 +21,22 @@ _EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinea
 _LINEAR_BITS: dict[type[nn.Module], int] = {Int8Linear: 8, Int4Linear: 4}
 
 
-def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[nn.Module], int]) -> int | None:
-    """The width (8 or 4) of these quantized modules if a native call can take them all with x (bf16,
-    CPU, one kind of module, one scale layout); else None."""
+def _native_input(x: Tensor) -> bool:
+    """Whether the native kernels take x: bf16 on the CPU, no gradient wanted, Triton not chosen."""
+    return (
+        x.dtype == torch.bfloat16 and x.device.type == "cpu" and not kernels.needs_grad(x) and not kernels.use_triton(x)
+    )
+
+
+def _one_kind(modules: tuple[nn.Module, ...], bits_of: dict[type[nn.Module], int]) -> int | None:
+    """The width (8 or 4) of these quantized modules if they are all of one kind; else None."""
     bits = bits_of.get(type(modules[0]))
-    if (
-        bits is None
-        or x.dtype != torch.bfloat16
-        or x.device.type != "cpu"
-        or kernels.needs_grad(x)
-        or kernels.use_triton(x)
-    ):
-        return None
-    if any(type(m) is not type(modules[0]) for m in modules):
-        return None
-    return bits
+    return None if bits is None or any(type(m) is not type(modules[0]) for m in modules) else bits
+
+
+def _native_bits(x: Tensor, modules: tuple[nn.Module, ...], bits_of: dict[type[nn.Module], int]) -> int | None:
+    """The width (8 or 4) of these quantized modules if a native call can take them all with x; else None."""
+    return _one_kind(modules, bits_of) if _native_input(x) else None
 
 
 class QuantizedAttention(Attention):
@@ -90,11 +91,14 @@ class QuantizedMoE(MoE):
 
     def native(self, x: Tensor) -> int | None:
         """The width of the native call this input takes (8 or 4), or None: the plain MoE path."""
-        mods = (self.w1, self.v, self.w2)
-        bits = _native_bits(x, mods, _EXPERT_BITS)
-        if bits is None or type(self.router) is not nn.Linear or self.router.weight.dtype != torch.float32:
-            return None
-        return bits if kernels.supports_moe(bits, *[(m.weight, m.scales) for m in mods]) else None
+        bits = _native_bits(x, (self.w1, self.v, self.w2), _EXPERT_BITS)
+        return bits if bits is not None and self.takes(bits) else None
+
+    def takes(self, bits: int) -> bool:
+        """Whether the native call takes this MoE's router (fp32) and its experts at this width."""
+        if type(self.router) is not nn.Linear or self.router.weight.dtype != torch.float32:
+            return False
+        return kernels.supports_moe(bits, *[(m.weight, m.scales) for m in (self.w1, self.v, self.w2)])
 
     def route(self, xs: Tensor) -> tuple[Tensor, Tensor]:
         """As MoE.route, computed as the native call routes where it applies (the same function)."""
@@ -163,7 +167,7 @@ class QuantizedBlock(Block):
         weights, first) are worked out once for the tensors at hand."""
         if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling() or self.mlp is not None:
             return None
-        if h.dtype != torch.bfloat16 or h.device.type != "cpu" or kernels.needs_grad(h) or kernels.use_triton(h):
+        if not _native_input(h):
             return None
         mods = self._modules
         a, m = mods["attn"], mods["moe"]
@@ -172,12 +176,8 @@ class QuantizedBlock(Block):
         am, mm = a._modules, m._modules
         linears, experts = (am["wq"], am["wk"], am["wv"], am["wo"]), (mm["w1"], mm["v"], mm["w2"])
         norms = (mods["attn_norm"], mods["attn_out_norm"], mods["moe_norm"], mods["moe_out_norm"])
-        bits = _LINEAR_BITS.get(type(linears[0]))
-        if bits is None or _EXPERT_BITS.get(type(experts[0])) != bits:
-            return None
-        if any(type(x) is not type(linears[0]) for x in linears):
-            return None
-        if any(type(x) is not type(experts[0]) for x in experts):
+        bits = _one_kind(linears, _LINEAR_BITS)
+        if bits is None or _one_kind(experts, _EXPERT_BITS) != bits:
             return None
         parts = (a, m, mm["router"], *linears, *experts, *norms)
         if _global_hooks() or any(p._forward_hooks or p._forward_pre_hooks for p in parts):
@@ -186,28 +186,26 @@ class QuantizedBlock(Block):
         if k.dtype != torch.bfloat16 or k.shape[3] % 8 or k.stride()[1:] != (k.shape[2] * k.shape[3], k.shape[3], 1):
             return None
         tensors = [t for mod in (*linears, *experts) for t in (mod._buffers["weight"], mod._buffers["scales"])]
-        key = [*tensors, *(n._parameters["weight"] for n in norms), mm["router"]._parameters.get("weight")]
+        norm_weights, router = [n._parameters["weight"] for n in norms], mm["router"]._parameters.get("weight")
+        key = [*tensors, *norm_weights, router]
         cached = self.__dict__.get("_plan")
         if cached is None or any(x is not y for x, y in zip(cached[0], key, strict=True)):
             c = a.config
-            args = (key[14:18], tensors, key[18], bits, self.attn_norm.eps, c.attn_output_multiplier, c.attn_softcap,
+            args = (norm_weights, tensors, router, bits, self.attn_norm.eps, c.attn_output_multiplier, c.attn_softcap,
                     MASK_VALUE, c.jax_rounding, m.top_k, m.router_softcap or 0.0, m.approximate == "none")  # fmt: skip
             cached = (key, args if self._fits(bits) else None)
             self.__dict__["_plan"] = cached
         return cached[1]
 
     def _fits(self, bits: int) -> bool:
-        """Whether the native calls take this block's norms, router and weights (as `QuantizedMoE.native`
-        and `QuantizedAttention.qkv` ask of them)."""
-        a, m = self.attn, self.moe
-        linears = (a.wq, a.wk, a.wv, a.wo)
-        router = type(m.router) is nn.Linear and m.router.weight.dtype == torch.float32
+        """Whether the native calls take this block's norms and weights (its MoE: `QuantizedMoE.takes`)."""
+        a = self.attn
         norms_fit = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.eps == self.attn_norm.eps
                         for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm))  # fmt: skip
-        fits = kernels.supports_block() and kernels.supports_linear(bits, [(x.weight, x.scales) for x in linears[:3]])
-        fits = fits and kernels.supports_linear(bits, [(a.wo.weight, a.wo.scales)])
-        fits = fits and kernels.supports_moe(bits, *[(e.weight, e.scales) for e in (m.w1, m.v, m.w2)])
-        return norms_fit and router and fits
+        qkv = [(x.weight, x.scales) for x in (a.wq, a.wk, a.wv)]
+        fits = kernels.supports_block() and kernels.supports_linear(bits, qkv)
+        fits = fits and kernels.supports_linear(bits, [(a.wo.weight, a.wo.scales)]) and self.moe.takes(bits)
+        return norms_fit and fits
 
 
 def _global_hooks() -> bool:
@@ -227,9 +225,9 @@ parallel MoE, which holds a share of the experts the fused MoE kernel cannot rou
 def fuse(model: nn.Module) -> nn.Module:
     """Give attention and MoE blocks their fused native paths, in place (each swapped for a module
     holding the same parameters, settings and hooks: state-dict names unchanged); returns the model,
-    or, where `model` is itself such a block, the new block. Only `qkv`, `attend`, the MoE's and
-    the block's `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float
-    weights included)."""
+    or, where `model` is itself such a block, the new block. Only `qkv`, `attend`, the MoE's and the
+    block's `forward` differ, and they fall back to the plain ones wherever the kernels do not apply
+    (float weights included)."""
     if type(model) in FUSED:
         return recast(model, FUSED[type(model)])
     for name, module in list(model.named_modules()):
