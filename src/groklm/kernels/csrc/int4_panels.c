@@ -16,7 +16,7 @@
 /* A panel's weights and scales are prefetched twice: PANEL_PREFETCH bytes ahead into L2 and, further,
  * PANEL_PREFETCH2 ahead into L3 (T2), keeping enough of one core's misses in flight. */
 #ifndef PANEL_PREFETCH
-#define PANEL_PREFETCH 8192
+#define PANEL_PREFETCH 4096
 #endif
 #ifndef PANEL_PREFETCH2
 #define PANEL_PREFETCH2 24576

@@ -18,6 +18,10 @@ static inline __attribute__((always_inline)) void dot8(
     const uint16_t *const *s, int G, int chunk, float *const *res, const int NT, const int MT) {
     const int kg = K / G, seg = kg < chunk ? kg : chunk;
     const int per_g = kg / seg, per_c = chunk / seg; /* segments per scale group, per chunk: one is 1 */
+    /* How far ahead each stream prefetches: half a row. A fixed 2048 bytes (one 2048-column row ahead)
+     * read 0.77 of a plain read on a Zen 4, half a row 0.92 (benchmarks/NOTES.md, "prefetch"). */
+    const size_t half = ((size_t)K / 2 + 63) & ~(size_t)63;
+    const size_t ahead = ROW_PREFETCH ? ROW_PREFETCH : half > ROW_PREFETCH_MIN ? half : ROW_PREFETCH_MIN;
 #if VNNI
     /* Accumulator n = j * MT + i; pairs (2p, 2p + 1) fold together in one 512-bit register, the
      * first's 8 lanes low, the second's high: the same lane arithmetic as one 256-bit fold each. */
@@ -46,7 +50,7 @@ static inline __attribute__((always_inline)) void dot8(
             __m512i xv[4];
             for (int i = 0; i < MT; i++) xv[i] = _mm512_loadu_si512((const void *)(xr[i] + c0 + k));
             for (int j = 0; j < NT; j++) {
-                if (!(k & 63)) _mm_prefetch((const char *)(w[j] + skip + c0 + k + ROW_PREFETCH), PF_HINT);
+                if (!(k & 63)) _mm_prefetch((const char *)(w[j] + skip + c0 + k + ahead), PF_HINT);
                 const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[j] + skip + c0 + k)));
                 for (int i = 0; i < MT; i++) a5[j][i] = _mm512_dpwssd_epi32(a5[j][i], wv, xv[i]);
             }
@@ -74,7 +78,7 @@ static inline __attribute__((always_inline)) void dot8(
         for (int k = 0; k < seg; k += 64) {
             for (int j = 0; j < NT; j++) {
                 const int8_t *wc = w[j] + skip + c0 + k;
-                _mm_prefetch((const char *)(wc + ROW_PREFETCH), PF_HINT);
+                _mm_prefetch((const char *)(wc + ahead), PF_HINT);
                 __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wc));
                 __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16)));
                 __m256i wc3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 32)));
