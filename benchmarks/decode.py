@@ -260,6 +260,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--no-compile", action="store_true", help="eager decode only")
     args = parser.parse_args()
+    for name in ("prefill", "runs", "steps"):  # a 0-token prompt failed deep in the model, with a traceback
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     batches = [int(b) for b in args.batches.split(",")]
 
     ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
