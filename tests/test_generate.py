@@ -16,7 +16,7 @@ from groklm.config import get_preset
 from groklm.generate import compile_decode, decode_one, generate, prefill, sample, top_k_filter, top_p_filter
 from groklm.model import Block, KVCache, recast
 from groklm.quant import QuantizedMoE, quantize_int4, quantize_int8
-from groklm.quant.fused import QuantizedBlock
+from groklm.quant.fused import QuantizedBlock, QuantizedLayers
 from tests.conftest import not_under_lowered_capability
 
 
@@ -195,39 +195,54 @@ def _int8_mini(**changes: object) -> groklm.Grok:
     return quantize_int8(model, lambda name: None if name.endswith("router") else 1)  # type: ignore[return-value]
 
 
+def _count_block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The layers each `kernels.blocks` call runs, call by call, from now on."""
+    calls: list[int] = []
+    blocks = kernels.blocks
+    monkeypatch.setattr(kernels, "blocks", lambda *a, **k: calls.append(len(a[4])) or blocks(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("make", ["int8", "int4", "grok2-like"])
-def test_fused_decode_block_gives_the_blocks_bits(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch, make: str) -> None:
-    """Eager decode runs each layer as one native call (kernels.block): norms, RoPE, the cache write
-    and the residuals between the kernels give exactly the logits and cache of the plain block."""
-    if not kernels.supports_block():
+def test_fused_decode_blocks_give_the_blocks_bits(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch, make: str) -> None:
+    """Eager decode runs all the layers as one native call (kernels.blocks): norms, RoPE, the cache
+    writes and the residuals between the kernels give exactly the logits and cache of the plain blocks."""
+    if not kernels.supports_blocks():
         pytest.skip("the C++ ops are not built here")
     # Grok-2's attention temperature (from position 2 on), router soft-cap, erf GELU and unrounded scores
     grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf", "jax_rounding": False}
     makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}
     model = makers[make]()
+    assert type(model.layers) is QuantizedLayers
     assert all(type(layer) is QuantizedBlock for layer in model.layers)
-    calls = []
-    block = kernels.block
-    monkeypatch.setattr(kernels, "block", lambda *a, **k: calls.append(1) or block(*a, **k))
+    calls = _count_block_calls(monkeypatch)
     fused, plain, cache, plain_cache = _decode_twice(model)
-    assert len(calls) == model.config.num_layers  # the fused path ran, once a layer
+    assert calls == [model.config.num_layers]  # the fused path ran, once for all the layers
     assert torch.equal(fused, plain)
     assert torch.equal(torch.stack(cache.k), torch.stack(plain_cache.k))
     assert torch.equal(torch.stack(cache.v), torch.stack(plain_cache.v))
 
 
-def test_fused_decode_block_runs_the_parts_hooks() -> None:
+def test_fused_decode_runs_the_blocks_and_parts_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook on a part of a block (the routing analysis', a benchmark's) runs: that block decodes as
-    plain Block, and gives the same logits."""
+    plain Block, the others one native call each. A hook on a block itself runs too: the blocks then
+    decode one call each. Both give the same logits."""
+    if not kernels.supports_blocks():
+        pytest.skip("the C++ ops are not built here")
     model = _int8_mini()
-    seen = []
-    handle = model.layers[1].moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
-    try:
-        fused, plain, _, _ = _decode_twice(model)
-    finally:
-        handle.remove()
-    assert seen == [(2, 5, 256), (2, 1, 256), (2, 1, 256)]  # prefill, fused decode, plain decode
-    assert torch.equal(fused, plain)
+    layers = model.config.num_layers
+    seen: list[tuple[str, torch.Size]] = []
+    for target, name in ((model.layers[1].moe, "moe"), (model.layers[1], "block")):
+        calls = _count_block_calls(monkeypatch)
+        handle = target.register_forward_pre_hook(lambda module, args, name=name: seen.append((name, args[0].shape)))
+        try:
+            fused, plain, _, _ = _decode_twice(model)
+        finally:
+            handle.remove()
+        assert calls == [1] * (layers - 1 if name == "moe" else layers)
+        assert torch.equal(fused, plain)
+    decoded = [(2, 5, 256), (2, 1, 256), (2, 1, 256)]  # prefill, fused decode, plain decode
+    assert seen == [("moe", torch.Size(s)) for s in decoded] + [("block", torch.Size(s)) for s in decoded]
 
 
 def test_commands_that_do_not_compile_never_import_dynamo(mini_ckpt: Path) -> None:

@@ -327,6 +327,25 @@ class Block(nn.Module):
         return h + self.moe_out_norm(f)
 
 
+class Layers(nn.ModuleList):
+    """The decoder's blocks, run in order, each with its layer of the cache: a module of its own so that a
+    transform can run them as one (`quant.fused` does, for eager decode)."""
+
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        where: tuple[Tensor, Tensor],
+        temp: Tensor | None = None,
+    ) -> Tensor:
+        for i, layer in enumerate(self):
+            h = layer(h, cos, sin, mask, None if cache is None else (cache.k[i], cache.v[i]), where, temp)
+        return h
+
+
 class TiedHead(nn.Module):
     """The output projection: the input embedding's table, transposed. Holds no weights of its own
     (the embedding is kept out of the module tree, so state dicts name it once)."""
@@ -349,7 +368,7 @@ class Grok(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.emb_size, _weight=table)
         if self.embed.weight.device.type != "meta":  # as ExpertLinear's
             nn.init.normal_(self.embed.weight)
-        self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
+        self.layers = Layers(Block(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.emb_size, config.norm_eps)
         # Tied (Grok-1): a transform may swap in a cheaper copy (quant.quantize_output_head). Grok-2's is its own.
         self.head: nn.Module = (
@@ -408,9 +427,7 @@ class Grok(nn.Module):
             temp = torch.where(positions > c.attn_temperature_len, ratio, torch.ones_like(p))[:, None, None, :, None]
 
         h = _scaled(self.embed(tokens), c.embedding_multiplier_scale, c.jax_rounding)
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, mask, kv, (rows, positions), temp)
+        h = self.layers(h, cos, sin, mask, cache, (rows, positions), temp)
         return self.norm(h)
 
     def unembed(self, h: Tensor) -> Tensor:

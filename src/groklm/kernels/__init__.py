@@ -36,7 +36,7 @@ __all__ = [
     "Weight",
     "attend",
     "available",
-    "block",
+    "blocks",
     "busy_cores",
     "choose_threads",
     "guard_mapped_files",
@@ -53,7 +53,7 @@ __all__ = [
     "select",
     "supports",
     "supports_attend",
-    "supports_block",
+    "supports_blocks",
     "supports_int4",
     "supports_linear",
     "supports_moe",
@@ -88,8 +88,8 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
     return bits in (4, 8) and all(fits(w, s) for w, s in (w1, v, w2)) and layout.pair_up(w1, v)
 
 
-def supports_block() -> bool:
-    """Whether `block` is there: it is C++ only (the ops' C++ implementations built and loaded)."""
+def supports_blocks() -> bool:
+    """Whether `blocks` is there: it is C++ only (the ops' C++ implementations built and loaded)."""
     return available() and ops.NATIVE_OPS
 
 
@@ -158,15 +158,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, sof
     return native.attend(q, k, v, mask, multiplier, softcap, masked, scale, round_scores, reference)
 
 
-def block(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Tensor, cache_v: Tensor, positions: Tensor,
-          norms: Sequence[Tensor], weights: Sequence[Tensor], router: Tensor, bits: int, eps: float,
-          multiplier: float, softcap: float, masked: float, round_scores: bool, topk: int, router_cap: float,
-          gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
-    """One decoder layer's decode step in one native call (`Block` for one new token a row, as
-    `quant.fused.QuantizedBlock` hands it over): h [B, D] bf16 -> [B, D]; the new keys and values written
-    into cache_k, cache_v [B, S, K, Dh] at `positions` [B]. `norms`: the block's four RMSNorm weights in
-    the order it applies them; `weights`: wq, wk, wv, wo, w1, v, w2, each weight then its scales. The
-    norms, RoPE, cache write and residual adds between the kernels give model.py's bits (see ops.cpp)."""
-    return torch.ops.groklm.block(h, cos, sin, mask, cache_k, cache_v, positions, norms, weights, router,
-                                  bits, eps, multiplier, softcap, masked, scale, round_scores, topk, router_cap,
-                                  int(gelu_erf))  # fmt: skip
+def blocks(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Sequence[Tensor], cache_v: Sequence[Tensor],
+           positions: Tensor, norms: Sequence[Tensor], weights: Sequence[Tensor], routers: Sequence[Tensor], bits: int,
+           eps: float, multiplier: float, softcap: float, masked: float, round_scores: bool, topk: int,
+           router_cap: float, gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
+    """Decoder layers' decode step in one native call (`Block`s for one new token a row, in order, as
+    `quant.fused` hands them over): h [B, D] bf16 -> [B, D]; each layer's new keys and values written
+    into its cache_k[i], cache_v[i] [B, S, K, Dh] at `positions` [B]. Each layer has four RMSNorm weights
+    in `norms` (in the order it applies them), fourteen tensors in `weights` (wq, wk, wv, wo, w1, v, w2,
+    each weight then its scales) and a router; the settings are shared. The norms, RoPE, cache writes and
+    residual adds between the kernels give model.py's bits (see ops.cpp)."""
+    return torch.ops.groklm.blocks(h, cos, sin, mask, cache_k, cache_v, positions, norms, weights, routers,
+                                   bits, eps, multiplier, softcap, masked, scale, round_scores, topk, router_cap,
+                                   int(gelu_erf))  # fmt: skip

@@ -1,6 +1,6 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
 (meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
-the Python ones `native` hands over; and groklm::block, a decoder layer's decode step around them, C++
+the Python ones `native` hands over; and groklm::blocks, decoder layers' decode step around them, C++
 only (eager decode: compiled decode fuses the same glue itself). torch.compile always calls the ops;
 eager mode calls the C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
@@ -35,9 +35,9 @@ _OPS.define(
 )
 
 _OPS.define(
-    "block(Tensor h, Tensor cos, Tensor sin, Tensor mask, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor positions, "
-    "Tensor[] norms, Tensor[] weights, Tensor router, int bits, float eps, float multiplier, float softcap, "
-    "float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
+    "blocks(Tensor h, Tensor cos, Tensor sin, Tensor mask, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, "
+    "Tensor positions, Tensor[] norms, Tensor[] weights, Tensor[] routers, int bits, float eps, float multiplier, "
+    "float softcap, float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
 )
 
 

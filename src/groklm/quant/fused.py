@@ -1,6 +1,6 @@
 """Fused native paths for quantized blocks: attention whose q, k and v projections run as one native call
 (and a decode step's attention over the cache), an MoE whose routing and chosen experts run as one, and
-a block whose whole decode step runs as one.
+a decode step of a block, or of all the decoder's blocks, as one.
 `fuse(model)` swaps them in where the blocks' linears are int8 or int4; they fall back to the plain
 paths wherever the kernels do not apply.
 """
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
 from groklm import kernels
-from groklm.model import MASK_VALUE, Attention, Block, MoE, RMSNorm, recast
+from groklm.model import MASK_VALUE, Attention, Block, KVCache, Layers, MoE, RMSNorm, recast
 from groklm.quant.linear import Int4ExpertLinear, Int4Linear, Int8ExpertLinear, Int8Linear
 
 _EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
@@ -132,13 +132,30 @@ class QuantizedMoE(MoE):
         ).view(x.shape)
 
 
+Plan = tuple[list[Tensor], list[Tensor], list[Tensor], tuple[Any, ...]]
+"""`kernels.blocks`' arguments for one block or several: norm weights, weights, routers, and the settings
+from `bits` to `gelu_erf`."""
+
+
+def _run_blocks(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: list[Tensor], cache_v: list[Tensor],
+                where: tuple[Tensor, Tensor], temp: Tensor | None, plan: Plan) -> Tensor:  # fmt: skip
+    """A decode step (one new token a row) through the blocks `plan` holds, in one native call."""
+    b = h.shape[0]
+    scale = None if temp is None else temp.reshape(b).contiguous()
+    norms, weights, routers, settings = plan
+    out = kernels.blocks(h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), cache_k,
+                         cache_v, where[1].reshape(b), norms, weights, routers, *settings, scale=scale)  # fmt: skip
+    return out.view(h.shape)
+
+
 class QuantizedBlock(Block):
     """A block of the fused attention and MoE above: a decode step (one new token a row, through the
-    cache) runs as one native call, `kernels.block`: the kernels and the norms, RoPE, cache write and
+    cache) runs as one native call, `kernels.blocks`: the kernels and the norms, RoPE, cache write and
     residual adds between them, with model.py's bits. Eager decode otherwise makes ~150 torch calls a
     layer between the kernels, milliseconds a step (compiled decode fuses them itself and keeps this
     path off). It falls back to Block where the C++ ops are not built, wherever a part is another kind
-    (Grok-2's dense MLP, LoRA, parallel or float modules) and wherever a part has hooks to run."""
+    (Grok-2's dense MLP, LoRA, parallel or float modules) and wherever a part has hooks to run.
+    `QuantizedLayers` runs all the blocks' steps as one call where each block's would run so."""
 
     def forward(
         self,
@@ -154,17 +171,13 @@ class QuantizedBlock(Block):
         if plan is None:
             return super().forward(h, cos, sin, mask, kv, where, temp)
         assert kv is not None
-        b = h.shape[0]
-        scale = None if temp is None else temp.reshape(b).contiguous()
-        out = kernels.block(h.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), mask.reshape(b, -1), *kv,
-                            where[1].reshape(b), *plan, scale=scale)  # fmt: skip
-        return out.view(h.shape)
+        return _run_blocks(h, cos, sin, mask, [kv[0]], [kv[1]], where, temp, plan)
 
-    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> tuple[Any, ...] | None:
-        """`kernels.block`'s arguments from `norms` to `gelu_erf`, or None: run as Block. Called every
-        layer every step, after the weights have swept the caches: parts are read from the module dicts,
-        not through nn.Module's attribute lookup, and the arguments (whether the kernels take the
-        weights, first) are worked out once for the tensors at hand."""
+    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> Plan | None:
+        """This block's `kernels.blocks` arguments, or None: run as Block. Called every layer every step,
+        after the weights have swept the caches: parts are read from the module dicts, not through
+        nn.Module's attribute lookup, and the arguments (whether the kernels take the weights, first) are
+        worked out once for the tensors at hand (the same tuple each step while they stay)."""
         if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling() or self.mlp is not None:
             return None
         if not _native_input(h):
@@ -191,9 +204,10 @@ class QuantizedBlock(Block):
         cached = self.__dict__.get("_plan")
         if cached is None or any(x is not y for x, y in zip(cached[0], key, strict=True)):
             c = a.config
-            args = (norm_weights, tensors, router, bits, self.attn_norm.eps, c.attn_output_multiplier, c.attn_softcap,
-                    MASK_VALUE, c.jax_rounding, m.top_k, m.router_softcap or 0.0, m.approximate == "none")  # fmt: skip
-            cached = (key, args if self._fits(bits) else None)
+            settings = (bits, self.attn_norm.eps, c.attn_output_multiplier, c.attn_softcap, MASK_VALUE, c.jax_rounding,
+                        m.top_k, m.router_softcap or 0.0, m.approximate == "none")  # fmt: skip
+            plan = (norm_weights, tensors, [router], settings) if self._fits(bits) else None
+            cached = (key, plan)
             self.__dict__["_plan"] = cached
         return cached[1]
 
@@ -203,9 +217,52 @@ class QuantizedBlock(Block):
         norms_fit = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.eps == self.attn_norm.eps
                         for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm))  # fmt: skip
         qkv = [(x.weight, x.scales) for x in (a.wq, a.wk, a.wv)]
-        fits = kernels.supports_block() and kernels.supports_linear(bits, qkv)
+        fits = kernels.supports_blocks() and kernels.supports_linear(bits, qkv)
         fits = fits and kernels.supports_linear(bits, [(a.wo.weight, a.wo.scales)]) and self.moe.takes(bits)
         return norms_fit and fits
+
+
+class QuantizedLayers(Layers):
+    """Decoder blocks whose decode step runs as one native call for them all (`kernels.blocks`), where
+    each is a QuantizedBlock without hooks of its own that would run its step natively, all with the
+    same settings: one call a step, not one a layer (a call from Python costs tens of microseconds when
+    the weight sweep has left the caches cold). Otherwise each block runs its own way."""
+
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        cache: KVCache | None,
+        where: tuple[Tensor, Tensor],
+        temp: Tensor | None = None,
+    ) -> Tensor:
+        plan = self._decode_plan(h, cache)
+        if plan is None:
+            return super().forward(h, cos, sin, mask, cache, where, temp)
+        assert cache is not None
+        return _run_blocks(h, cos, sin, mask, cache.k, cache.v, where, temp, plan)
+
+    def _decode_plan(self, h: Tensor, cache: KVCache | None) -> Plan | None:
+        """The blocks' plans joined (the same tuple each step while they stay), or None."""
+        layers = self._modules
+        if cache is None or not layers or len(cache.k) != len(layers) or len(cache.v) != len(layers):
+            return None
+        plans: list[Plan] = []
+        for layer, k, v in zip(layers.values(), cache.k, cache.v, strict=True):
+            if type(layer) is not QuantizedBlock or layer._forward_hooks or layer._forward_pre_hooks:
+                return None
+            plan = layer._decode_plan(h, (k, v))
+            if plan is None or (plans and plan[3] != plans[0][3]):
+                return None
+            plans.append(plan)
+        cached = self.__dict__.get("_plan")
+        if cached is None or len(cached[0]) != len(plans) or any(x is not y for x, y in zip(cached[0], plans)):
+            joined = tuple([t for p in plans for t in p[i]] for i in range(3))
+            cached = (plans, (*joined, plans[0][3]))
+            self.__dict__["_plan"] = cached
+        return cached[1]
 
 
 def _global_hooks() -> bool:
@@ -217,17 +274,18 @@ FUSED: dict[type[nn.Module], type[nn.Module]] = {
     MoE: QuantizedMoE,
     Attention: QuantizedAttention,
     Block: QuantizedBlock,
+    Layers: QuantizedLayers,
 }
 """The blocks `fuse` swaps, by exact class: a block another transform has swapped already (an expert-
 parallel MoE, which holds a share of the experts the fused MoE kernel cannot route over) keeps its own."""
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """Give attention and MoE blocks their fused native paths, in place (each swapped for a module
-    holding the same parameters, settings and hooks: state-dict names unchanged); returns the model,
-    or, where `model` is itself such a block, the new block. Only `qkv`, `attend`, the MoE's and the
-    block's `forward` differ, and they fall back to the plain ones wherever the kernels do not apply
-    (float weights included)."""
+    """Give attention, MoE, blocks and the decoder's layers their fused native paths, in place (each
+    swapped for a module holding the same parameters, settings and hooks: state-dict names unchanged);
+    returns the model, or, where `model` is itself such a module, the new one. Only `qkv`, `attend`, and
+    the MoE's, the block's and the layers' `forward` differ, and they fall back to the plain ones
+    wherever the kernels do not apply (float weights included)."""
     if type(model) in FUSED:
         return recast(model, FUSED[type(model)])
     for name, module in list(model.named_modules()):

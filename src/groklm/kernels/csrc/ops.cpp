@@ -230,9 +230,9 @@ void rope_head(const at::BFloat16 *x, const float *cos, const float *sin, int64_
 // (cache_k, cache_v [B, S, K, Dh], a prefix of the layer's cache) at `positions` [B] (int64), then the
 // token attends over the slots `mask` [B, S] allows; cos, sin [B, Dh] fp32 are the rows' RoPE tables;
 // `scale` [B] fp32 (Grok-2's temperature) or none. Everything between the kernels runs here, in one
-// call from Python instead of ~150 torch calls a layer.
+// call from Python instead of ~150 torch calls a layer (see blocks).
 at::Tensor block(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &sin, const at::Tensor &mask,
-                 at::Tensor &cache_k, at::Tensor &cache_v, const at::Tensor &positions, at::TensorList norms,
+                 const at::Tensor &cache_k, const at::Tensor &cache_v, const at::Tensor &positions, at::TensorList norms,
                  at::TensorList weights, const at::Tensor &router, int64_t bits, double eps, double multiplier,
                  double softcap, double masked, const c10::optional<at::Tensor> &scale, bool round_scores,
                  int64_t topk, double router_cap, int64_t gelu_erf) {
@@ -286,6 +286,29 @@ at::Tensor block(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &s
     return normed(f, norms[3], eps, &h1);
 }
 
+// Decoder layers in order (model.py's Layers), each a `block` for one new token per row: one call from
+// Python a decode step, not one a layer. Each layer has its cache (cache_k[i], cache_v[i]), four norm
+// weights (norms[4i..4i+4)), seven (weight, scales) pairs (weights[14i..14i+14)) and a router; every
+// other argument is shared, as the layers of one model share their settings.
+at::Tensor blocks(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &sin, const at::Tensor &mask,
+                  at::TensorList cache_k, at::TensorList cache_v, const at::Tensor &positions, at::TensorList norms,
+                  at::TensorList weights, at::TensorList routers, int64_t bits, double eps, double multiplier,
+                  double softcap, double masked, const c10::optional<at::Tensor> &scale, bool round_scores,
+                  int64_t topk, double router_cap, int64_t gelu_erf) {
+    const size_t n = routers.size();
+    TORCH_CHECK_VALUE(n >= 1 && cache_k.size() == n && cache_v.size() == n && norms.size() == 4 * n &&
+                          weights.size() == 14 * n,
+                      "groklm: blocks takes, for each layer, a cache k and v, 4 norm weights, 7 (weight, scales) "
+                      "pairs and a router; got ", n, " routers, ", cache_k.size(), " and ", cache_v.size(),
+                      " caches, ", norms.size(), " norm weights and ", weights.size(), " weight tensors");
+    at::Tensor x = h;
+    for (size_t i = 0; i < n; i++)
+        x = block(x, cos, sin, mask, cache_k[i], cache_v[i], positions, norms.slice(4 * i, 4),
+                  weights.slice(14 * i, 14), routers[i], bits, eps, multiplier, softcap, masked, scale, round_scores,
+                  topk, router_cap, gelu_erf);
+    return x;
+}
+
 }  // namespace
 
 extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
@@ -300,5 +323,5 @@ TORCH_LIBRARY_IMPL(groklm, CPU, m) {
     m.impl("linear", &linear);
     m.impl("moe", &moe);
     m.impl("attend", &attend);
-    m.impl("block", &block);
+    m.impl("blocks", &blocks);
 }
