@@ -258,7 +258,11 @@ class QuantizedLayers(Layers):
                 return None
             plans.append(plan)
         cached = self.__dict__.get("_plan")
-        if cached is None or len(cached[0]) != len(plans) or any(x is not y for x, y in zip(cached[0], plans)):
+        if (
+            cached is None
+            or len(cached[0]) != len(plans)
+            or any(x is not y for x, y in zip(cached[0], plans, strict=True))
+        ):
             joined = tuple([t for p in plans for t in p[i]] for i in range(3))
             cached = (plans, (*joined, plans[0][3]))
             self.__dict__["_plan"] = cached
