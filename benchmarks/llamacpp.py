@@ -39,7 +39,7 @@ import torch
 
 import groklm
 from benchmarks import cpu
-from benchmarks.decode import decode_rate, int4_checkpoint, prefill_rate
+from benchmarks.decode import decode_rate, int4_checkpoint, prefill_rate, read_bandwidth, weight_bytes
 from groklm import kernels
 from groklm.config import get_preset
 
@@ -165,13 +165,21 @@ def main() -> None:
         model = groklm.load(path, dtype=torch.bfloat16, progress=False)
         gguf, how = llama_gguf(bin_dir, ckpt, QTYPES[bits], model.config.vocab_size, args.threads)
         rates: dict[str, list[float]] = {k: [] for k in ("g_decode", "l_decode", "g_prefill", "l_prefill")}
+        levels: dict[str, list[float]] = {"groklm": [], "llamacpp": []}  # the memory's speed before each decode
         decode_rate(model, 1, 2)  # warm-up (first-touch of the weights, the kernels' build)
         for _ in range(args.reps):
+            levels["groklm"].append(read_bandwidth(0.5, 3) / 1e9)
             rates["g_decode"].append(decode_rate(model, 1, args.steps))
+            levels["llamacpp"].append(read_bandwidth(0.5, 3) / 1e9)
             rates["l_decode"].append(llama_bench(bin_dir, gguf, 0, args.steps, args.threads))
             rates["g_prefill"].append(prefill_rate(model, args.prefill)[0])
             rates["l_prefill"].append(llama_bench(bin_dir, gguf, args.prefill, 0, args.threads))
+        # groklm's bytes a token; llama.cpp's GGUF holds the same weights (its head quantized too) in about as
+        # many (Q8_0 6% more): a decode rate times them is about the speed each read memory at.
+        step_bytes = weight_bytes(model, 2)
         report[bits] = {"groklm_checkpoint": str(path), "gguf": how, "kernels": kernels.isa(),
+                        "weight_bytes_per_token": step_bytes,
+                        "read_bandwidth_GBps_before_decode": {k: spread(v) for k, v in levels.items()},
                         "decode_b1": compare(rates["g_decode"], rates["l_decode"]),
                         f"prefill_{args.prefill}": compare(rates["g_prefill"], rates["l_prefill"])}  # fmt: skip
         del model
