@@ -36,9 +36,10 @@
 #define PF_HINT _MM_HINT_T1
 #endif
 #ifndef ROW_PREFETCH
-#define ROW_PREFETCH 0 /* 0: half a row (K / 2, at least ROW_PREFETCH_MIN): see dot8 */
+#define ROW_PREFETCH 0 /* 0: by dot8's rule (ROW_PREFETCH_MIN, ROW_PREFETCH_TILE) */
 #endif
 #define ROW_PREFETCH_MIN 1024
+#define ROW_PREFETCH_TILE 2048
 #define PANEL 16 /* int4 weight rows interleaved in a panel (see panels_dot) */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VNNI 1

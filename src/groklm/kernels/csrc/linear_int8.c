@@ -18,10 +18,15 @@ static inline __attribute__((always_inline)) void dot8(
     const uint16_t *const *s, int G, int chunk, float *const *res, const int NT, const int MT) {
     const int kg = K / G, seg = kg < chunk ? kg : chunk;
     const int per_g = kg / seg, per_c = chunk / seg; /* segments per scale group, per chunk: one is 1 */
-    /* How far ahead each stream prefetches: half a row. A fixed 2048 bytes (one 2048-column row ahead)
-     * read 0.77 of a plain read on a Zen 4, half a row 0.92 (benchmarks/NOTES.md, "prefetch"). */
+    /* How far ahead each stream prefetches: for one activation row, half a weight row (at least
+     * ROW_PREFETCH_MIN); for a tile of several, which is compute-bound, ROW_PREFETCH_TILE bytes. On a Zen 4
+     * one row read 0.77 of a plain read with 2048 bytes, 0.92 with half a row, but 8 rows ran 12-27%
+     * slower with half a row than with 2048 (benchmarks/NOTES.md, "prefetch"). */
     const size_t half = ((size_t)K / 2 + 63) & ~(size_t)63;
-    const size_t ahead = ROW_PREFETCH ? ROW_PREFETCH : half > ROW_PREFETCH_MIN ? half : ROW_PREFETCH_MIN;
+    const size_t ahead = ROW_PREFETCH       ? ROW_PREFETCH
+                         : MT > 1           ? ROW_PREFETCH_TILE
+                         : half > ROW_PREFETCH_MIN ? half
+                                              : ROW_PREFETCH_MIN;
 #if VNNI
     /* Accumulator n = j * MT + i; pairs (2p, 2p + 1) fold together in one 512-bit register, the
      * first's 8 lanes low, the second's high: the same lane arithmetic as one 256-bit fold each. */
