@@ -6,7 +6,8 @@ call on the same weight, each call after a plain read (a torch sum) that it is s
 Each argument after `--` is a set of extra compiler flags (as `GROKLM_CFLAGS` takes them; "" is the
 source as it is). This machine's memory jumps between speeds every few seconds, so builds run in
 separate processes are not comparable; here every call of every build meets the same levels. The
-weight is far larger than the caches, read once a call: a decode step's access pattern.
+weight is far larger than the caches, read once a call: a decode step's access pattern (`--rows`
+activation rows: 1 for batch 1, more for a batch).
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=1, help="scale groups a row (int4: 32-column multiples)")
     parser.add_argument("--block-major", action="store_true", help="int8 block-major (int4 is always in panels)")
     parser.add_argument("--mb", type=int, default=512, help="weight size")
+    parser.add_argument("--rows", type=int, default=1, help="activation rows (a batch): 1 is a decode step's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--isa", choices=sorted(ISA_FLAGS), default=candidates()[0][0])
     args = parser.parse_args()
     k, groups = args.k, args.groups
-    if k % groups or (k // groups) % (64 if args.bits == 8 else 32) or args.mb < 1 or args.threads < 1:
-        parser.error("--k must split into --groups of 64 columns (int8) or 32 (int4); --mb, --threads >= 1")
+    if k % groups or (k // groups) % (64 if args.bits == 8 else 32) or args.mb < 1 or args.threads < 1 or args.rows < 1:
+        parser.error("--k must split into --groups of 64 columns (int8) or 32 (int4); --mb, --threads, --rows >= 1")
     torch.set_num_threads(args.threads)
     libs = [load(b.split(), args.isa) for b in args.builds]
 
@@ -72,15 +74,15 @@ def main() -> None:
     else:
         weight = to_panels(torch.randint(0, 256, (n, row), dtype=torch.uint8, generator=gen))
         scales, blocked = scales_to_panels(scales), True
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
-    y = torch.empty(1, n, dtype=torch.bfloat16)
+    x = torch.randn(args.rows, k, generator=gen).to(torch.bfloat16)
+    y = torch.empty(args.rows, n, dtype=torch.bfloat16)
     probe = torch.ones(256 * 2**20 // 8, dtype=torch.int64)
     wp, sp = (ctypes.c_void_p * 1)(weight.data_ptr()), (ctypes.c_void_p * 1)(scales.data_ptr())
     rows = (ctypes.c_int * 1)(n)
 
     def call(lib: ctypes.CDLL) -> None:
         chunk = lib.groklm_chunk(args.bits, k, k // groups)
-        if lib.groklm_linear(args.bits, x.data_ptr(), 1, k, chunk, 1, wp, sp, groups, rows, y.data_ptr(), 1,
+        if lib.groklm_linear(args.bits, x.data_ptr(), args.rows, k, chunk, 1, wp, sp, groups, rows, y.data_ptr(), 1,
                              int(blocked)):  # fmt: skip
             raise SystemExit("builds.py: out of memory")
 
@@ -117,6 +119,7 @@ def main() -> None:
             "bytes": nbytes,
         },
         "threads": args.threads,
+        "activation_rows": args.rows,
         "calls_each": len(seen[0]),
         "builds": {
             flags or "(source as it is)": {

@@ -20,16 +20,17 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the native kernels are not built on this machine")
-@pytest.mark.parametrize("bits", ["8", "4"])
-def test_builds_alternate_and_report_each(bits: str) -> None:
-    done = run("--bits", bits, "--groups", "2", "--mb", "2", "--seconds", "0.3", "--", "", "-DROW_PREFETCH=1024")
+@pytest.mark.parametrize(("bits", "rows"), [("8", "1"), ("8", "8"), ("4", "1")])
+def test_builds_alternate_and_report_each(bits: str, rows: str) -> None:
+    done = run("--bits", bits, "--rows", rows, "--groups", "2", "--mb", "2", "--seconds", "0.3", "--", "",
+               "-DROW_PREFETCH=1024")  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["weight"]["layout"] == ("rows" if bits == "8" else "panels")
     assert list(report["builds"]) == ["(source as it is)", "-DROW_PREFETCH=1024"]
     for build in report["builds"].values():
         assert build["GBps"]["min"] > 0 and build["over_plain_read"]["median"] > 0
-    assert report["calls_each"] >= 1
+    assert report["calls_each"] >= 1 and report["activation_rows"] == int(rows)
 
 
 def test_bad_sizes_are_refused_before_any_build() -> None:
