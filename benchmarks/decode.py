@@ -5,8 +5,8 @@
 The roofline is bytes of weights read per decode step (from the model as loaded; a batch step reads
 every expert its tokens chose) divided by the read bandwidth measured in the same process (a large
 tensor reduction). This machine's bandwidth jumps between levels (about 30 to 80 GB/s here) every
-few seconds, so it is measured between every two decode steps and each step is scored against the
-readings on either side of it. Decode runs eager and through torch.compile. With --bits 4 an int4
+few seconds, so it is measured every few decode steps (--probe-every) and those steps are scored
+against the readings on either side of them. Decode runs eager and through torch.compile. With --bits 4 an int4
 copy of the checkpoint (made once, as `groklm quantize --bits 4` makes it) is measured in the same
 run, after the int8 one.
 """
@@ -105,12 +105,14 @@ def decode_steps(
     decode: Decode = decode_one,
     context: int = 64,
     probe: Callable[[], float] | None = None,
+    probe_every: int = 1,
 ) -> tuple[list[float], list[float]]:
     """Seconds of each of `steps` decode steps of `batch` rows after `context` cached tokens (and one
     untimed step first, which compiles when `decode` is compiled). The context is random keys and
     values written straight into the cache (a prefill would only make them real, not faster); each
     step attends over the slots in use, as `generate` does. `probe`, if given, runs untimed before
-    every timed step and once after the last; its readings are returned with the seconds."""
+    the first timed step of every `probe_every` and once after the last; its readings are returned
+    with the seconds."""
     c = model.config
     cache = KVCache.allocate(c, batch, context + steps + 1, model.dtype, model.device)
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +126,7 @@ def decode_steps(
         tokens = torch.arange(batch) * 17 + 3
         positions = torch.full((batch,), context)
         for step in range(steps + 1):
-            if step and probe:
+            if step and probe and (step - 1) % probe_every == 0:
                 readings.append(probe())
             t = time.perf_counter()
             tokens = sample(decode(model, tokens, positions, cache.prefix(context + step + 1)), 0.0, 1.0, 0, None)
@@ -136,11 +138,16 @@ def decode_steps(
     return seconds, readings
 
 
-def step_fraction(step_bytes: float, seconds: list[float], probes: list[float]) -> float:
-    """Median over steps of (bytes a step reads / its time) over the mean of the bandwidth readings
-    on either side of it (`probes` holds one more reading than there are steps)."""
+def step_fraction(step_bytes: float, seconds: list[float], probes: list[float], every: int = 1) -> float:
+    """Median over runs of `every` steps (the last may be shorter) of (bytes the steps read / their time)
+    over the mean of the bandwidth readings on either side of the run (`probes` holds one reading more
+    than there are runs: decode_steps' with the same `every`)."""
+    runs = [seconds[i : i + every] for i in range(0, len(seconds), every)]
+    if len(probes) != len(runs) + 1:
+        raise ValueError(f"{len(probes)} bandwidth readings for {len(runs)} runs of {every} steps")
     return statistics.median(
-        step_bytes / dt / ((before + after) / 2) for dt, before, after in zip(seconds, probes, probes[1:], strict=False)
+        step_bytes * len(run) / sum(run) / ((before + after) / 2)
+        for run, before, after in zip(runs, probes, probes[1:], strict=False)
     )
 
 
@@ -183,15 +190,17 @@ def measure(model: Grok, batches: list[int], args: argparse.Namespace, bandwidth
     def scored_runs(batch: int, decode: Decode) -> tuple[list[float], list[float], list[float]]:
         """tokens/s of each run, each run's fraction of its roofline (the median over its steps of
         (bytes a step of this batch reads / the step's time) over the bandwidth measured right before
-        and right after that step, their mean) and each run's median bandwidth reading. This
-        machine's bandwidth jumps between levels every few seconds, so the roofline is measured step
-        by step."""
+        and right after that step, their mean; with --probe-every N, over N steps at a time) and each
+        run's median bandwidth reading. This machine's bandwidth jumps between levels every few
+        seconds, so the roofline is measured a few steps at a time."""
         rates, fractions, levels = [], [], []
+        every = args.probe_every
         for _ in range(args.runs):
-            seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3))
+            seconds, probes = decode_steps(model, batch, args.steps, decode, probe=lambda: read_bandwidth(0.5, 3),
+                                           probe_every=every)  # fmt: skip
             readings.extend(probes)
             rates.append(batch * len(seconds) / sum(seconds))
-            fractions.append(step_fraction(per_step[batch], seconds, probes))
+            fractions.append(step_fraction(per_step[batch], seconds, probes, every))
             levels.append(statistics.median(probes) / 1e9)
         return rates, fractions, levels
 
@@ -259,10 +268,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--no-compile", action="store_true", help="eager decode only")
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=4,
+        help="decode steps between two bandwidth readings: a reading reads 2 GB, and the step right after one "
+        "ran 0.4-0.8 ms slower than a step after a step (int4 bench-mid, ~26 ms); 1 reads around every step",
+    )
     args = parser.parse_args()
-    for name in ("prefill", "runs", "steps"):  # a 0-token prompt failed deep in the model, with a traceback
+    # a 0-token prompt failed deep in the model, with a traceback
+    for name in ("prefill", "runs", "steps", "probe_every"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     batches = [int(b) for b in args.batches.split(",")]
 
     ckpt = Path(args.checkpoint) if args.checkpoint else CACHE / args.preset
