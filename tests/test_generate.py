@@ -14,9 +14,9 @@ import groklm
 from groklm import kernels
 from groklm.config import get_preset
 from groklm.generate import compile_decode, decode_one, generate, prefill, sample, top_k_filter, top_p_filter
-from groklm.model import Block, KVCache, recast
+from groklm.model import Block, KVCache, RMSNorm, recast, rope_tables
 from groklm.quant import QuantizedMoE, quantize_int4, quantize_int8
-from groklm.quant.fused import QuantizedBlock, QuantizedLayers
+from groklm.quant.fused import NativeRMSNorm, QuantizedBlock, QuantizedGrok, QuantizedLayers
 from tests.conftest import not_under_lowered_capability
 
 
@@ -161,8 +161,9 @@ def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
 
 
 def _decode_twice(model: groklm.Grok) -> tuple[torch.Tensor, torch.Tensor, KVCache, KVCache]:
-    """One decode step of two prompts at different positions, fused, then with every block as plain
-    Block (same weights, same cache before the step): (fused logits, plain logits, their caches)."""
+    """One decode step of two prompts at different positions, fused, then with the model as plain Grok,
+    every block as plain Block and every norm as plain RMSNorm (same weights, same cache before the step): (fused logits, plain logits,
+    their caches)."""
     prompts = [[422, 3033, 356, 1180, 333], [7, 8, 9]]
     with torch.inference_mode():
         cache = KVCache.allocate(model.config, 2, 11, model.dtype, model.device)
@@ -171,13 +172,18 @@ def _decode_twice(model: groklm.Grok) -> tuple[torch.Tensor, torch.Tensor, KVCac
         plain_cache = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v], cache.key_ok.clone())
         fused = decode_one(model, tokens, positions, cache.prefix(6))
         blocks = list(model.layers)
+        norms = [(name, m) for name, m in model.named_modules() if type(m) is NativeRMSNorm]
         for i, layer in enumerate(blocks):
             model.layers[i] = recast(layer, Block)
+        for name, m in norms:
+            model.set_submodule(name, recast(m, RMSNorm))
         try:
-            plain = decode_one(model, tokens, positions, plain_cache.prefix(6))
+            plain = decode_one(recast(model, groklm.Grok), tokens, positions, plain_cache.prefix(6))
         finally:
             for i, layer in enumerate(blocks):
                 model.layers[i] = layer
+            for name, m in norms:
+                model.set_submodule(name, m)
     return fused, plain, cache, plain_cache
 
 
@@ -196,37 +202,85 @@ def _int8_mini(**changes: object) -> groklm.Grok:
 
 
 def _count_block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The layers each `kernels.blocks` call runs, call by call, from now on."""
+    """The layers each `kernels.blocks` or `kernels.decode` call runs, call by call, from now on (a
+    decode call's negative: it ran the whole step)."""
     calls: list[int] = []
-    blocks = kernels.blocks
+    blocks, decode = kernels.blocks, kernels.decode
     monkeypatch.setattr(kernels, "blocks", lambda *a, **k: calls.append(len(a[4])) or blocks(*a, **k))
+    monkeypatch.setattr(kernels, "decode", lambda *a, **k: calls.append(-len(a[8])) or decode(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("make", ["int8", "int4", "grok2-like"])
 def test_fused_decode_blocks_give_the_blocks_bits(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch, make: str) -> None:
-    """Eager decode runs all the layers as one native call (kernels.blocks): norms, RoPE, the cache
-    writes and the residuals between the kernels give exactly the logits and cache of the plain blocks."""
+    """Eager decode runs a whole step as one native call (kernels.decode: the embedding, mask and RoPE, all
+    the layers, the final norm): norms, RoPE, the cache writes and the residuals between the kernels give
+    exactly the logits and cache of the plain model."""
     if not kernels.supports_blocks():
         pytest.skip("the C++ ops are not built here")
     # Grok-2's attention temperature (from position 2 on), router soft-cap, erf GELU and unrounded scores
     grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf", "jax_rounding": False}
     makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}
     model = makers[make]()
-    assert type(model.layers) is QuantizedLayers
+    assert type(model) is QuantizedGrok and type(model.layers) is QuantizedLayers and type(model.norm) is NativeRMSNorm
     assert all(type(layer) is QuantizedBlock for layer in model.layers)
     calls = _count_block_calls(monkeypatch)
     fused, plain, cache, plain_cache = _decode_twice(model)
-    assert calls == [model.config.num_layers]  # the fused path ran, once for all the layers
+    assert calls == [-model.config.num_layers]  # the whole step ran as one native call
+    assert torch.equal(cache.key_ok, plain_cache.key_ok)
     assert torch.equal(fused, plain)
     assert torch.equal(torch.stack(cache.k), torch.stack(plain_cache.k))
     assert torch.equal(torch.stack(cache.v), torch.stack(plain_cache.v))
 
 
+def test_fused_decode_rope_rows_are_rope_tables() -> None:
+    """A fused decode step reads its rows' RoPE tables from tables made once per doubling of the cache:
+    their rows are the numbers rope_tables gives a step for each position alone."""
+    model = _int8_mini()
+    assert type(model) is QuantizedGrok
+    cos, sin = model._rope(70)
+    assert cos.shape == sin.shape == (128, model.config.key_size) and model._rope(100)[0] is cos
+    for p in (0, 5, 63, 64, 127):
+        want = rope_tables(torch.tensor([[p]]), model.config.key_size, model.config.rope_base)
+        assert torch.equal(cos[p], want[0][0, 0]) and torch.equal(sin[p], want[1][0, 0])
+    assert model._rope(129)[0].shape[0] == 256
+
+
+def test_native_rms_norm_gives_rmsnorms_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantized model's norms are normed in one native call where the input is bf16 on the CPU and no
+    gradient is wanted, with RMSNorm's bits; where a gradient is wanted (the input's or the weight's), or
+    the input is fp32, torch's path runs."""
+    if not kernels.supports_blocks():
+        pytest.skip("the C++ ops are not built here")
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-5)
+    norm.weight.data = torch.randn(256)
+    native = recast(RMSNorm(256, 1e-5), NativeRMSNorm)
+    native.weight.data = norm.weight.data.clone()
+    calls: list[torch.Size] = []
+    rms_norm = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, *a: calls.append(x.shape) or rms_norm(x, *a))
+    for shape in ((1, 1, 256), (2, 5, 256), (40, 256)):  # 40 rows: split between the threads
+        x = torch.randn(*shape, dtype=torch.bfloat16) * 4
+        with torch.no_grad():
+            assert torch.equal(native(x), norm(x))
+    assert calls == [(1, 256), (10, 256), (40, 256)]
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    native(x).float().sum().backward()  # the weight's gradient wanted
+    assert native.weight.grad is not None and native.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(native(x.float()), norm(x.float()), rtol=0, atol=0)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match=r"rms_norm takes contiguous bf16 CPU rows \[N, D\], not Float"):
+        rms_norm(torch.zeros(2, 256), norm.weight.detach(), 1e-5)
+    with pytest.raises(ValueError, match=r"the weight must be a contiguous fp32 \[128\]"):
+        rms_norm(torch.zeros(2, 128, dtype=torch.bfloat16), norm.weight.detach(), 1e-5)
+
+
 def test_fused_decode_runs_the_blocks_and_parts_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook on a part of a block (the routing analysis', a benchmark's) runs: that block decodes as
     plain Block, the others one native call each. A hook on a block itself runs too: the blocks then
-    decode one call each. Both give the same logits."""
+    decode one call each. Hooks on the embedding and the final norm run. All give the same logits."""
     if not kernels.supports_blocks():
         pytest.skip("the C++ ops are not built here")
     model = _int8_mini()
@@ -243,6 +297,17 @@ def test_fused_decode_runs_the_blocks_and_parts_hooks(monkeypatch: pytest.Monkey
         assert torch.equal(fused, plain)
     decoded = [(2, 5, 256), (2, 1, 256), (2, 1, 256)]  # prefill, fused decode, plain decode
     assert seen == [("moe", torch.Size(s)) for s in decoded] + [("block", torch.Size(s)) for s in decoded]
+    # The embedding runs as a module before the one native call of a step, hooks and all; a hook on the
+    # final norm (or on the layers) leaves the layers one call and the rest torch's.
+    for target, name, ran in ((model.embed, "embed", -layers), (model.norm, "norm", layers)):
+        calls = _count_block_calls(monkeypatch)
+        handle = target.register_forward_hook(lambda module, args, out, name=name: seen.append((name, out.shape)))
+        try:
+            fused, plain, _, _ = _decode_twice(model)
+        finally:
+            handle.remove()
+        assert calls == [ran] and torch.equal(fused, plain)
+        assert seen[-3:] == [(name, torch.Size(s)) for s in decoded]
 
 
 def test_commands_that_do_not_compile_never_import_dynamo(mini_ckpt: Path) -> None:

@@ -135,6 +135,16 @@ def rope_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, 
     return phase.cos(), phase.sin()
 
 
+def attn_temperature(positions: Tensor, config: GrokConfig) -> Tensor | None:
+    """Grok-2's attention temperature for query positions [B, T]: log2(p) / log2(L) past L
+    (`attn_temperature_len`), 1 up to it, as [B, 1, 1, T, 1] fp32; None for Grok-1 (no L)."""
+    if config.attn_temperature_len is None:
+        return None
+    p = positions.float()
+    ratio = torch.log2(p.clamp_min(1.0)) / math.log2(config.attn_temperature_len)
+    return torch.where(positions > config.attn_temperature_len, ratio, torch.ones_like(p))[:, None, None, :, None]
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, ..., Dh]; cos/sin [B, T, Dh]. Rotate-half layout, computed in fp32."""
     extra = x.dim() - cos.dim()
@@ -420,12 +430,7 @@ class Grok(nn.Module):
         mask = key_ok[:, None, :] & (key_pos[:, None, :] <= positions[:, :, None])  # [B, T, S]
         mask = mask[:, None, None]  # [B, 1, 1, T, S]
         cos, sin = rope_tables(positions, c.key_size, c.rope_base)
-        temp = None
-        if c.attn_temperature_len is not None:  # Grok-2: log2(p) / log2(L) for query positions p > L
-            p = positions.float()
-            ratio = torch.log2(p.clamp_min(1.0)) / math.log2(c.attn_temperature_len)
-            temp = torch.where(positions > c.attn_temperature_len, ratio, torch.ones_like(p))[:, None, None, :, None]
-
+        temp = attn_temperature(positions, c)
         h = _scaled(self.embed(tokens), c.embedding_multiplier_scale, c.jax_rounding)
         h = self.layers(h, cos, sin, mask, cache, (rows, positions), temp)
         return self.norm(h)

@@ -1,8 +1,9 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
 (meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
-the Python ones `native` hands over; and groklm::blocks, decoder layers' decode step around them, C++
-only (eager decode: compiled decode fuses the same glue itself). torch.compile always calls the ops;
-eager mode calls the C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
+the Python ones `native` hands over; and, C++ only, groklm::blocks (decoder layers' decode step around
+them), groklm::decode (a whole decode step's hidden states) and groklm::rms_norm, for eager mode
+(compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the
+C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
 The kernels are ops, opaque to torch.compile (which fuses what lies between them). Decode calls them ~25
 times a token, each time with caches its weights have just swept, where every Python and torch call
@@ -40,6 +41,14 @@ _OPS.define(
     "float softcap, float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
 )
 
+_OPS.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_OPS.define(
+    "decode(Tensor tokens, Tensor positions, Tensor embedded, float embed_multiplier, bool jax_rounding, int pad, "
+    "Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor[] norms, "
+    "Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, float eps, float multiplier, float softcap, "
+    "float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
+)
+
 
 @torch.library.register_fake("groklm::linear")
 def _(bits: int, x: Tensor, weights: list[Tensor], fp32: bool) -> Tensor:
@@ -58,6 +67,11 @@ def _(
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
       scale: Tensor | None, round_scores: bool = True) -> Tensor:  # fmt: skip
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("groklm::rms_norm")
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def cpp_ops() -> ctypes.CDLL | None:

@@ -1,6 +1,6 @@
 """Fused native paths for quantized blocks: attention whose q, k and v projections run as one native call
 (and a decode step's attention over the cache), an MoE whose routing and chosen experts run as one, and
-a decode step of a block, or of all the decoder's blocks, as one.
+a decode step of a block, or of all the decoder's blocks, as one; and an RMSNorm in one call, not six.
 `fuse(model)` swaps them in where the blocks' linears are int8 or int4; they fall back to the plain
 paths wherever the kernels do not apply.
 """
@@ -14,7 +14,19 @@ from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
 from groklm import kernels
-from groklm.model import MASK_VALUE, Attention, Block, KVCache, Layers, MoE, RMSNorm, recast
+from groklm.model import (
+    MASK_VALUE,
+    Attention,
+    Block,
+    Grok,
+    KVCache,
+    Layers,
+    MoE,
+    RMSNorm,
+    attn_temperature,
+    recast,
+    rope_tables,
+)
 from groklm.quant.linear import Int4ExpertLinear, Int4Linear, Int8ExpertLinear, Int8Linear
 
 _EXPERT_BITS: dict[type[nn.Module], int] = {Int8ExpertLinear: 8, Int4ExpertLinear: 4}
@@ -132,6 +144,21 @@ class QuantizedMoE(MoE):
         ).view(x.shape)
 
 
+class NativeRMSNorm(RMSNorm):
+    """RMSNorm whose bf16 CPU rows (no gradient wanted) are normed in one native call, `kernels.rms_norm`, with
+    RMSNorm's bits: its torch path makes six calls, each costing tens of microseconds where the weights have
+    just swept the caches (the decoder's final norm, once a decode step). Elsewhere, and under
+    torch.compile (which fuses the torch path itself), it is RMSNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._parameters["weight"]
+        if torch.compiler.is_compiling() or w.dtype != torch.float32 or kernels.needs_grad(w) or not _native_input(x):
+            return super().forward(x)
+        if not kernels.supports_blocks():
+            return super().forward(x)
+        return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), w, self.eps).view(x.shape)
+
+
 Plan = tuple[list[Tensor], list[Tensor], list[Tensor], tuple[Any, ...]]
 """`kernels.blocks`' arguments for one block or several: norm weights, weights, routers, and the settings
 from `bits` to `gelu_erf`."""
@@ -167,22 +194,21 @@ class QuantizedBlock(Block):
         where: tuple[Tensor, Tensor],
         temp: Tensor | None = None,
     ) -> Tensor:
-        plan = self._decode_plan(h, kv)
+        plan = self._decode_plan(kv) if kv is not None and _decode_step(h) else None
         if plan is None:
             return super().forward(h, cos, sin, mask, kv, where, temp)
         assert kv is not None
         return _run_blocks(h, cos, sin, mask, [kv[0]], [kv[1]], where, temp, plan)
 
-    def _decode_plan(self, h: Tensor, kv: tuple[Tensor, Tensor] | None) -> Plan | None:
-        """This block's `kernels.blocks` arguments, or None: run as Block. Called every layer every step,
-        after the weights have swept the caches: parts are read from the module dicts, not through
-        nn.Module's attribute lookup, and the arguments (whether the kernels take the weights, first) are
-        worked out once for the tensors at hand (the same tuple each step while they stay)."""
-        if kv is None or h.dim() != 3 or h.shape[1] != 1 or torch.compiler.is_compiling() or self.mlp is not None:
-            return None
-        if not _native_input(h):
-            return None
+    def _decode_plan(self, kv: tuple[Tensor, Tensor]) -> Plan | None:
+        """This block's `kernels.blocks` arguments for a decode step (`_decode_step`) through its cache kv,
+        or None: run as Block. Called every layer every step, after the weights have swept the caches:
+        parts are read from the module dicts, not through nn.Module's attribute lookup, and the arguments
+        (whether the kernels take the weights, first) are worked out once for the tensors at hand (the
+        same tuple each step while they stay)."""
         mods = self._modules
+        if self.mlp is not None:
+            return None
         a, m = mods["attn"], mods["moe"]
         if type(a) is not QuantizedAttention or type(m) is not QuantizedMoE:
             return None
@@ -193,7 +219,7 @@ class QuantizedBlock(Block):
         if bits is None or _one_kind(experts, _EXPERT_BITS) != bits:
             return None
         parts = (a, m, mm["router"], *linears, *experts, *norms)
-        if _global_hooks() or any(p._forward_hooks or p._forward_pre_hooks for p in parts):
+        if any(p._forward_hooks or p._forward_pre_hooks for p in parts):
             return None
         k = kv[0]
         if k.dtype != torch.bfloat16 or k.shape[3] % 8 or k.stride()[1:] != (k.shape[2] * k.shape[3], k.shape[3], 1):
@@ -214,8 +240,9 @@ class QuantizedBlock(Block):
     def _fits(self, bits: int) -> bool:
         """Whether the native calls take this block's norms and weights (its MoE: `QuantizedMoE.takes`)."""
         a = self.attn
-        norms_fit = all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.eps == self.attn_norm.eps
-                        for n in (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm))  # fmt: skip
+        norms = (self.attn_norm, self.attn_out_norm, self.moe_norm, self.moe_out_norm)
+        norms_fit = all(type(n) in (RMSNorm, NativeRMSNorm) and n.weight.dtype == torch.float32
+                        and n.eps == self.attn_norm.eps for n in norms)  # fmt: skip
         qkv = [(x.weight, x.scales) for x in (a.wq, a.wk, a.wv)]
         fits = kernels.supports_blocks() and kernels.supports_linear(bits, qkv)
         fits = fits and kernels.supports_linear(bits, [(a.wo.weight, a.wo.scales)]) and self.moe.takes(bits)
@@ -238,22 +265,23 @@ class QuantizedLayers(Layers):
         where: tuple[Tensor, Tensor],
         temp: Tensor | None = None,
     ) -> Tensor:
-        plan = self._decode_plan(h, cache)
+        plan = self._decode_plan(cache) if cache is not None and _decode_step(h) else None
         if plan is None:
             return super().forward(h, cos, sin, mask, cache, where, temp)
         assert cache is not None
         return _run_blocks(h, cos, sin, mask, cache.k, cache.v, where, temp, plan)
 
-    def _decode_plan(self, h: Tensor, cache: KVCache | None) -> Plan | None:
-        """The blocks' plans joined (the same tuple each step while they stay), or None."""
+    def _decode_plan(self, cache: KVCache) -> Plan | None:
+        """The blocks' plans for a decode step (`_decode_step`) joined (the same tuple each step while they
+        stay), or None."""
         layers = self._modules
-        if cache is None or not layers or len(cache.k) != len(layers) or len(cache.v) != len(layers):
+        if not layers or len(cache.k) != len(layers) or len(cache.v) != len(layers):
             return None
         plans: list[Plan] = []
         for layer, k, v in zip(layers.values(), cache.k, cache.v, strict=True):
             if type(layer) is not QuantizedBlock or layer._forward_hooks or layer._forward_pre_hooks:
                 return None
-            plan = layer._decode_plan(h, (k, v))
+            plan = layer._decode_plan((k, v))
             if plan is None or (plans and plan[3] != plans[0][3]):
                 return None
             plans.append(plan)
@@ -269,12 +297,89 @@ class QuantizedLayers(Layers):
         return cached[1]
 
 
-def _global_hooks() -> bool:
-    """Whether hooks registered for every module are there (they would have to run on each part)."""
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+def _decode_step(h: Tensor) -> bool:
+    """What a decode step through `kernels.blocks` needs of the step as a whole, checked once a step: one
+    new token a row (h [B, 1, D]) and `_native_step`."""
+    return h.dim() == 3 and h.shape[1] == 1 and _native_step(h)
+
+
+_BF16 = torch.empty(0, dtype=torch.bfloat16)
+"""Stands for a step's bf16 CPU hidden states, no gradient wanted, before there are any."""
+
+
+def _native_step(x: Tensor) -> bool:
+    """Whether the native kernels take x (`_native_input`) in a step run natively as a whole: eager mode
+    (compiled decode fuses the torch path itself) and no hooks registered for every module (they would
+    have to run on each part)."""
+    if torch.compiler.is_compiling() or not _native_input(x):
+        return False
+    return not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+class QuantizedGrok(Grok):
+    """A Grok whose decode step's hidden states (one new token a row, through a cache) come from one native
+    call, `kernels.decode`: the embedding, the cache's key_ok and the mask, the rows' RoPE tables (rows of
+    tables kept here: rope_tables' for positions 0..P-1, the same numbers), all the blocks
+    (`QuantizedLayers`' plan) and the final norm, with model.py's bits. Grok.hidden's ~25 torch calls
+    around the layers cost a step about a millisecond where the weights have just swept the caches.
+    Anywhere else (a prompt, hooks, compiling, float blocks, ...) it is Grok."""
+
+    def hidden(
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None
+    ) -> Tensor:
+        plan = self._decode_plan(tokens, cache, positions, valid)
+        if plan is None:
+            return super().hidden(tokens, cache, positions, valid)
+        assert cache is not None and positions is not None
+        c, b = self.config, tokens.shape[0]
+        x = self.embed(tokens).reshape(b, -1).contiguous()  # bf16, as compute_dtype is
+        temp = attn_temperature(positions, c)
+        norms, weights, routers, settings = plan
+        pad = -1 if c.pad_token is None else c.pad_token
+        h = kernels.decode(tokens.reshape(b), positions.reshape(b), x, c.embedding_multiplier_scale, c.jax_rounding,
+                           pad, cache.key_ok, self._rope(cache.slots), cache.k, cache.v, norms, weights, routers,
+                           self.norm.weight, *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
+        return h.view(b, 1, -1)
+
+    def _decode_plan(
+        self, tokens: Tensor, cache: KVCache | None, positions: Tensor | None, valid: Tensor | None
+    ) -> Plan | None:
+        """The layers' plan (`QuantizedLayers._decode_plan`) where this step runs as one `kernels.decode`
+        call (after the embedding, which runs as a module), else None: one new token a row, int64 tokens and
+        positions on the CPU, no `valid`, no gradient (generate's and serve's inference mode), bf16 hidden
+        states that the native kernels take, the final norm fp32 with the blocks' eps, and no hooks on the
+        norm or layers."""
+        if cache is None or positions is None or valid is not None or tokens.dim() != 2 or tokens.shape[1] != 1:
+            return None
+        if tokens.dtype != torch.long or positions.dtype != torch.long or positions.shape != tokens.shape:
+            return None
+        mods = self._modules
+        norm, layers = mods["norm"], mods["layers"]
+        if type(layers) is not QuantizedLayers or type(norm) not in (RMSNorm, NativeRMSNorm):
+            return None
+        if norm._parameters["weight"].dtype != torch.float32 or self.compute_dtype != torch.bfloat16:
+            return None
+        if torch.is_grad_enabled() or tokens.device.type != "cpu" or not _native_step(_BF16):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (norm, layers)):
+            return None
+        plan = layers._decode_plan(cache)
+        return plan if plan is not None and plan[3][1] == norm.eps else None
+
+    def _rope(self, slots: int) -> tuple[Tensor, Tensor]:
+        """cos, sin [P, Dh] for positions 0..P-1, P >= slots: rope_tables' numbers, made once per doubling."""
+        table = self.__dict__.get("_rope_table")
+        if table is None or table[0].shape[0] < slots:
+            c = self.config
+            cos, sin = rope_tables(torch.arange(max(64, 1 << (slots - 1).bit_length()))[None], c.key_size, c.rope_base)
+            table = (cos[0], sin[0])
+            self.__dict__["_rope_table"] = table
+        return table
 
 
 FUSED: dict[type[nn.Module], type[nn.Module]] = {
+    Grok: QuantizedGrok,
+    RMSNorm: NativeRMSNorm,
     MoE: QuantizedMoE,
     Attention: QuantizedAttention,
     Block: QuantizedBlock,
@@ -285,15 +390,15 @@ parallel MoE, which holds a share of the experts the fused MoE kernel cannot rou
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """Give attention, MoE, blocks and the decoder's layers their fused native paths, in place (each
-    swapped for a module holding the same parameters, settings and hooks: state-dict names unchanged);
-    returns the model, or, where `model` is itself such a module, the new one. Only `qkv`, `attend`, and
-    the MoE's, the block's and the layers' `forward` differ, and they fall back to the plain ones
-    wherever the kernels do not apply (float weights included)."""
-    if type(model) in FUSED:
-        return recast(model, FUSED[type(model)])
+    """Give norms, attention, MoE, blocks, the decoder's layers and the model their fused native paths (each
+    swapped for a module holding the same parameters, settings and hooks: state-dict names unchanged), in
+    place; returns the model, or, where `model` is itself such a module (a Grok, a block), the new one.
+    Only `qkv`, `attend`, the model's `hidden`, and the norms', the MoE's, the block's and the layers'
+    `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float weights
+    included)."""
     for name, module in list(model.named_modules()):
         kind = FUSED.get(type(module))
-        if kind is not None:
+        if kind is not None and name:
             model.set_submodule(name, recast(module, kind))
-    return model
+    kind = FUSED.get(type(model))
+    return model if kind is None else recast(model, kind)

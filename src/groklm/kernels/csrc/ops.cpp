@@ -8,6 +8,7 @@
 // The C kernels live in their own shared library (built with the ISA flags, loaded by ctypes); its
 // functions are handed over by groklm_ops_set_kernels, called again whenever that library is loaded.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -194,22 +195,44 @@ float rms_scale(const at::BFloat16 *x, int64_t d, double eps) {
     return 1.0f / std::sqrt(mean + static_cast<float>(eps));
 }
 
-// y = RMSNorm(x) (weight w, fp32), or, with `residual`, y = residual + RMSNorm(x): rows [B, D] bf16.
-at::Tensor normed(const at::Tensor &x, const at::Tensor &w, double eps, const at::Tensor *residual = nullptr) {
-    const int64_t b = x.size(0), d = x.size(1);
-    at::Tensor y = at::empty_like(x);
-    const at::BFloat16 *xp = x.data_ptr<at::BFloat16>();
-    const at::BFloat16 *hp = residual ? residual->data_ptr<at::BFloat16>() : nullptr;
-    const float *wp = w.data_ptr<float>();
-    at::BFloat16 *yp = y.data_ptr<at::BFloat16>();
-    for (int64_t r = 0; r < b; r++, xp += d, yp += d) {
+// y = RMSNorm(x) (weight w [D], fp32), or, with h, y = h + RMSNorm(x), for `rows` rows of D, bf16.
+void normed_rows(const at::BFloat16 *xp, const float *wp, const at::BFloat16 *hp, int64_t rows, int64_t d,
+                 double eps, at::BFloat16 *yp) {
+    for (int64_t r = 0; r < rows; r++, xp += d, yp += d, hp = hp ? hp + d : nullptr) {
         const float scale = rms_scale(xp, d, eps);
         for (int64_t i = 0; i < d; i++) {
             const float n = wp[i] * (static_cast<float>(xp[i]) * scale);
-            yp[i] = hp ? at::BFloat16(static_cast<float>(hp[r * d + i]) + static_cast<float>(at::BFloat16(n)))
-                       : at::BFloat16(n);
+            yp[i] = hp ? at::BFloat16(static_cast<float>(hp[i]) + static_cast<float>(at::BFloat16(n))) : at::BFloat16(n);
         }
     }
+}
+
+// The same for rows [B, D], into a new tensor.
+at::Tensor normed(const at::Tensor &x, const at::Tensor &w, double eps, const at::Tensor *residual = nullptr) {
+    at::Tensor y = at::empty_like(x);
+    normed_rows(x.data_ptr<at::BFloat16>(), w.data_ptr<float>(),
+                residual ? residual->data_ptr<at::BFloat16>() : nullptr, x.size(0), x.size(1), eps,
+                y.data_ptr<at::BFloat16>());
+    return y;
+}
+
+// RMSNorm (model.py's, bit for bit: see normed) of the rows of x [N, D] bf16 with weight [D] fp32, the rows
+// split between threads: one call where the torch path makes six, each costing a decode step tens of
+// microseconds after the weights have swept the caches.
+at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &w, double eps) {
+    TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+                      "groklm: rms_norm takes contiguous bf16 CPU rows [N, D], not ", x.scalar_type(), " ", x.sizes());
+    TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 1 &&
+                          w.size(0) == x.size(1),
+                      "groklm: rms_norm: the weight must be a contiguous fp32 [", x.size(1), "], not ",
+                      w.scalar_type(), " ", w.sizes());
+    at::Tensor y = at::empty_like(x);
+    const int64_t d = x.size(1);
+    const at::BFloat16 *xp = x.data_ptr<at::BFloat16>();
+    at::BFloat16 *yp = y.data_ptr<at::BFloat16>();
+    at::parallel_for(0, x.size(0), 16, [&](int64_t lo, int64_t hi) {
+        normed_rows(xp + lo * d, w.data_ptr<float>(), nullptr, hi - lo, d, eps, yp + lo * d);
+    });
     return y;
 }
 
@@ -309,6 +332,69 @@ at::Tensor blocks(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &
     return x;
 }
 
+// A decode step's hidden states (model.py's Grok.hidden for one new token a row, through a cache): tokens
+// and positions [B] (int64) and the tokens' embeddings [B, D] bf16 -> the final-normed [B, D] bf16. The
+// embeddings times `embed_multiplier` (rounded to bf16 first with `jax_rounding`, as the reference's
+// weakly-typed float), each row's slot of key_ok [B, S] (bool, a prefix of the cache's) set unless the
+// token is `pad` (-1: none), the mask (slots set and not past the row's position), RoPE rows from the
+// tables cos, sin [P, Dh] fp32 (rope_tables for positions 0..P-1: row p is position p's), then `blocks`
+// and the final norm (weight final_norm, fp32). One call from Python a step where the torch path makes
+// ~25, each costing tens of microseconds after the weights have swept the caches.
+at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &embedded,
+                  double embed_multiplier, bool jax_rounding, int64_t pad, const at::Tensor &key_ok,
+                  const at::Tensor &cos_table, const at::Tensor &sin_table, at::TensorList cache_k,
+                  at::TensorList cache_v, at::TensorList norms, at::TensorList weights, at::TensorList routers,
+                  const at::Tensor &final_norm, int64_t bits, double eps, double multiplier, double softcap,
+                  double masked, const c10::optional<at::Tensor> &scale, bool round_scores, int64_t topk,
+                  double router_cap, int64_t gelu_erf) {
+    TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() &&
+                          positions.scalar_type() == at::kLong && positions.sizes() == tokens.sizes() &&
+                          positions.is_contiguous() && tokens.device().is_cpu() && positions.device().is_cpu(),
+                      "groklm: decode takes contiguous int64 CPU tokens and positions [B], not ", tokens.sizes(),
+                      " and ", positions.sizes());
+    const int64_t b = tokens.size(0);
+    TORCH_CHECK_VALUE(embedded.device().is_cpu() && embedded.scalar_type() == at::kBFloat16 && embedded.dim() == 2 &&
+                          embedded.size(0) == b && embedded.is_contiguous(),
+                      "groklm: decode: the embeddings must be contiguous bf16 [", b, ", D], not ",
+                      embedded.scalar_type(), " ", embedded.sizes());
+    const int64_t d = embedded.size(1);
+    TORCH_CHECK_VALUE(key_ok.scalar_type() == at::kBool && key_ok.dim() == 2 && key_ok.size(0) == b &&
+                          key_ok.stride(1) == 1,
+                      "groklm: decode: key_ok must be bool [", b, ", S] with its slots adjacent, not ", key_ok.sizes());
+    const int64_t slots = key_ok.size(1), dh = cos_table.size(-1);
+    for (const at::Tensor *t : {&cos_table, &sin_table})
+        TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                              t->sizes() == cos_table.sizes(),
+                          "groklm: decode: the RoPE tables must be contiguous fp32 [P, Dh], alike, not ", t->sizes());
+    TORCH_CHECK_VALUE(final_norm.scalar_type() == at::kFloat && final_norm.is_contiguous() && final_norm.numel() == d,
+                      "groklm: decode: the final norm weight must be a contiguous fp32 [", d, "], not ",
+                      final_norm.sizes());
+    const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; r++)
+        TORCH_CHECK_INDEX(pos[r] >= 0 && pos[r] < slots && pos[r] < cos_table.size(0), "groklm: decode: position ",
+                          pos[r], " outside the ", slots, " cache slots or the ", cos_table.size(0), " RoPE rows");
+    // bf16 * bf16 and bf16 * float are computed in fp32 and rounded once, as torch computes them
+    const float m = jax_rounding ? static_cast<float>(at::BFloat16(static_cast<float>(embed_multiplier)))
+                                 : static_cast<float>(embed_multiplier);
+    at::Tensor h = at::empty({b, d}, embedded.options());
+    at::Tensor mask = at::empty({b, slots}, key_ok.options());
+    at::Tensor cos = at::empty({b, dh}, cos_table.options()), sin = at::empty({b, dh}, cos_table.options());
+    const at::BFloat16 *xp = embedded.data_ptr<at::BFloat16>();
+    at::BFloat16 *hp = h.data_ptr<at::BFloat16>();
+    bool *ok = key_ok.data_ptr<bool>(), *mp = mask.data_ptr<bool>();
+    for (int64_t r = 0; r < b; r++) {
+        for (int64_t i = 0; i < d; i++) hp[r * d + i] = at::BFloat16(static_cast<float>(xp[r * d + i]) * m);
+        bool *okr = ok + r * key_ok.stride(0);
+        okr[pos[r]] = tok[r] != pad;
+        for (int64_t j = 0; j < slots; j++) mp[r * slots + j] = okr[j] && j <= pos[r];
+        std::copy_n(cos_table.data_ptr<float>() + pos[r] * dh, dh, cos.data_ptr<float>() + r * dh);
+        std::copy_n(sin_table.data_ptr<float>() + pos[r] * dh, dh, sin.data_ptr<float>() + r * dh);
+    }
+    const at::Tensor out = blocks(h, cos, sin, mask, cache_k, cache_v, positions, norms, weights, routers, bits, eps,
+                                  multiplier, softcap, masked, scale, round_scores, topk, router_cap, gelu_erf);
+    return normed(out, final_norm, eps);
+}
+
 }  // namespace
 
 extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
@@ -324,4 +410,6 @@ TORCH_LIBRARY_IMPL(groklm, CPU, m) {
     m.impl("moe", &moe);
     m.impl("attend", &attend);
     m.impl("blocks", &blocks);
+    m.impl("rms_norm", &rms_norm);
+    m.impl("decode", &decode);
 }
