@@ -233,6 +233,30 @@ def test_fused_decode_blocks_give_the_blocks_bits(mini_ckpt: Path, monkeypatch: 
     assert torch.equal(torch.stack(cache.v), torch.stack(plain_cache.v))
 
 
+def test_fused_decode_sees_what_changes_after_its_plan_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers' plan is made once and kept while nothing in the blocks changes: a hook registered on a
+    part afterwards runs (that block decodes as plain Block), and a weight replaced afterwards is the one
+    read."""
+    if not kernels.supports_blocks():
+        pytest.skip("the C++ ops are not built here")
+    model = _int8_mini()
+    layers = model.config.num_layers
+    calls = _count_block_calls(monkeypatch)
+    before, _, _, _ = _decode_twice(model)
+    assert calls == [-layers]  # the plan is made, and kept
+    seen: list[int] = []
+    handle = model.layers[0].moe.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        fused, plain, _, _ = _decode_twice(model)
+    finally:
+        handle.remove()
+    assert seen == [5, 1, 1] and calls == [-layers, *[1] * (layers - 1)] and torch.equal(fused, plain)
+    wo = model.layers[1].attn.wo
+    wo.weight = torch.zeros_like(wo.weight)
+    fused, plain, _, _ = _decode_twice(model)
+    assert calls[-1] == -layers and torch.equal(fused, plain) and not torch.equal(fused, before)
+
+
 def test_fused_decode_rope_rows_are_rope_tables() -> None:
     """A fused decode step reads its rows' RoPE tables from tables made once per doubling of the cache:
     their rows are the numbers rope_tables gives a step for each position alone."""
