@@ -257,6 +257,34 @@ def test_fused_decode_sees_what_changes_after_its_plan_is_kept(monkeypatch: pyte
     assert calls[-1] == -layers and torch.equal(fused, plain) and not torch.equal(fused, before)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("changes", [{}, {"final_softcap": 5.0, "jax_rounding": False}])
+def test_fused_unembed_gives_unembeds_bits(monkeypatch: pytest.MonkeyPatch, bits: int, changes: dict) -> None:
+    """An int8 or int4 head gives its logits in one native call (output multiplier, Grok-2's final cap)
+    with Grok.unembed's bits; a hook on the head runs, through the plain path."""
+    if not kernels.supports_blocks():
+        pytest.skip("the C++ ops are not built here")
+    torch.manual_seed(0)
+    model = groklm.Grok(dataclasses.replace(get_preset("mini"), tie_embeddings=False, **changes), dtype=torch.bfloat16)
+    model = (
+        quantize_int8(model, lambda name: None if name.endswith("router") else 1)
+        if bits == 8
+        else quantize_int4(model, 32)
+    )
+    calls: list[int] = []
+    unembed = kernels.unembed
+    monkeypatch.setattr(kernels, "unembed", lambda *a: calls.append(a[0]) or unembed(*a))
+    h = torch.randn(3, 2, 256, dtype=torch.bfloat16) * 3
+    with torch.inference_mode():
+        want = recast(model, groklm.Grok).unembed(h)
+        assert torch.equal(model.unembed(h), want) and calls == [bits]
+        handle = model.head.register_forward_hook(lambda module, args, out: calls.append(0))
+        try:
+            assert torch.equal(model.unembed(h), want) and calls == [bits, 0]
+        finally:
+            handle.remove()
+
+
 def test_fused_decode_rope_rows_are_rope_tables() -> None:
     """A fused decode step reads its rows' RoPE tables from tables made once per doubling of the cache:
     their rows are the numbers rope_tables gives a step for each position alone."""

@@ -60,6 +60,7 @@ __all__ = [
     "supports_linear",
     "supports_moe",
     "transpose_into",
+    "unembed",
     "use_triton",
 ]
 
@@ -91,7 +92,7 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
 
 
 def supports_blocks() -> bool:
-    """Whether `blocks`, `decode` and `rms_norm` are there: they are C++ only (the ops' C++ implementations built and
+    """Whether `blocks`, `decode`, `unembed` and `rms_norm` are there: they are C++ only (the ops' C++ implementations built and
     loaded)."""
     return available() and ops.NATIVE_OPS
 
@@ -195,3 +196,10 @@ def decode(tokens: Tensor, positions: Tensor, embedded: Tensor, embed_multiplier
     return torch.ops.groklm.decode(tokens, positions, embedded, embed_multiplier, jax_rounding, pad, key_ok, *rope,
                                    cache_k, cache_v, norms, weights, routers, final_norm, bits, eps, multiplier,
                                    softcap, masked, scale, round_scores, topk, router_cap, int(gelu_erf))  # fmt: skip
+
+
+def unembed(bits: int, x: Tensor, head: Weight, multiplier: float, jax_rounding: bool, final_cap: float) -> Tensor:
+    """model.py's `Grok.unembed` over an int8 or int4 head (weight, scales) in one native call (C++ only:
+    `supports_blocks`), bit for bit: x [N, D] bf16 -> fp32 logits [N, V], the output multiplier and,
+    where final_cap > 0, Grok-2's final cap applied."""
+    return torch.ops.groklm.unembed(bits, x, list(head), multiplier, jax_rounding, final_cap)

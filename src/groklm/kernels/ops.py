@@ -1,7 +1,7 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
 (meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
 the Python ones `native` hands over; and, C++ only, groklm::blocks (decoder layers' decode step around
-them), groklm::decode (a whole decode step's hidden states) and groklm::rms_norm, for eager mode
+them), groklm::decode (a whole decode step's hidden states), groklm::unembed and groklm::rms_norm, for eager mode
 (compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the
 C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
@@ -43,6 +43,9 @@ _OPS.define(
 
 _OPS.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _OPS.define(
+    "unembed(int bits, Tensor x, Tensor[] weights, float multiplier, bool jax_rounding, float final_cap) -> Tensor"
+)
+_OPS.define(
     "decode(Tensor tokens, Tensor positions, Tensor embedded, float embed_multiplier, bool jax_rounding, int pad, "
     "Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor[] norms, "
     "Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, float eps, float multiplier, float softcap, "
@@ -67,6 +70,11 @@ def _(
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, multiplier: float, softcap: float, masked: float,
       scale: Tensor | None, round_scores: bool = True) -> Tensor:  # fmt: skip
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("groklm::unembed")
+def _(bits: int, x: Tensor, weights: list[Tensor], multiplier: float, jax_rounding: bool, final_cap: float) -> Tensor:
+    return x.new_empty(x.shape[0], weights[1].shape[0], dtype=torch.float32)
 
 
 @torch.library.register_fake("groklm::rms_norm")

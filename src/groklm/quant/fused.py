@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 
 from groklm import kernels
+from groklm.kernels.layout import Weight
 from groklm.model import (
     MASK_VALUE,
     Attention,
@@ -352,11 +353,12 @@ def _native_step(x: Tensor) -> bool:
 
 class QuantizedGrok(Grok):
     """A Grok whose decode step's hidden states (one new token a row, through a cache) come from one native
-    call, `kernels.decode`: the embedding, the cache's key_ok and the mask, the rows' RoPE tables (rows of
-    tables kept here: rope_tables' for positions 0..P-1, the same numbers), all the blocks
-    (`QuantizedLayers`' plan) and the final norm, with model.py's bits. Grok.hidden's ~25 torch calls
-    around the layers cost a step about a millisecond where the weights have just swept the caches.
-    Anywhere else (a prompt, hooks, compiling, float blocks, ...) it is Grok."""
+    call, `kernels.decode`: the cache's key_ok and the mask, the rows' RoPE tables (rows of tables kept
+    here: rope_tables' for positions 0..P-1, the same numbers), all the blocks (`QuantizedLayers`' plan)
+    and the final norm, after the embedding module; and whose int8 or int4 head gives its logits in one
+    more (`unembed`). Both with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
+    over a millisecond where the weights have just swept the caches. Anywhere else (a prompt, hooks,
+    compiling, float blocks, ...) it is Grok."""
 
     def hidden(
         self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None
@@ -374,6 +376,31 @@ class QuantizedGrok(Grok):
                            pad, cache.key_ok, self._rope(cache.slots), cache.k, cache.v, norms, weights, routers,
                            self.norm.weight, *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
         return h.view(b, 1, -1)
+
+    def unembed(self, h: Tensor) -> Tensor:
+        """As Grok.unembed, in one native call (`kernels.unembed`) where the head is int8 or int4 without
+        hooks and h is a step's bf16 CPU hidden states (~0.4 ms of torch calls a step, cold)."""
+        bits, head = self._native_head(h)
+        if head is None:
+            return super().unembed(h)
+        c = self.config
+        logits = kernels.unembed(bits, h.reshape(-1, h.shape[-1]).contiguous(), head, c.output_multiplier_scale,
+                                 c.jax_rounding, c.final_softcap or 0.0)  # fmt: skip
+        return logits.view(*h.shape[:-1], -1)
+
+    def _native_head(self, h: Tensor) -> tuple[int, Weight | None]:
+        """The head's width and (weight, scales) where `kernels.unembed` takes it and h, else (0, None);
+        whether the kernel takes the weights is worked out once for the tensors at hand."""
+        head = self._modules["head"]
+        bits = _LINEAR_BITS.get(type(head))
+        if bits is None or head._forward_hooks or head._forward_pre_hooks or not _native_step(h):
+            return 0, None
+        weight = (head._buffers["weight"], head._buffers["scales"])
+        cached = self.__dict__.get("_head")
+        if cached is None or cached[0][0] is not weight[0] or cached[0][1] is not weight[1]:
+            cached = (weight, kernels.supports_blocks() and kernels.supports_linear(bits, [weight]))
+            self.__dict__["_head"] = cached
+        return (bits, weight) if cached[1] else (0, None)
 
     def _decode_plan(
         self, tokens: Tensor, cache: KVCache | None, positions: Tensor | None, valid: Tensor | None
@@ -427,8 +454,8 @@ def fuse(model: nn.Module) -> nn.Module:
     """Give norms, attention, MoE, blocks, the decoder's layers and the model their fused native paths (each
     swapped for a module holding the same parameters, settings and hooks: state-dict names unchanged), in
     place; returns the model, or, where `model` is itself such a module (a Grok, a block), the new one.
-    Only `qkv`, `attend`, the model's `hidden`, and the norms', the MoE's, the block's and the layers'
-    `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float weights
+    Only `qkv`, `attend`, the model's `hidden` and `unembed`, and the norms', the MoE's, the block's and the
+    layers' `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float weights
     included)."""
     for name, module in list(model.named_modules()):
         kind = FUSED.get(type(module))

@@ -395,6 +395,18 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
     return normed(out, final_norm, eps);
 }
 
+// model.py's Grok.unembed over an int8 or int4 output head (`weights`: its weight and scales): x [N, D]
+// bf16 -> fp32 logits [N, V], the head's bf16 output times the output multiplier (a bf16 tensor with
+// `jax_rounding`, else the float) and, where final_cap > 0, capped (Grok-2), each by the ATen call
+// model.py's torch call makes: one call from Python where the torch path makes ~10.
+at::Tensor unembed(int64_t bits, const at::Tensor &x, at::TensorList weights, double multiplier, bool jax_rounding,
+                   double final_cap) {
+    at::Tensor y = linear(bits, x, weights, false);
+    y = jax_rounding ? y.mul(at::scalar_tensor(multiplier, y.options())) : y.mul(multiplier);
+    y = y.to(at::kFloat);
+    return final_cap > 0 ? y.div(final_cap).tanh().mul(final_cap) : y;
+}
+
 }  // namespace
 
 extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
@@ -412,4 +424,5 @@ TORCH_LIBRARY_IMPL(groklm, CPU, m) {
     m.impl("blocks", &blocks);
     m.impl("rms_norm", &rms_norm);
     m.impl("decode", &decode);
+    m.impl("unembed", &unembed);
 }
