@@ -207,7 +207,7 @@ def _count_block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     blocks, decode = kernels.blocks, kernels.decode
     monkeypatch.setattr(kernels, "blocks", lambda *a, **k: calls.append(len(a[4])) or blocks(*a, **k))
-    monkeypatch.setattr(kernels, "decode", lambda *a, **k: calls.append(-len(a[8])) or decode(*a, **k))
+    monkeypatch.setattr(kernels, "decode", lambda *a, **k: calls.append(-len(a[9])) or decode(*a, **k))
     return calls
 
 

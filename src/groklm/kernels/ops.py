@@ -46,7 +46,7 @@ _OPS.define(
     "unembed(int bits, Tensor x, Tensor[] weights, float multiplier, bool jax_rounding, float final_cap) -> Tensor"
 )
 _OPS.define(
-    "decode(Tensor tokens, Tensor positions, Tensor embedded, float embed_multiplier, bool jax_rounding, int pad, "
+    "decode(Tensor tokens, Tensor positions, Tensor embedded, bool lookup, float embed_multiplier, bool jax_rounding, int pad, "
     "Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor[] norms, "
     "Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, float eps, float multiplier, float softcap, "
     "float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"

@@ -348,7 +348,8 @@ class QuantizedGrok(Grok):
     """A Grok whose decode step's hidden states (one new token a row, through a cache) come from one native
     call, `kernels.decode`: the cache's key_ok and the mask, the rows' RoPE tables (rows of tables kept
     here: rope_tables' for positions 0..P-1, the same numbers), all the blocks (`QuantizedLayers`' plan)
-    and the final norm, after the embedding module; and whose int8 or int4 head gives its logits in one
+    and the final norm, and the embedding too where it is a plain bf16 nn.Embedding without hooks (any
+    other runs as a module first); and whose int8 or int4 head gives its logits in one
     more (`unembed`). Both with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
     over a millisecond where the weights have just swept the caches. Anywhere else (a prompt, hooks,
     compiling, float blocks, ...) it is Grok."""
@@ -361,11 +362,15 @@ class QuantizedGrok(Grok):
             return super().hidden(tokens, cache, positions, valid)
         assert cache is not None and positions is not None
         c, b = self.config, tokens.shape[0]
-        x = self.embed(tokens).reshape(b, -1).contiguous()  # bf16, as compute_dtype is
+        embed = self._modules["embed"]
+        table = embed._parameters.get("weight") if type(embed) is nn.Embedding else None
+        lookup = table is not None and embed.max_norm is None and table.dtype == torch.bfloat16
+        lookup = lookup and table.is_contiguous() and not (embed._forward_hooks or embed._forward_pre_hooks)
+        x = table if lookup else self.embed(tokens).reshape(b, -1).contiguous()  # bf16, as compute_dtype is
         temp = attn_temperature(positions, c)
         norms, weights, routers, settings = plan
         pad = -1 if c.pad_token is None else c.pad_token
-        h = kernels.decode(tokens.reshape(b), positions.reshape(b), x, c.embedding_multiplier_scale, c.jax_rounding,
+        h = kernels.decode(tokens.reshape(b), positions.reshape(b), x, lookup, c.embedding_multiplier_scale, c.jax_rounding,
                            pad, cache.key_ok, self._rope(cache.slots), cache.k, cache.v, norms, weights, routers,
                            self.norm.weight, *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
         return h.view(b, 1, -1)
@@ -399,7 +404,7 @@ class QuantizedGrok(Grok):
         self, tokens: Tensor, cache: KVCache | None, positions: Tensor | None, valid: Tensor | None
     ) -> Plan | None:
         """The layers' plan (`QuantizedLayers._decode_plan`) where this step runs as one `kernels.decode`
-        call (after the embedding, which runs as a module), else None: one new token a row, int64 tokens and
+        call, else None: one new token a row, int64 tokens and
         positions on the CPU, no `valid`, no gradient (generate's and serve's inference mode), bf16 hidden
         states that the native kernels take, the final norm fp32 with the blocks' eps, and no hooks on the
         norm or layers."""

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace {
@@ -333,14 +334,14 @@ at::Tensor blocks(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &
 }
 
 // A decode step's hidden states (model.py's Grok.hidden for one new token a row, through a cache): tokens
-// and positions [B] (int64) and the tokens' embeddings [B, D] bf16 -> the final-normed [B, D] bf16. The
-// embeddings times `embed_multiplier` (rounded to bf16 first with `jax_rounding`, as the reference's
+// and positions [B] (int64) and the tokens' embeddings [B, D] bf16 (with `lookup`, the embedding table
+// [V, D] bf16 to look them up in) -> the final-normed [B, D] bf16. The embeddings times `embed_multiplier` (rounded to bf16 first with `jax_rounding`, as the reference's
 // weakly-typed float), each row's slot of key_ok [B, S] (bool, a prefix of the cache's) set unless the
 // token is `pad` (-1: none), the mask (slots set and not past the row's position), RoPE rows from the
 // tables cos, sin [P, Dh] fp32 (rope_tables for positions 0..P-1: row p is position p's), then `blocks`
 // and the final norm (weight final_norm, fp32). One call from Python a step where the torch path makes
 // ~25, each costing tens of microseconds after the weights have swept the caches.
-at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &embedded,
+at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &embedded, bool lookup,
                   double embed_multiplier, bool jax_rounding, int64_t pad, const at::Tensor &key_ok,
                   const at::Tensor &cos_table, const at::Tensor &sin_table, at::TensorList cache_k,
                   at::TensorList cache_v, at::TensorList norms, at::TensorList weights, at::TensorList routers,
@@ -354,9 +355,9 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
                       " and ", positions.sizes());
     const int64_t b = tokens.size(0);
     TORCH_CHECK_VALUE(embedded.device().is_cpu() && embedded.scalar_type() == at::kBFloat16 && embedded.dim() == 2 &&
-                          embedded.size(0) == b && embedded.is_contiguous(),
-                      "groklm: decode: the embeddings must be contiguous bf16 [", b, ", D], not ",
-                      embedded.scalar_type(), " ", embedded.sizes());
+                          (lookup || embedded.size(0) == b) && embedded.is_contiguous(),
+                      "groklm: decode: the embeddings must be contiguous bf16 [", lookup ? "V" : std::to_string(b),
+                      ", D], not ", embedded.scalar_type(), " ", embedded.sizes());
     const int64_t d = embedded.size(1);
     TORCH_CHECK_VALUE(key_ok.scalar_type() == at::kBool && key_ok.dim() == 2 && key_ok.size(0) == b &&
                           key_ok.stride(1) == 1,
@@ -370,9 +371,12 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
                       "groklm: decode: the final norm weight must be a contiguous fp32 [", d, "], not ",
                       final_norm.sizes());
     const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>();
-    for (int64_t r = 0; r < b; r++)
+    for (int64_t r = 0; r < b; r++) {
         TORCH_CHECK_INDEX(pos[r] >= 0 && pos[r] < slots && pos[r] < cos_table.size(0), "groklm: decode: position ",
                           pos[r], " outside the ", slots, " cache slots or the ", cos_table.size(0), " RoPE rows");
+        TORCH_CHECK_INDEX(!lookup || (tok[r] >= 0 && tok[r] < embedded.size(0)), "groklm: decode: token ", tok[r],
+                          " outside the vocabulary of ", embedded.size(0));
+    }
     // bf16 * bf16 and bf16 * float are computed in fp32 and rounded once, as torch computes them
     const float m = jax_rounding ? static_cast<float>(at::BFloat16(static_cast<float>(embed_multiplier)))
                                  : static_cast<float>(embed_multiplier);
@@ -383,7 +387,8 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
     at::BFloat16 *hp = h.data_ptr<at::BFloat16>();
     bool *ok = key_ok.data_ptr<bool>(), *mp = mask.data_ptr<bool>();
     for (int64_t r = 0; r < b; r++) {
-        for (int64_t i = 0; i < d; i++) hp[r * d + i] = at::BFloat16(static_cast<float>(xp[r * d + i]) * m);
+        const at::BFloat16 *xr = xp + (lookup ? tok[r] : r) * d;
+        for (int64_t i = 0; i < d; i++) hp[r * d + i] = at::BFloat16(static_cast<float>(xr[i]) * m);
         bool *okr = ok + r * key_ok.stride(0);
         okr[pos[r]] = tok[r] != pad;
         for (int64_t j = 0; j < slots; j++) mp[r * slots + j] = okr[j] && j <= pos[r];
