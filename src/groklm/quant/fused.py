@@ -349,8 +349,8 @@ class QuantizedGrok(Grok):
     call, `kernels.decode`: the cache's key_ok and the mask, the rows' RoPE tables (rows of tables kept
     here: rope_tables' for positions 0..P-1, the same numbers), all the blocks (`QuantizedLayers`' plan)
     and the final norm, and the embedding too where it is a plain bf16 nn.Embedding without hooks (any
-    other runs as a module first); and whose int8 or int4 head gives its logits in one
-    more (`unembed`). Both with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
+    other runs as a module first); and whose int8 or int4 head gives its logits in one more
+    (`unembed`). Both with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
     over a millisecond where the weights have just swept the caches. Anywhere else (a prompt, hooks,
     compiling, float blocks, ...) it is Grok."""
 
@@ -370,9 +370,10 @@ class QuantizedGrok(Grok):
         temp = attn_temperature(positions, c)
         norms, weights, routers, settings = plan
         pad = -1 if c.pad_token is None else c.pad_token
-        h = kernels.decode(tokens.reshape(b), positions.reshape(b), x, lookup, c.embedding_multiplier_scale, c.jax_rounding,
-                           pad, cache.key_ok, self._rope(cache.slots), cache.k, cache.v, norms, weights, routers,
-                           self.norm.weight, *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
+        rows, where = tokens.reshape(b).contiguous(), positions.reshape(b).contiguous()
+        h = kernels.decode(rows, where, x, lookup, c.embedding_multiplier_scale, c.jax_rounding, pad, cache.key_ok,
+                           self._rope(cache.slots), cache.k, cache.v, norms, weights, routers, self.norm.weight,
+                           *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
         return h.view(b, 1, -1)
 
     def unembed(self, h: Tensor) -> Tensor:
@@ -404,10 +405,9 @@ class QuantizedGrok(Grok):
         self, tokens: Tensor, cache: KVCache | None, positions: Tensor | None, valid: Tensor | None
     ) -> Plan | None:
         """The layers' plan (`QuantizedLayers._decode_plan`) where this step runs as one `kernels.decode`
-        call, else None: one new token a row, int64 tokens and
-        positions on the CPU, no `valid`, no gradient (generate's and serve's inference mode), bf16 hidden
-        states that the native kernels take, the final norm fp32 with the blocks' eps, and no hooks on the
-        norm or layers."""
+        call, else None: one new token a row, int64 tokens and positions on the CPU, no `valid`, no
+        gradient (generate's and serve's inference mode), bf16 hidden states that the native kernels take,
+        the final norm fp32 with the blocks' eps, and no hooks on the norm or layers."""
         if cache is None or positions is None or valid is not None or tokens.dim() != 2 or tokens.shape[1] != 1:
             return None
         if tokens.dtype != torch.long or positions.dtype != torch.long or positions.shape != tokens.shape:
