@@ -162,8 +162,8 @@ def test_compiled_decode_equals_eager(mini_ckpt: Path) -> None:
 
 def _decode_twice(model: groklm.Grok) -> tuple[torch.Tensor, torch.Tensor, KVCache, KVCache]:
     """One decode step of two prompts at different positions, fused, then with the model as plain Grok,
-    every block as plain Block and every norm as plain RMSNorm (same weights, same cache before the step): (fused logits, plain logits,
-    their caches)."""
+    every block as plain Block and every norm as plain RMSNorm (same weights, same cache before the step):
+    (fused logits, plain logits, their caches)."""
     prompts = [[422, 3033, 356, 1180, 333], [7, 8, 9]]
     with torch.inference_mode():
         cache = KVCache.allocate(model.config, 2, 11, model.dtype, model.device)

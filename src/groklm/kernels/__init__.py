@@ -92,8 +92,8 @@ def supports_moe(bits: int, w1: Expert, v: Expert, w2: Expert) -> bool:
 
 
 def supports_blocks() -> bool:
-    """Whether `blocks`, `decode`, `unembed` and `rms_norm` are there: they are C++ only (the ops' C++ implementations built and
-    loaded)."""
+    """Whether `blocks`, `decode`, `unembed` and `rms_norm` are there: they are C++ only (the ops' C++
+    implementations built and loaded)."""
     return available() and ops.NATIVE_OPS
 
 
@@ -183,18 +183,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.ops.groklm.rms_norm(x, weight, eps)
 
 
-def decode(tokens: Tensor, positions: Tensor, embedded: Tensor, lookup: bool, embed_multiplier: float, jax_rounding: bool, pad: int,
-           key_ok: Tensor, rope: tuple[Tensor, Tensor], cache_k: Sequence[Tensor], cache_v: Sequence[Tensor],
-           norms: Sequence[Tensor], weights: Sequence[Tensor], routers: Sequence[Tensor], final_norm: Tensor,
+def decode(tokens: Tensor, positions: Tensor, embedded: Tensor, lookup: bool, embed_multiplier: float,
+           jax_rounding: bool, pad: int, key_ok: Tensor, rope: tuple[Tensor, Tensor], cache_k: Sequence[Tensor],
+           cache_v: Sequence[Tensor], norms: Sequence[Tensor], weights: Sequence[Tensor], routers: Sequence[Tensor], final_norm: Tensor,
            bits: int, eps: float, multiplier: float, softcap: float, masked: float, round_scores: bool, topk: int,
            router_cap: float, gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
     """A decode step's final-normed hidden states [B, D] in one native call (C++ only: `supports_blocks`):
     model.py's `Grok.hidden` for one new token a row, tokens and positions [B] (int64), bit for bit. The
-    tokens' embeddings [B, D] bf16 (with `lookup`, the table [V, D] to look them up in) and their multiplier, the pad token (-1: none), the cache's key_ok [B, S]
-    (its slots in use; the new tokens' are set), the RoPE tables `rope` (cos, sin [P, Dh] fp32 for positions
-    0..P-1), then `blocks`' arguments, and the final norm's weight."""
-    return torch.ops.groklm.decode(tokens, positions, embedded, lookup, embed_multiplier, jax_rounding, pad, key_ok, *rope,
-                                   cache_k, cache_v, norms, weights, routers, final_norm, bits, eps, multiplier,
+    tokens' embeddings [B, D] bf16 (with `lookup`, the table [V, D] to look them up in) and their
+    multiplier, the pad token (-1: none), the cache's key_ok [B, S] (its slots in use; the new tokens' are
+    set), the RoPE tables `rope` (cos, sin [P, Dh] fp32 for positions 0..P-1), then `blocks`' arguments,
+    and the final norm's weight."""
+    return torch.ops.groklm.decode(tokens, positions, embedded, lookup, embed_multiplier, jax_rounding, pad, key_ok,
+                                   *rope, cache_k, cache_v, norms, weights, routers, final_norm, bits, eps, multiplier,
                                    softcap, masked, scale, round_scores, topk, router_cap, int(gelu_erf))  # fmt: skip
 
 

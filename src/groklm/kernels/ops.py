@@ -1,8 +1,8 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
 (meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
 the Python ones `native` hands over; and, C++ only, groklm::blocks (decoder layers' decode step around
-them), groklm::decode (a whole decode step's hidden states), groklm::unembed and groklm::rms_norm, for eager mode
-(compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the
+them), groklm::decode (a whole decode step's hidden states), groklm::unembed and groklm::rms_norm, for
+eager mode (compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the
 C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
 The kernels are ops, opaque to torch.compile (which fuses what lies between them). Decode calls them ~25
@@ -46,10 +46,11 @@ _OPS.define(
     "unembed(int bits, Tensor x, Tensor[] weights, float multiplier, bool jax_rounding, float final_cap) -> Tensor"
 )
 _OPS.define(
-    "decode(Tensor tokens, Tensor positions, Tensor embedded, bool lookup, float embed_multiplier, bool jax_rounding, int pad, "
-    "Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor[] norms, "
-    "Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, float eps, float multiplier, float softcap, "
-    "float masked, Tensor? scale, bool round_scores, int topk, float router_cap, int gelu_erf) -> Tensor"
+    "decode(Tensor tokens, Tensor positions, Tensor embedded, bool lookup, float embed_multiplier, "
+    "bool jax_rounding, int pad, Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, "
+    "Tensor(b!)[] cache_v, Tensor[] norms, Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, "
+    "float eps, float multiplier, float softcap, float masked, Tensor? scale, bool round_scores, int topk, "
+    "float router_cap, int gelu_erf) -> Tensor"
 )
 
 

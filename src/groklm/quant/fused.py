@@ -154,9 +154,8 @@ class NativeRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self._parameters["weight"]
-        if torch.compiler.is_compiling() or w.dtype != torch.float32 or kernels.needs_grad(w) or not _native_input(x):
-            return super().forward(x)
-        if not kernels.supports_blocks():
+        native = w.dtype == torch.float32 and not kernels.needs_grad(w) and _native_input(x)
+        if torch.compiler.is_compiling() or not native or not kernels.supports_blocks():
             return super().forward(x)
         return kernels.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), w, self.eps).view(x.shape)
 
@@ -453,8 +452,8 @@ def fuse(model: nn.Module) -> nn.Module:
     swapped for a module holding the same parameters, settings and hooks: state-dict names unchanged), in
     place; returns the model, or, where `model` is itself such a module (a Grok, a block), the new one.
     Only `qkv`, `attend`, the model's `hidden` and `unembed`, and the norms', the MoE's, the block's and the
-    layers' `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float weights
-    included)."""
+    layers' `forward` differ, and they fall back to the plain ones wherever the kernels do not apply (float
+    weights included)."""
     for name, module in list(model.named_modules()):
         kind = FUSED.get(type(module))
         if kind is not None and name:

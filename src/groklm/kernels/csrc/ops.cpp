@@ -203,7 +203,8 @@ void normed_rows(const at::BFloat16 *xp, const float *wp, const at::BFloat16 *hp
         const float scale = rms_scale(xp, d, eps);
         for (int64_t i = 0; i < d; i++) {
             const float n = wp[i] * (static_cast<float>(xp[i]) * scale);
-            yp[i] = hp ? at::BFloat16(static_cast<float>(hp[i]) + static_cast<float>(at::BFloat16(n))) : at::BFloat16(n);
+            const at::BFloat16 normed_i(n);
+            yp[i] = hp ? at::BFloat16(static_cast<float>(hp[i]) + static_cast<float>(normed_i)) : normed_i;
         }
     }
 }
@@ -335,12 +336,13 @@ at::Tensor blocks(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &
 
 // A decode step's hidden states (model.py's Grok.hidden for one new token a row, through a cache): tokens
 // and positions [B] (int64) and the tokens' embeddings [B, D] bf16 (with `lookup`, the embedding table
-// [V, D] bf16 to look them up in) -> the final-normed [B, D] bf16. The embeddings times `embed_multiplier` (rounded to bf16 first with `jax_rounding`, as the reference's
-// weakly-typed float), each row's slot of key_ok [B, S] (bool, a prefix of the cache's) set unless the
-// token is `pad` (-1: none), the mask (slots set and not past the row's position), RoPE rows from the
-// tables cos, sin [P, Dh] fp32 (rope_tables for positions 0..P-1: row p is position p's), then `blocks`
-// and the final norm (weight final_norm, fp32). One call from Python a step where the torch path makes
-// ~25, each costing tens of microseconds after the weights have swept the caches.
+// [V, D] bf16 to look them up in) -> the final-normed [B, D] bf16. The embeddings times `embed_multiplier`
+// (rounded to bf16 first with `jax_rounding`, as the reference's weakly-typed float), each row's slot of
+// key_ok [B, S] (bool, a prefix of the cache's) set unless the token is `pad` (-1: none), the mask (slots
+// set and not past the row's position), RoPE rows from the tables cos, sin [P, Dh] fp32 (rope_tables for
+// positions 0..P-1: row p is position p's), then `blocks` and the final norm (weight final_norm, fp32).
+// One call from Python a step where the torch path makes ~25, each costing tens of microseconds after the
+// weights have swept the caches.
 at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &embedded, bool lookup,
                   double embed_multiplier, bool jax_rounding, int64_t pad, const at::Tensor &key_ok,
                   const at::Tensor &cos_table, const at::Tensor &sin_table, at::TensorList cache_k,
