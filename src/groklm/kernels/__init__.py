@@ -187,7 +187,8 @@ def decode(tokens: Tensor, positions: Tensor, embedded: Tensor, lookup: bool, em
            jax_rounding: bool, pad: int, key_ok: Tensor, rope: tuple[Tensor, Tensor], cache_k: Sequence[Tensor],
            cache_v: Sequence[Tensor], norms: Sequence[Tensor], weights: Sequence[Tensor], routers: Sequence[Tensor],
            final_norm: Tensor, bits: int, eps: float, multiplier: float, softcap: float, masked: float,
-           round_scores: bool, topk: int, router_cap: float, gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
+           round_scores: bool, topk: int, router_cap: float, gelu_erf: bool, *,
+           scale: Tensor | None) -> Tensor:  # fmt: skip
     """A decode step's final-normed hidden states [B, D] in one native call (C++ only: `supports_blocks`):
     model.py's `Grok.hidden` for one new token a row, tokens and positions [B] (int64), bit for bit. The
     tokens' embeddings [B, D] bf16 (with `lookup`, the table [V, D] to look them up in) and their
