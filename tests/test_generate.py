@@ -16,7 +16,8 @@ from groklm.config import get_preset
 from groklm.generate import compile_decode, decode_one, generate, prefill, sample, top_k_filter, top_p_filter
 from groklm.model import Block, KVCache, RMSNorm, recast, rope_tables
 from groklm.quant import QuantizedMoE, quantize_int4, quantize_int8
-from groklm.quant.fused import NativeRMSNorm, QuantizedBlock, QuantizedGrok, QuantizedLayers
+from groklm.quant.fused import NativeRMSNorm
+from groklm.quant.fused_step import QuantizedBlock, QuantizedGrok, QuantizedLayers
 from tests.conftest import not_under_lowered_capability
 
 

@@ -111,7 +111,7 @@ class RMSNorm(nn.Module):
     """`scale * x * rsqrt(mean(x^2) + eps)` in fp32; the stored scale multiplies directly (not 1 + scale).
     For bf16 on the CPU (where the native kernels run) the squares are summed in fp64 and the mean rounded
     to fp32 once: the squares of fp32 numbers are exact in fp64, so any order of summing them (torch's, or
-    the fused decode block's loop, `quant.fused.QuantizedBlock`) rounds to the same fp32 mean, and the two
+    the fused decode block's loop, `quant.fused_step.QuantizedBlock`) rounds to the same fp32 mean, and the two
     paths agree bit for bit. The choice depends on the dtype only, never on autograd's mode, so a model
     gives the same bits under `no_grad` and without."""
 
@@ -339,7 +339,7 @@ class Block(nn.Module):
 
 class Layers(nn.ModuleList):
     """The decoder's blocks, run in order, each with its layer of the cache: a module of its own so that a
-    transform can run them as one (`quant.fused` does, for eager decode)."""
+    transform can run them as one (`quant.fused_step` does, for eager decode)."""
 
     def forward(
         self,

@@ -167,7 +167,7 @@ def blocks(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_k: Sequence[
            eps: float, multiplier: float, softcap: float, masked: float, round_scores: bool, topk: int,
            router_cap: float, gelu_erf: bool, *, scale: Tensor | None) -> Tensor:  # fmt: skip
     """Decoder layers' decode step in one native call (`Block`s for one new token a row, in order, as
-    `quant.fused` hands them over): h [B, D] bf16 -> [B, D]; each layer's new keys and values written
+    `quant.fused_step` hands them over): h [B, D] bf16 -> [B, D]; each layer's new keys and values written
     into its cache_k[i], cache_v[i] [B, S, K, Dh] at `positions` [B]. Each layer has four RMSNorm weights
     in `norms` (in the order it applies them), fourteen tensors in `weights` (wq, wk, wv, wo, w1, v, w2,
     each weight then its scales) and a router; the settings are shared. The norms, RoPE, cache writes and

@@ -1,7 +1,8 @@
 """Weight-only int8 and int4 as transforms on a built model, each `model -> model`: `quantize_int8`,
-`quantize_int4` (linears swapped for quantized ones, then `fused.fuse`), `quantize_output_head` (an int8
+`quantize_int4` (linears swapped for quantized ones, then `fused_step.fuse`), `quantize_output_head` (an int8
 copy of the tied table for the output head) and `pack_int4` (int4 weights in the CPU kernel's panels).
-The weights' layouts and matmuls are in `quant.linear`, the fused native blocks in `quant.fused`.
+The weights' layouts and matmuls are in `quant.linear`, the fused native modules in `quant.fused`, a decode
+step as one call in `quant.fused_step`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from groklm import kernels
 from groklm.config import GrokConfig
 from groklm.files import advise_huge_pages
 from groklm.model import ExpertLinear, Grok
-from groklm.quant.fused import QuantizedAttention, QuantizedMoE, fuse
+from groklm.quant.fused import QuantizedAttention, QuantizedMoE
+from groklm.quant.fused_step import fuse
 from groklm.quant.linear import (
     PANEL,
     Int4ExpertLinear,
