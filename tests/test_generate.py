@@ -18,6 +18,7 @@ from groklm.model import Block, KVCache, RMSNorm, recast, rope_tables
 from groklm.quant import QuantizedMoE, quantize_int4, quantize_int8
 from groklm.quant.fused import NativeRMSNorm
 from groklm.quant.fused_step import QuantizedBlock, QuantizedGrok, QuantizedLayers
+from groklm.quant.linear import Int4Linear, Int8Linear
 from tests.conftest import not_under_lowered_capability
 
 
@@ -212,22 +213,39 @@ def _count_block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("make", ["int8", "int4", "grok2-like"])
+@pytest.mark.parametrize("make", ["int8", "int4", "grok2-like", "int8 head", "int4 head", "grok2-like head"])
 def test_fused_decode_blocks_give_the_blocks_bits(mini_ckpt: Path, monkeypatch: pytest.MonkeyPatch, make: str) -> None:
     """Eager decode runs a whole step as one native call (kernels.decode: the embedding, mask and RoPE, all
-    the layers, the final norm): norms, RoPE, the cache writes and the residuals between the kernels give
-    exactly the logits and cache of the plain model."""
+    the layers, the final norm, and an int8 or int4 head where the model has its own): norms, RoPE, the
+    cache writes and the residuals between the kernels give exactly the logits and cache of the plain
+    model."""
     if not kernels.supports_blocks():
         pytest.skip("the C++ ops are not built here")
     # Grok-2's attention temperature (from position 2 on), router soft-cap, erf GELU and unrounded scores
     grok2 = {"attn_temperature_len": 2, "router_softcap": 30.0, "gelu": "erf", "jax_rounding": False}
-    makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2)}
+    untied = {"tie_embeddings": False}
+
+    def int4_untied() -> groklm.Grok:
+        torch.manual_seed(0)
+        model = groklm.Grok(dataclasses.replace(get_preset("mini"), **untied), dtype=torch.bfloat16)
+        return quantize_int4(model, group_size=32)  # type: ignore[return-value]
+
+    makers = {"int8": _int8_mini, "int4": lambda: _int4_mini(mini_ckpt), "grok2-like": lambda: _int8_mini(**grok2),
+              "int8 head": lambda: _int8_mini(**untied), "int4 head": int4_untied,
+              "grok2-like head": lambda: _int8_mini(**grok2, **untied, final_softcap=5.0)}  # fmt: skip
     model = makers[make]()
     assert type(model) is QuantizedGrok and type(model.layers) is QuantizedLayers and type(model.norm) is NativeRMSNorm
     assert all(type(layer) is QuantizedBlock for layer in model.layers)
     calls = _count_block_calls(monkeypatch)
+    heads: list[bool] = []
+    decode, unembed = kernels.decode, kernels.unembed
+    monkeypatch.setattr(kernels, "decode", lambda *a, **k: heads.append(k.get("head") is not None) or decode(*a, **k))
+    monkeypatch.setattr(kernels, "unembed", lambda *a, **k: heads.append(False) or unembed(*a, **k))
     fused, plain, cache, plain_cache = _decode_twice(model)
     assert calls == [-model.config.num_layers]  # the whole step ran as one native call
+    native_head = type(model.head) in (Int8Linear, Int4Linear)
+    assert native_head == (make != "int8" and make != "grok2-like")  # mini's tied head is quantized by int4 only
+    assert heads[-1] is native_head  # the step's one call ran the head too, where it is int8 or int4
     assert torch.equal(cache.key_ok, plain_cache.key_ok)
     assert torch.equal(fused, plain)
     assert torch.equal(torch.stack(cache.k), torch.stack(plain_cache.k))

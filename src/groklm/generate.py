@@ -132,7 +132,7 @@ def prefill(model: Grok, prompts: Sequence[Sequence[int]], cache: KVCache) -> Te
 
 def decode_one(model: Grok, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
     """tokens [B], positions [B] -> fp32 logits [B, V] for the next token."""
-    return model.unembed(model.hidden(tokens[:, None], cache, positions[:, None])[:, 0])
+    return model.next_logits(tokens, positions, cache)
 
 
 Decode = Callable[[Grok, Tensor, Tensor, KVCache], Tensor]

@@ -401,6 +401,11 @@ class Grok(nn.Module):
         """tokens [B, T] -> fp32 logits [B, T, V]."""
         return self.unembed(self.hidden(tokens, cache, positions, valid))
 
+    def next_logits(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """A decode step: tokens [B] at positions [B], one new token a row, through the cache -> fp32 logits
+        [B, V] for the next token (a transform may run it as one call: `quant.fused_step`)."""
+        return self.unembed(self.hidden(tokens[:, None], cache, positions[:, None])[:, 0])
+
     def hidden(
         self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None
     ) -> Tensor:

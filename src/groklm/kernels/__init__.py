@@ -187,17 +187,20 @@ def decode(tokens: Tensor, positions: Tensor, embedded: Tensor, lookup: bool, em
            jax_rounding: bool, pad: int, key_ok: Tensor, rope: tuple[Tensor, Tensor], cache_k: Sequence[Tensor],
            cache_v: Sequence[Tensor], norms: Sequence[Tensor], weights: Sequence[Tensor], routers: Sequence[Tensor],
            final_norm: Tensor, bits: int, eps: float, multiplier: float, softcap: float, masked: float,
-           round_scores: bool, topk: int, router_cap: float, gelu_erf: bool, *,
-           scale: Tensor | None) -> Tensor:  # fmt: skip
+           round_scores: bool, topk: int, router_cap: float, gelu_erf: bool, *, scale: Tensor | None,
+           head: Weight | None = None, head_bits: int = 0, output_multiplier: float = 1.0,
+           final_cap: float = 0.0) -> Tensor:  # fmt: skip
     """A decode step's final-normed hidden states [B, D] in one native call (C++ only: `supports_blocks`):
     model.py's `Grok.hidden` for one new token a row, tokens and positions [B] (int64), bit for bit. The
     tokens' embeddings [B, D] bf16 (with `lookup`, the table [V, D] to look them up in) and their
     multiplier, the pad token (-1: none), the cache's key_ok [B, S] (its slots in use; the new tokens' are
     set), the RoPE tables `rope` (cos, sin [P, Dh] fp32 for positions 0..P-1), then `blocks`' arguments,
-    and the final norm's weight."""
+    and the final norm's weight. Given a `head` (an int8 or int4 weight and scales, `head_bits` wide), the
+    step's fp32 logits [B, V] instead, as `unembed` gives them from those hidden states."""
     return torch.ops.groklm.decode(tokens, positions, embedded, lookup, embed_multiplier, jax_rounding, pad, key_ok,
                                    *rope, cache_k, cache_v, norms, weights, routers, final_norm, bits, eps, multiplier,
-                                   softcap, masked, scale, round_scores, topk, router_cap, int(gelu_erf))  # fmt: skip
+                                   softcap, masked, scale, round_scores, topk, router_cap, int(gelu_erf),
+                                   list(head or ()), head_bits, output_multiplier, final_cap)  # fmt: skip
 
 
 def unembed(bits: int, x: Tensor, head: Weight, multiplier: float, jax_rounding: bool, final_cap: float) -> Tensor:

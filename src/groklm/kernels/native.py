@@ -53,7 +53,7 @@ def _built() -> tuple[ctypes.CDLL, str] | None:
     for suffix in ("", "_ref"):  # each kernel and its scalar twin share a signature
         linear, moe, route = (getattr(cdll, f"groklm_{k}{suffix}") for k in ("linear", "moe", "route"))
         attend, transpose = getattr(cdll, f"groklm_attend{suffix}"), getattr(cdll, f"groklm_transpose8{suffix}")
-        linear.argtypes, linear.restype = [i, p, i, i, i, i, p, p, i, p, p, i, i], i
+        linear.argtypes, linear.restype = [i, p, i, i, i, i, p, p, i, p, p, i, fl, i], i
         moe.argtypes, moe.restype = [i, p, i, i, p, i, i, i, *[p, p, i] * 3, i, i, i, i, fl, i, p], i
         route.argtypes, route.restype = [p, i, i, p, i, i, fl, p, p], None
         attend.argtypes, attend.restype = [p, p, p, ctypes.c_long, p, i, i, i, i, i, fl, fl, fl, i, p, p], i
@@ -159,7 +159,7 @@ def linear(bits: int, x: Tensor, parts: Sequence[Weight], out_dtype: torch.dtype
         _pointers(ctypes.c_void_p, [w.data_ptr() for w, _ in parts]),
         _pointers(ctypes.c_void_p, [s.data_ptr() for _, s in parts]), groups,
         _pointers(ctypes.c_int, [s.shape[0] for _, s in parts]),
-        y.data_ptr(), int(out_dtype == torch.bfloat16), int(is_block_major(*parts[0])),
+        y.data_ptr(), int(out_dtype == torch.bfloat16), 1.0, int(is_block_major(*parts[0])),
     )  # fmt: skip
     if rc:
         raise MemoryError(f"the native linear could not allocate its scratch for {m} rows")

@@ -1,7 +1,7 @@
 """The kernels as torch ops, groklm::linear, groklm::moe and groklm::attend: their schemas, their fake
 (meta) implementations, and their CPU implementations, C++ (`csrc/ops.cpp`) where that builds, else
 the Python ones `native` hands over; and, C++ only, groklm::blocks (decoder layers' decode step around
-them), groklm::decode (a whole decode step's hidden states), groklm::unembed and groklm::rms_norm, for
+them), groklm::decode (a whole decode step's hidden states or logits), groklm::unembed and groklm::rms_norm, for
 eager mode (compiled decode fuses the same glue itself). torch.compile always calls the ops; eager mode calls the
 C++ ones too (`NATIVE_OPS`), or else the Python functions directly.
 
@@ -50,7 +50,7 @@ _OPS.define(
     "bool jax_rounding, int pad, Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, "
     "Tensor(b!)[] cache_v, Tensor[] norms, Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, "
     "float eps, float multiplier, float softcap, float masked, Tensor? scale, bool round_scores, int topk, "
-    "float router_cap, int gelu_erf) -> Tensor"
+    "float router_cap, int gelu_erf, Tensor[] head, int head_bits, float output_multiplier, float final_cap) -> Tensor"
 )
 
 

@@ -227,7 +227,7 @@ class QuantizedGrok(Grok):
     here: rope_tables' for positions 0..P-1, the same numbers), all the blocks (`QuantizedLayers`' plan)
     and the final norm, and the embedding too where it is a plain bf16 nn.Embedding without hooks (any
     other runs as a module first); and whose int8 or int4 head gives its logits in one more
-    (`unembed`). Both with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
+    (`unembed`), or, for a whole step (`next_logits`), in the same call. All with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
     over a millisecond where the weights have just swept the caches. Anywhere else (a prompt, hooks,
     compiling, float blocks, ...) it is Grok."""
 
@@ -238,6 +238,22 @@ class QuantizedGrok(Grok):
         if plan is None:
             return super().hidden(tokens, cache, positions, valid)
         assert cache is not None and positions is not None
+        return self._one_call(tokens, positions, cache, plan, 0, None).view(tokens.shape[0], 1, -1)
+
+    def next_logits(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """As Grok.next_logits, the step and the head in one native call where `hidden` and `unembed` would each
+        run as one (between the two, Python and the calls' own costs came to ~0.3 ms a step, cold)."""
+        steps, where = tokens[:, None], positions[:, None]
+        plan = self._decode_plan(steps, cache, where, None)
+        bits, head = self._native_head(_BF16) if plan is not None else (0, None)
+        if plan is None or head is None:
+            return super().next_logits(tokens, positions, cache)
+        return self._one_call(steps, where, cache, plan, bits, head)
+
+    def _one_call(self, tokens: Tensor, positions: Tensor, cache: KVCache, plan: Plan, bits: int,
+                  head: Weight | None) -> Tensor:  # fmt: skip
+        """`kernels.decode` for tokens and positions [B, 1] through the layers' plan: hidden states [B, D], or
+        with a head (`_native_head`'s), logits [B, V]."""
         c, b = self.config, tokens.shape[0]
         embed = self._modules["embed"]
         table = embed._parameters.get("weight") if type(embed) is nn.Embedding else None
@@ -248,10 +264,11 @@ class QuantizedGrok(Grok):
         norms, weights, routers, settings = plan
         pad = -1 if c.pad_token is None else c.pad_token
         rows, where = tokens.reshape(b).contiguous(), positions.reshape(b).contiguous()
-        h = kernels.decode(rows, where, x, lookup, c.embedding_multiplier_scale, c.jax_rounding, pad, cache.key_ok,
-                           self._rope(cache.slots), cache.k, cache.v, norms, weights, routers, self.norm.weight,
-                           *settings, scale=None if temp is None else temp.reshape(b).contiguous())  # fmt: skip
-        return h.view(b, 1, -1)
+        return kernels.decode(rows, where, x, lookup, c.embedding_multiplier_scale, c.jax_rounding, pad, cache.key_ok,
+                              self._rope(cache.slots), cache.k, cache.v, norms, weights, routers, self.norm.weight,
+                              *settings, scale=None if temp is None else temp.reshape(b).contiguous(), head=head,
+                              head_bits=bits, output_multiplier=c.output_multiplier_scale,
+                              final_cap=c.final_softcap or 0.0)  # fmt: skip
 
     def unembed(self, h: Tensor) -> Tensor:
         """As Grok.unembed, in one native call (`kernels.unembed`) where the head is int8 or int4 without

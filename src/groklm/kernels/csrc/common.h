@@ -71,14 +71,18 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static inline void store(void *y, int y_bf16, size_t at, float v) {
-    if (y_bf16)
+static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* y[at] = v as kind Y_F32, Y_BF16 (rounded to nearest even, as a torch cast) or Y_LOGITS: fp32 logits, v
+ * rounded to bf16, times `scale` in fp32, rounded to bf16 again (model.py's bf16 head output times its
+ * output multiplier, cast to fp32). */
+enum { Y_F32 = 0, Y_BF16 = 1, Y_LOGITS = 2 };
+static inline void store(void *y, int kind, float scale, size_t at, float v) {
+    if (kind == Y_BF16)
         ((uint16_t *)y)[at] = f32_to_bf16(v);
     else
-        ((float *)y)[at] = v;
+        ((float *)y)[at] = kind == Y_LOGITS ? bf16_round(bf16_round(v) * scale) : v;
 }
-
-static inline float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));

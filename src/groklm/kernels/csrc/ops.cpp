@@ -20,7 +20,7 @@
 namespace {
 
 using linear_fn = int (*)(int, const void *, int, int, int, int, const void *const *, const void *const *, int,
-                           const int *, void *, int, int);
+                           const int *, void *, int, float, int);
 using moe_fn = int (*)(int, const void *, int, int, const float *, int, int, int, const void *, const void *, int,
                        const void *, const void *, int, const void *, const void *, int, int, int, int, int, float, int,
                        void *);
@@ -77,7 +77,11 @@ at::Tensor bf16_rows(const at::Tensor &x, int64_t k) {
     return x.scalar_type() == at::kBFloat16 && x.is_contiguous() ? x : x.to(at::kBFloat16).contiguous();
 }
 
-at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, bool fp32) {
+// The kinds of output the C library's linear writes (its store: common.h).
+enum { Y_F32 = 0, Y_BF16 = 1, Y_LOGITS = 2 };
+
+// x @ W.T for the (weight, scales) pairs side by side, written as `kind` (Y_LOGITS: times `scale`, see store).
+at::Tensor linear_as(int64_t bits, const at::Tensor &x, at::TensorList weights, int kind, float scale) {
     TORCH_CHECK_VALUE(kernel_linear, "groklm: the native kernels are not loaded");
     TORCH_CHECK_VALUE(!weights.empty() && weights.size() % 2 == 0, "groklm: weights must be (weight, scales) pairs");
     const size_t n = weights.size() / 2;
@@ -99,11 +103,15 @@ at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, boo
     const int64_t m = x.size(0);
     int64_t total = 0;
     for (size_t j = 0; j < n; j++) total += sizes[j];
-    at::Tensor y = at::empty({m, total}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
+    at::Tensor y = at::empty({m, total}, x.options().dtype(kind == Y_BF16 ? at::kBFloat16 : at::kFloat));
     const int rc = kernel_linear((int)bits, xb.data_ptr(), (int)m, (int)k, chunk_of(bits, k, groups), (int)n, w.data(),
-                                 s.data(), (int)groups, sizes.data(), y.data_ptr(), fp32 ? 0 : 1, blocked ? 1 : 0);
+                                 s.data(), (int)groups, sizes.data(), y.data_ptr(), kind, scale, blocked ? 1 : 0);
     TORCH_CHECK(rc == 0, "groklm: the native linear could not allocate its scratch for ", m, " rows");
     return y;
+}
+
+at::Tensor linear(int64_t bits, const at::Tensor &x, at::TensorList weights, bool fp32) {
+    return linear_as(bits, x, weights, fp32 ? Y_F32 : Y_BF16, 1.0f);
 }
 
 // x [N, D] bf16, router [E, D] fp32: one MoE layer, routing included. See groklm_moe.
@@ -334,22 +342,37 @@ at::Tensor blocks(const at::Tensor &h, const at::Tensor &cos, const at::Tensor &
     return x;
 }
 
+// model.py's Grok.unembed over an int8 or int4 output head (`weights`: its weight and scales): x [N, D]
+// bf16 -> fp32 logits [N, V], the head's bf16 output times the output multiplier (a bf16 tensor with
+// `jax_rounding`, else the float: as ATen, the product in fp32 rounded to bf16 once) written by the kernel
+// itself, then, where final_cap > 0, capped (Grok-2) by the ATen calls model.py makes: one call from Python
+// where the torch path makes ~10.
+at::Tensor unembed(int64_t bits, const at::Tensor &x, at::TensorList weights, double multiplier, bool jax_rounding,
+                   double final_cap) {
+    const float m = jax_rounding ? static_cast<float>(at::BFloat16(static_cast<float>(multiplier)))
+                                 : static_cast<float>(multiplier);
+    at::Tensor y = linear_as(bits, x, weights, Y_LOGITS, m);
+    return final_cap > 0 ? y.div(final_cap).tanh().mul(final_cap) : y;
+}
+
 // A decode step's hidden states (model.py's Grok.hidden for one new token a row, through a cache): tokens
 // and positions [B] (int64) and the tokens' embeddings [B, D] bf16 (with `lookup`, the embedding table
 // [V, D] bf16 to look them up in) -> the final-normed [B, D] bf16. The embeddings times `embed_multiplier`
 // (rounded to bf16 first with `jax_rounding`, as the reference's weakly-typed float), each row's slot of
 // key_ok [B, S] (bool, a prefix of the cache's) set unless the token is `pad` (-1: none), the mask (slots
 // set and not past the row's position), RoPE rows from the tables cos, sin [P, Dh] fp32 (rope_tables for
-// positions 0..P-1: row p is position p's), then `blocks` and the final norm (weight final_norm, fp32).
-// One call from Python a step where the torch path makes ~25, each costing tens of microseconds after the
-// weights have swept the caches.
+// positions 0..P-1: row p is position p's), then `blocks` and the final norm (weight final_norm, fp32); and,
+// given a `head` (its weight and scales, head_bits wide), the logits from them as `unembed` gives them, fp32
+// [B, V]. One call from Python a step where the torch path makes ~35, each costing tens of microseconds after
+// the weights have swept the caches.
 at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &embedded, bool lookup,
                   double embed_multiplier, bool jax_rounding, int64_t pad, const at::Tensor &key_ok,
                   const at::Tensor &cos_table, const at::Tensor &sin_table, at::TensorList cache_k,
                   at::TensorList cache_v, at::TensorList norms, at::TensorList weights, at::TensorList routers,
                   const at::Tensor &final_norm, int64_t bits, double eps, double multiplier, double softcap,
                   double masked, const c10::optional<at::Tensor> &scale, bool round_scores, int64_t topk,
-                  double router_cap, int64_t gelu_erf) {
+                  double router_cap, int64_t gelu_erf, at::TensorList head, int64_t head_bits,
+                  double output_multiplier, double final_cap) {
     TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous() &&
                           positions.scalar_type() == at::kLong && positions.sizes() == tokens.sizes() &&
                           positions.is_contiguous() && tokens.device().is_cpu() && positions.device().is_cpu(),
@@ -399,20 +422,11 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
     }
     const at::Tensor out = blocks(h, cos, sin, mask, cache_k, cache_v, positions, norms, weights, routers, bits, eps,
                                   multiplier, softcap, masked, scale, round_scores, topk, router_cap, gelu_erf);
-    return normed(out, final_norm, eps);
+    const at::Tensor normed_out = normed(out, final_norm, eps);
+    return head.empty() ? normed_out
+                        : unembed(head_bits, normed_out, head, output_multiplier, jax_rounding, final_cap);
 }
 
-// model.py's Grok.unembed over an int8 or int4 output head (`weights`: its weight and scales): x [N, D]
-// bf16 -> fp32 logits [N, V], the head's bf16 output times the output multiplier (a bf16 tensor with
-// `jax_rounding`, else the float) and, where final_cap > 0, capped (Grok-2), each by the ATen call
-// model.py's torch call makes: one call from Python where the torch path makes ~10.
-at::Tensor unembed(int64_t bits, const at::Tensor &x, at::TensorList weights, double multiplier, bool jax_rounding,
-                   double final_cap) {
-    at::Tensor y = linear(bits, x, weights, false);
-    y = jax_rounding ? y.mul(at::scalar_tensor(multiplier, y.options())) : y.mul(multiplier);
-    y = y.to(at::kFloat);
-    return final_cap > 0 ? y.div(final_cap).tanh().mul(final_cap) : y;
-}
 
 }  // namespace
 

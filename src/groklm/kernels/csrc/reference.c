@@ -85,7 +85,8 @@ static int ref_row_alloc(int K, int chunk, int **xq, float **xs) {
 }
 
 int groklm_linear_ref(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
-                      const uint16_t *const *s, int G, const int *N, void *y, int y_bf16, int blocked) {
+                      const uint16_t *const *s, int G, const int *N, void *y, int y_kind, float y_scale,
+                      int blocked) {
     int total = 0, *xq;
     float *xs;
     for (int j = 0; j < nmat; j++) total += N[j];
@@ -94,7 +95,7 @@ int groklm_linear_ref(int bits, const uint16_t *x, int M, int K, int chunk, int 
         ref_quantize(bits, x + (size_t)i * K, K, chunk, xq, xs);
         for (int j = 0, base = 0; j < nmat; base += N[j], j++) {
             const ref_weight m = {bits, blocked, N[j], K, G, w[j], s[j]};
-            for (int n = 0; n < N[j]; n++) store(y, y_bf16, (size_t)i * total + base + n, ref_dot(&m, n, xq, xs, chunk));
+            for (int n = 0; n < N[j]; n++) store(y, y_kind, y_scale, (size_t)i * total + base + n, ref_dot(&m, n, xq, xs, chunk));
         }
     }
     free(xq), free(xs);
