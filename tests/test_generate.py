@@ -92,6 +92,13 @@ def test_top_k_and_greedy() -> None:
     assert sample(logits, 0.0, 1.0, 0, None).tolist() == [1]
     tied = torch.tensor([[0.0, 2.0, 1.0, 2.0], [float("nan"), 0.0, float("nan"), 5.0]])
     assert sample(tied, 0.0, 1.0, 0, None).tolist() == [1, 0]  # the first maximum, NaN above all, as argmax
+    assert sample(tied.bfloat16(), 0.0, 1.0, 0, None).tolist() == [1, 0]  # torch's path, not numpy's
+    with torch.inference_mode():
+        wide = torch.randn(8, 131072)
+        wide[3, [7, 9]] = float("nan")
+        wide[5, [30, 10, 20]] = 100.0
+        got = sample(wide, 0.0, 1.0, 0, None)
+        assert torch.equal(got, wide.max(dim=-1).indices) and got[3] == 7 and got[5] == 10
     draws = {sample(logits, 1.0, 1.0, 2, [torch.Generator().manual_seed(s)]).item() for s in range(40)}
     assert draws == {1, 2}
 

@@ -104,8 +104,10 @@ def sample(
     """logits [B, V] fp32 -> token ids [B]. Temperatures below GREEDY_BELOW are greedy. Each row draws
     from its own generator."""
     if temperature < GREEDY_BELOW:
-        # The first of tied maxima (a NaN above all), as argmax gives, but in 0.07 ms for [1, 131072] fp32
-        # logits and 0.29 ms for [8, 131072] where torch's argmax took 0.19 and 1.0 (a 2-core Xeon VM).
+        # The first of tied maxima (a NaN above all), as argmax gives. On the CPU numpy's argmax: one pass,
+        # no threads to wake, a third of torch's time right after a decode step (benchmarks/NOTES.md).
+        if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
+            return torch.from_numpy(logits.numpy().argmax(-1))
         return logits.max(dim=-1).indices
     logits = top_p_filter(top_k_filter(min_p_filter(logits / temperature, min_p), top_k), top_p)
     probs = logits.softmax(dim=-1)
