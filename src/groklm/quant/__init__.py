@@ -205,8 +205,9 @@ def pack_int4(model: nn.Module) -> nn.Module:
             if module.weight.device.type == "cpu" and n % PANEL == 0 and (k // groups) % 32 == 0:
                 rows = module.weight
                 panels = torch.empty(*rows.shape[:-2], n // PANEL, k // 32, 16 * PANEL, dtype=torch.uint8)
-                advise_huge_pages([panels])  # as the loader's weights: decode streams them every token
+                scales = torch.empty_like(module.scales)
+                advise_huge_pages([panels, scales])  # as the loader's weights: decode streams them every token
                 module.weight = to_panels(rows, out=panels)
-                module.scales = scales_to_panels(module.scales).contiguous()
+                module.scales = scales.copy_(scales_to_panels(module.scales))
                 del rows
     return model
