@@ -50,7 +50,8 @@ _OPS.define(
     "bool jax_rounding, int pad, Tensor(c!) key_ok, Tensor cos, Tensor sin, Tensor(a!)[] cache_k, "
     "Tensor(b!)[] cache_v, Tensor[] norms, Tensor[] weights, Tensor[] routers, Tensor final_norm, int bits, "
     "float eps, float multiplier, float softcap, float masked, Tensor? scale, bool round_scores, int topk, "
-    "float router_cap, int gelu_erf, Tensor[] head, int head_bits, float output_multiplier, float final_cap) -> Tensor"
+    "float router_cap, int gelu_erf, Tensor[] head, int head_bits, float output_multiplier, "
+    "float final_cap) -> Tensor"
 )
 
 

@@ -236,9 +236,9 @@ class QuantizedGrok(Grok):
     here: rope_tables' for positions 0..P-1, the same numbers), all the blocks (`QuantizedLayers`' plan)
     and the final norm, and the embedding too where it is a plain bf16 nn.Embedding without hooks (any
     other runs as a module first); and whose int8 or int4 head gives its logits in one more
-    (`unembed`), or, for a whole step (`next_logits`), in the same call. All with model.py's bits: Grok.hidden's and unembed's ~35 torch calls cost a step
-    over a millisecond where the weights have just swept the caches. Anywhere else (a prompt, hooks,
-    compiling, float blocks, ...) it is Grok."""
+    (`unembed`), or, for a whole step (`next_logits`), in the same call. All with model.py's bits:
+    Grok.hidden's and unembed's ~35 torch calls cost a step over a millisecond where the weights have
+    just swept the caches. Anywhere else (a prompt, hooks, compiling, float blocks, ...) it is Grok."""
 
     def hidden(
         self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None, valid: Tensor | None = None

@@ -126,9 +126,9 @@ static void weight_dot(int bits, acts a, const int *rows, int base, int M, const
  * [N_j, K/2]) sharing one scale layout ([N_j, G] bf16), in one parallel pass: x [M, K] bf16 is quantized once with
  * `chunk` (groklm_chunk's), and the rows of all the weights, end to end, are split across OpenMP
  * threads (torch's own libgomp when loaded into torch; int4 at panel boundaries). One call computes
- * e.g. an attention layer's q, k and v. y is fp32, bf16 or logits (`y_kind`, `y_scale`: see store). With `blocked`, each W_j is in its kernel's
- * own layout: int8 block-major, [G, N_j, K/G] (see weight_dot); int4 in panels, [N_j/16, K/32, 256],
- * scales in panel order (see panels_dot). Returns 0, or -1 if memory ran out (y then unwritten). */
+ * e.g. an attention layer's q, k and v. y is fp32, bf16 or logits (`y_kind`, `y_scale`: see store). With
+ * `blocked`, each W_j is in its kernel's own layout: int8 block-major, [G, N_j, K/G] (see weight_dot);
+ * int4 in panels, [N_j/16, K/32, 256], scales in panel order (see panels_dot). Returns 0, or -1 if memory ran out (y then unwritten). */
 int groklm_linear(int bits, const uint16_t *x, int M, int K, int chunk, int nmat, const void *const *w,
                    const uint16_t *const *s, int G, const int *N, void *y, int y_kind, float y_scale, int blocked) {
     int total = 0;

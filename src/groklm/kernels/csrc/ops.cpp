@@ -427,7 +427,6 @@ at::Tensor decode(const at::Tensor &tokens, const at::Tensor &positions, const a
                         : unembed(head_bits, normed_out, head, output_multiplier, jax_rounding, final_cap);
 }
 
-
 }  // namespace
 
 extern "C" void groklm_ops_set_kernels(void *linear_kernel, void *moe_kernel, void *chunk_kernel,
