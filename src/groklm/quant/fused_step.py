@@ -251,13 +251,15 @@ class QuantizedGrok(Grok):
 
     def next_logits(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         """As Grok.next_logits, the step and the head in one native call where `hidden` and `unembed` would each
-        run as one (between the two, Python and the calls' own costs came to ~0.3 ms a step, cold)."""
+        run as one (between the two, Python and the calls' own costs came to ~0.3 ms a step, cold); a head the
+        kernel does not take runs after the step's call, through `unembed`."""
         steps, where = tokens[:, None], positions[:, None]
         plan = self._decode_plan(steps, cache, where, None)
-        bits, head = self._native_head(_BF16) if plan is not None else (0, None)
-        if plan is None or head is None:
+        if plan is None:
             return super().next_logits(tokens, positions, cache)
-        return self._one_call(steps, where, cache, plan, bits, head)
+        bits, head = self._native_head(_BF16)
+        out = self._one_call(steps, where, cache, plan, bits, head)
+        return out if head is not None else self.unembed(out)
 
     def _one_call(self, tokens: Tensor, positions: Tensor, cache: KVCache, plan: Plan, bits: int,
                   head: Weight | None) -> Tensor:  # fmt: skip
